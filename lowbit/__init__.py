@@ -1,3 +1,14 @@
-"""lowbit: a JAX research suite for compressing large language models."""
+"""lowbit: a JAX research suite for compressing large language models.
+
+The public surface: :class:`QuantSpec`, :class:`QuantizedTensor`, :func:`quantize`,
+:func:`dequantize`, :func:`fake_quant`, :func:`bits_per_param`, the transforms in
+:mod:`lowbit.transforms`, and :func:`lowbit.ops.linear`.
+"""
+
+from lowbit import ops
+from lowbit.qtensor import FORMATS, QuantizedTensor, QuantSpec
+from lowbit.quantizers import bits_per_param, dequantize, fake_quant, quantize
 
 __version__ = "0.1.0"
+__all__ = ["FORMATS", "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "fake_quant",
+           "bits_per_param", "ops", "__version__"]
