@@ -1,0 +1,326 @@
+"""GPTQ: Hessian-based error correction (Frantar, Ashkboos, Hoefler, Alistarh; ICLR 2023).
+
+For a linear layer ``y = x @ W.T`` with ``W (rows=out, cols=in)`` and the Hessian of the layer-wise
+reconstruction loss ``H = 2/N sum_n x_n x_n^T (cols, cols)``, GPTQ quantizes ``W`` one column at a
+time and spreads each column's rounding error over the not-yet-quantized columns with the inverse
+Hessian (Optimal Brain Quantization with a fixed column order)::
+
+    U = chol(inv(H + damp * mean(diag H) * I)), upper      (so inv(H) = U^T U)
+    for each column i:  q_i = Q(w_i);  err = (w_i - q_i) / U[i, i];  W[:, i:] -= err U[i, i:]
+
+The pure core :func:`quantize_weight` implements, inside one ``jax.jit``:
+
+- dead columns (``H[i, i] == 0``: the input feature never fired) get ``H[i, i] = 1`` so they are
+  rounded to nearest and pass no error on (``zero_dead=True`` also zeroes their weights, as the
+  reference code does);
+- dampening relative to the mean diagonal, with automatic retries at 10x the dampening when the
+  float32 Cholesky fails (a singular or zero Hessian is handled; the dampening used is returned);
+- lazy block updates: columns are processed in blocks of ``blocksize``; inside a block the column
+  loop is a ``lax.fori_loop`` updating only the block, and the block's accumulated error is applied
+  to the rest of ``W`` with one matrix product (a ``lax.fori_loop`` over blocks, no Python loop);
+- group-wise parameters computed *on the error-corrected weights* at the start of each group
+  (the reference reads the not-yet-updated weights for groups that start inside a block; here the
+  block is widened to a multiple of the group size so every group sees all earlier corrections);
+- act-order (columns in order of descending ``diag(H)``) with the permutation stored in the
+  :class:`~lowbit.qtensor.QuantizedTensor` (``perm``) so dequantization and export stay correct;
+  ``static_groups=True`` computes every group's parameters up front from the original weights, so
+  with act-order the codes are stored in the original column order and no permutation is needed;
+- every format whose parameters are per group: ``int`` symmetric/asymmetric at 1-8 bits, ``nf4``,
+  ``fp4``, ``codebook`` and ``sign``, optional clipping search, double quantization (static groups or
+  per-channel only, since it needs all scales at once). ``onebit`` (two vectors from an SVD) is not a
+  column-wise format: use :mod:`lowbit.onebit` for it.
+
+:func:`gptq` wraps the core as a :class:`~lowbit.transforms.Transform` whose statistics are the
+running-mean Hessians of the layer inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit import transforms
+from lowbit.qtensor import QuantizedTensor, QuantSpec
+from lowbit.quantizers import (check_matrix, compute_params, dequantize_codes, group_params, pack_result,
+                               quantize_codes, resolve_group_size)
+
+__all__ = ["GPTQResult", "HessianStat", "quantize_weight", "gptq", "hessian_update", "inverse_hessian_upper"]
+
+
+class GPTQResult(NamedTuple):
+    q: QuantizedTensor
+    losses: jax.Array   # (cols,) float32: sum over rows of (w - q)^2 / Hinv_ii^2 / 2, original column order
+    damp: jax.Array     # relative dampening actually used (> the requested one after a failed Cholesky)
+
+
+class HessianStat(NamedTuple):
+    H: jax.Array        # (cols, cols) float32 running mean of 2 x x^T
+    n: jax.Array        # float32 number of rows (tokens) folded in
+
+
+# ----------------------------------------------------------------------------- Hessian
+
+
+@jax.jit
+def _gram(x):
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return x.T @ x, jnp.float32(x.shape[0])
+
+
+@jax.jit
+def _fold(stat: HessianStat, xtx, m) -> HessianStat:
+    n = stat.n + m
+    return HessianStat(stat.H * (stat.n / n) + (2.0 / n) * xtx, n)
+
+
+def hessian_update(stat: HessianStat, x) -> HessianStat:
+    """Fold inputs ``x (..., cols)`` into the running mean ``H = 2/n sum x x^T`` (float32)."""
+    return _fold(stat, *_gram(x))
+
+
+def _upper_cholesky_of_inverse(H, damp_abs):
+    """``U`` upper triangular with ``U^T U = inv(H + damp_abs I)``, from one Cholesky and one
+    triangular inverse: with ``J`` the reversal, ``J chol(J H J) J = R`` is upper and ``H = R R^T``,
+    so ``inv(H) = R^-T R^-1`` and ``U = R^-1`` (same factor as chol(inv(H)), upper, at a third of the cost)."""
+    eye = jnp.eye(H.shape[0], dtype=H.dtype)
+    Hd = H + damp_abs * eye
+    R = jnp.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1]
+    return jax.scipy.linalg.solve_triangular(R, eye, lower=False)
+
+
+def inverse_hessian_upper(H, damp: float | jax.Array = 0.01, max_tries: int = 6):
+    """Upper Cholesky factor ``U`` of ``inv(H + d * mean(diag H) I)`` and the relative ``d`` used.
+
+    Starts from ``d = damp`` and multiplies it by 10 while the float32 factorisation is not finite.
+    """
+    mean_diag = jnp.mean(jnp.diag(H))
+    mean_diag = jnp.where(mean_diag > 0, mean_diag, 1.0)
+    d0 = jnp.maximum(jnp.asarray(damp, jnp.float32), 0.0)
+    U0 = _upper_cholesky_of_inverse(H, d0 * mean_diag)
+
+    def cond(state):
+        _, U, tries = state
+        return (~jnp.all(jnp.isfinite(U))) & (tries < max_tries)
+
+    def body(state):
+        d, _, tries = state
+        d = jnp.maximum(d * 10.0, 1e-4)
+        return d, _upper_cholesky_of_inverse(H, d * mean_diag), tries + 1
+
+    d, U, _ = jax.lax.while_loop(cond, body, (d0, U0, jnp.int32(0)))
+    return U, d
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def _block_size(spec: QuantSpec, cols: int, blocksize: int, dynamic_groups: bool) -> int:
+    if not dynamic_groups:
+        return min(blocksize, cols)
+    g = resolve_group_size(spec, cols)
+    return g * max(1, blocksize // g)  # a whole number of groups per block
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups", "zero_dead"))
+def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, static_groups: bool,
+               zero_dead: bool) -> GPTQResult:
+    rows, cols = W.shape
+    W = W.astype(jnp.float32)
+    H = H.astype(jnp.float32)
+    H = (H + H.T) / 2
+    diag = jnp.diag(H)
+    dead = diag <= 0
+    H = H + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
+    if zero_dead:
+        W = jnp.where(dead[None, :], 0.0, W)
+
+    g = resolve_group_size(spec, cols)
+    n_groups = cols // g
+    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
+    if not dynamic:  # parameters of every group, from the original column order
+        fixed_scale, fixed_zero, scales_leaf = group_params(W, spec)
+
+    if act_order:
+        perm = jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = jnp.arange(cols, dtype=jnp.int32)
+
+    U, damp_used = inverse_hessian_upper(H, damp)
+
+    B = _block_size(spec, cols, blocksize, dynamic)
+    n_blocks = -(-cols // B)
+    cols_pad = n_blocks * B
+    pad = cols_pad - cols
+    if pad:  # padded columns: zero weights, identity inverse Hessian -> no error flows to or from them
+        W = jnp.pad(W, ((0, 0), (0, pad)))
+        U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
+    # group of each processed column (fixed parameters); padded columns read group 0
+    col_group = jnp.pad(perm // g, (0, pad)) if not dynamic else None
+    rows_s = 1 if spec.per_tensor else rows
+    levels = spec.table
+
+    def quantize_column(i, s, z, state):
+        W1, U1, Err1, C1, L1 = state
+        w = W1[:, i]
+        d = U1[i, i]
+        code = quantize_codes(w, s, z, spec)
+        q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits, levels=levels)
+        err = (w - q) / d
+        W1 = W1 - err[:, None] * U1[i][None, :]
+        Err1 = Err1.at[:, i].set(err)
+        C1 = C1.at[:, i].set(code)
+        L1 = L1.at[i].set(jnp.sum((w - q) ** 2) / (d * d) / 2)
+        return W1, U1, Err1, C1, L1
+
+    def block_body(b, carry):
+        W, codes, losses, S, Z = carry
+        i1 = b * B
+        W1 = jax.lax.dynamic_slice(W, (0, i1), (rows, B))
+        U1 = jax.lax.dynamic_slice(U, (i1, i1), (B, B))
+        state = (W1, U1, jnp.zeros((rows, B), jnp.float32), jnp.zeros((rows, B), jnp.uint8),
+                 jnp.zeros((B,), jnp.float32))
+        if dynamic:
+            def group_body(j, carry):
+                state, S, Z = carry
+                Wg = jax.lax.dynamic_slice(state[0], (0, j * g), (rows, g))
+                s, z = compute_params(Wg, spec)
+                gi = (i1 + j * g) // g
+                S = jax.lax.dynamic_update_slice(S, s[:, None], (0, gi))
+                if z is not None:
+                    Z = jax.lax.dynamic_update_slice(Z, z[:, None], (0, gi))
+                state = jax.lax.fori_loop(j * g, (j + 1) * g,
+                                          lambda i, st: quantize_column(i, s, z, st), state)
+                return state, S, Z
+
+            state, S, Z = jax.lax.fori_loop(0, B // g, group_body, (state, S, Z))
+        else:
+            def col_body(i, st):
+                gi = col_group[i1 + i]
+                s = fixed_scale[:, gi]
+                z = None if fixed_zero is None else fixed_zero[:, gi]
+                return quantize_column(i, s, z, st)
+
+            state = jax.lax.fori_loop(0, B, col_body, state)
+        _, _, Err1, C1, L1 = state
+        # lazy batch update of every later column (U is upper triangular: earlier columns get 0)
+        W = W - Err1 @ jax.lax.dynamic_slice(U, (i1, 0), (B, cols_pad))
+        codes = jax.lax.dynamic_update_slice(codes, C1, (0, i1))
+        losses = jax.lax.dynamic_update_slice(losses, L1, (i1,))
+        return W, codes, losses, S, Z
+
+    groups_pad = cols_pad // g if dynamic else n_groups  # padded groups get (discarded) parameters too
+    S0 = jnp.zeros((rows_s, groups_pad), jnp.float32)
+    Z0 = jnp.zeros((rows_s, groups_pad), jnp.float32)
+    carry = (W, jnp.zeros((rows, cols_pad), jnp.uint8), jnp.zeros((cols_pad,), jnp.float32), S0, Z0)
+    _, codes, losses, S, Z = jax.lax.fori_loop(0, n_blocks, block_body, carry)
+    codes, losses, S, Z = codes[:, :cols], losses[:cols], S[:, :n_groups], Z[:, :n_groups]
+    losses = jnp.zeros_like(losses).at[perm].set(losses)
+
+    if dynamic:
+        zero = Z if (spec.format == "int" and not spec.symmetric) else None
+        q = pack_result(codes, S.astype(spec.scale_dtype), zero, spec, group_size=g,
+                        perm=perm if act_order else None)
+    else:
+        if act_order:  # codes back to the original column order: the groups are the original ones
+            codes = jnp.zeros_like(codes).at[:, perm].set(codes)
+        q = pack_result(codes, scales_leaf, fixed_zero, spec, group_size=g)
+    return GPTQResult(q, losses, damp_used)
+
+
+def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01,
+                    act_order: bool = False, static_groups: bool = False, zero_dead: bool = False) -> GPTQResult:
+    """GPTQ-quantize ``W (out_features, in_features)`` given the input Hessian ``H (in, in)``.
+
+    Returns a :class:`GPTQResult` with the :class:`QuantizedTensor`, the per-column losses and the
+    dampening used. See the module docstring for the algorithm and options.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec: expected a QuantSpec, got {type(spec).__name__}")
+    W = check_matrix(W, "W")
+    rows, cols = W.shape
+    H = jnp.asarray(H)
+    if H.shape != (cols, cols):
+        raise ValueError(f"H: expected shape ({cols}, {cols}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    if not jnp.issubdtype(H.dtype, jnp.floating):
+        raise ValueError(f"H: expected a floating dtype, got {H.dtype}")
+    if not isinstance(H, jax.core.Tracer) and not bool(jnp.isfinite(H).all()):
+        raise ValueError("H: contains NaN or Inf values (check the calibration activations)")
+    if spec.format == "onebit":
+        raise ValueError("spec.format='onebit': GPTQ quantizes column by column with per-group parameters; "
+                         "OneBit's two value vectors come from an SVD (use lowbit.quantize or the OneBit method)")
+    resolve_group_size(spec, cols)
+    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
+    if spec.double_quant and dynamic:
+        raise ValueError("spec.double_quant=True needs all scales up front: pass static_groups=True "
+                         "(or use per-channel / per-tensor scales)")
+    if not isinstance(blocksize, (int, np.integer)) or blocksize <= 0:
+        raise ValueError(f"blocksize={blocksize!r}: expected a positive integer")
+    if not damp >= 0:
+        raise ValueError(f"damp={damp!r}: expected a non-negative fraction of mean(diag(H))")
+    return _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
+                      static_groups=bool(static_groups), zero_dead=bool(zero_dead))
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
+         static_groups: bool = False, zero_dead: bool = False) -> transforms.Transform:
+    """GPTQ as a :class:`~lowbit.transforms.Transform`.
+
+    ``init`` allocates a zero :class:`HessianStat` per 2-D weight, ``update`` folds in each weight's
+    input activations (inputs shared by several weights, e.g. q/k/v, are reduced once), and
+    ``apply`` runs :func:`quantize_weight`. Each quantized weight is reported to
+    :func:`lowbit.transforms.record` (loss, dampening, seconds).
+    """
+    kw = dict(blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups,
+              zero_dead=zero_dead)
+
+    def init(params):
+        stats = {}
+        for path, w in params.items():
+            if getattr(w, "ndim", 0) != 2 or isinstance(w, QuantizedTensor):
+                raise ValueError(f"params[{path!r}]: gptq quantizes float 2-D (out, in) matrices, got "
+                                 f"{w!r:.80}; exclude it with partition()")
+            stats[path] = HessianStat(jnp.zeros((w.shape[1], w.shape[1]), jnp.float32), jnp.float32(0))
+        return stats
+
+    def update(stats, activations):
+        out, grams = dict(stats), {}
+        for path, stat in stats.items():
+            if path not in activations:
+                continue
+            x = activations[path]
+            if x.shape[-1] != stat.H.shape[0]:
+                raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features {stat.H.shape[0]}")
+            if id(x) not in grams:  # q/k/v (and gate/up) share one input: one X^T X for all of them
+                grams[id(x)] = _gram(x)
+            out[path] = _fold(stat, *grams[id(x)])
+        return out
+
+    def apply(params, stats):
+        out = {}
+        for path, w in params.items():
+            stat = stats[path]
+            if float(stat.n) == 0:
+                raise ValueError(f"params[{path!r}]: no calibration activations reached this weight; "
+                                 "GPTQ needs update() with its inputs first")
+            t0 = time.perf_counter()
+            try:
+                res = quantize_weight(w, stat.H, spec, **kw)
+            except ValueError as e:
+                raise ValueError(f"params[{path!r}]: {e}") from None
+            jax.block_until_ready(res.q.data)
+            transforms.record(path, method="gptq", gptq_loss=float(jnp.sum(res.losses)),
+                              damp=float(res.damp), seconds=time.perf_counter() - t0)
+            out[path] = res.q
+        return out
+
+    return transforms.Transform(init, update, apply)
