@@ -12,6 +12,7 @@ half-written checkpoint and an existing checkpoint is only replaced by a complet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from lowbit.qtensor import QuantizedTensor
 
-__all__ = ["save", "restore", "read_extra"]
+__all__ = ["save", "restore", "read_extra", "atomic_directory"]
 
 _QT_META = ("shape", "bits", "group_size", "format", "levels", "per_tensor")
 _QT_ARRAYS = ("data", "scales", "zeros", "col_scale", "perm")
@@ -78,23 +79,17 @@ def _decode(plain, spec) -> Any:
     return plain
 
 
-def save(path: str, tree, extra: dict | None = None) -> str:
-    """Atomically write ``tree`` (and JSON-able ``extra``) to directory ``path``; returns the path."""
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """``with atomic_directory(path) as tmp:`` write files into ``tmp``; on success ``tmp`` replaces
+    ``path`` (an existing directory is only swapped out for a complete one), on error nothing changes."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    plain, spec = _encode(tree)
     try:
         os.makedirs(tmp)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "arrays"), plain)
-        ckptr.wait_until_finished()
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"format": "lowbit-checkpoint", "version": 1, "tree": spec}, f)
-        if extra is not None:
-            with open(os.path.join(tmp, "extra.json"), "w") as f:
-                json.dump(extra, f, indent=2, default=str)
+        yield tmp
         old = None
         if os.path.exists(path):
             old = f"{tmp}.old"
@@ -105,6 +100,21 @@ def save(path: str, tree, extra: dict | None = None) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save(path: str, tree, extra: dict | None = None) -> str:
+    """Atomically write ``tree`` (and JSON-able ``extra``) to directory ``path``; returns the path."""
+    path = os.path.abspath(path)
+    plain, spec = _encode(tree)
+    with atomic_directory(path) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "arrays"), plain)
+        ckptr.wait_until_finished()
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump({"format": "lowbit-checkpoint", "version": 1, "tree": spec}, f)
+        if extra is not None:
+            with open(os.path.join(tmp, "extra.json"), "w") as f:
+                json.dump(extra, f, indent=2, default=str)
     return path
 
 

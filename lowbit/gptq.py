@@ -140,7 +140,7 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
         W = jnp.where(dead[None, :], 0.0, W)
 
     g = resolve_group_size(spec, cols)
-    n_groups = cols // g
+    n_groups = -(-cols // g)  # the last group may be partial (spec.partial_groups)
     dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
     if not dynamic:  # parameters of every group, from the original column order
         fixed_scale, fixed_zero, scales_leaf = group_params(W, spec)
@@ -166,35 +166,38 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
     rows_s = 1 if spec.per_tensor else rows
     levels = spec.table
 
+    # Work on transposed matrices (column i of W is the contiguous row i of Wt): reads and writes
+    # of one column are contiguous, and a block of columns is a contiguous slab of rows.
     def quantize_column(i, s, z, state):
-        W1, U1, Err1, C1, L1 = state
-        w = W1[:, i]
+        W1, U1, Err1, C1, L1 = state           # W1, Err1, C1: (B, rows)
+        w = W1[i]
         d = U1[i, i]
         code = quantize_codes(w, s, z, spec)
         q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits, levels=levels)
         err = (w - q) / d
-        W1 = W1 - err[:, None] * U1[i][None, :]
-        Err1 = Err1.at[:, i].set(err)
-        C1 = C1.at[:, i].set(code)
+        W1 = W1 - U1[i][:, None] * err[None, :]  # U1 upper triangular: rows < i are untouched
+        Err1 = Err1.at[i].set(err)
+        C1 = C1.at[i].set(code)
         L1 = L1.at[i].set(jnp.sum((w - q) ** 2) / (d * d) / 2)
         return W1, U1, Err1, C1, L1
 
     def block_body(b, carry):
-        W, codes, losses, S, Z = carry
+        Wt, codes, losses, S, Z = carry          # Wt (cols_pad, rows), codes (cols_pad, rows), S/Z (groups, rows_s)
         i1 = b * B
-        W1 = jax.lax.dynamic_slice(W, (0, i1), (rows, B))
+        W1 = jax.lax.dynamic_slice(Wt, (i1, 0), (B, rows))
         U1 = jax.lax.dynamic_slice(U, (i1, i1), (B, B))
-        state = (W1, U1, jnp.zeros((rows, B), jnp.float32), jnp.zeros((rows, B), jnp.uint8),
+        state = (W1, U1, jnp.zeros((B, rows), jnp.float32), jnp.zeros((B, rows), jnp.uint8),
                  jnp.zeros((B,), jnp.float32))
         if dynamic:
             def group_body(j, carry):
                 state, S, Z = carry
-                Wg = jax.lax.dynamic_slice(state[0], (0, j * g), (rows, g))
-                s, z = compute_params(Wg, spec)
+                Wg = jax.lax.dynamic_slice(state[0], (j * g, 0), (g, rows))
+                valid = (i1 + j * g + jnp.arange(g)) < cols  # padding columns don't count
+                s, z = compute_params(Wg.T, spec, valid)
                 gi = (i1 + j * g) // g
-                S = jax.lax.dynamic_update_slice(S, s[:, None], (0, gi))
+                S = jax.lax.dynamic_update_slice(S, s[None, :], (gi, 0))
                 if z is not None:
-                    Z = jax.lax.dynamic_update_slice(Z, z[:, None], (0, gi))
+                    Z = jax.lax.dynamic_update_slice(Z, z[None, :], (gi, 0))
                 state = jax.lax.fori_loop(j * g, (j + 1) * g,
                                           lambda i, st: quantize_column(i, s, z, st), state)
                 return state, S, Z
@@ -203,23 +206,26 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
         else:
             def col_body(i, st):
                 gi = col_group[i1 + i]
-                s = fixed_scale[:, gi]
-                z = None if fixed_zero is None else fixed_zero[:, gi]
-                return quantize_column(i, s, z, st)
+                z = None if fixed_zero is None else fixed_zero_t[gi]
+                return quantize_column(i, fixed_scale_t[gi], z, st)
 
             state = jax.lax.fori_loop(0, B, col_body, state)
         _, _, Err1, C1, L1 = state
         # lazy batch update of every later column (U is upper triangular: earlier columns get 0)
-        W = W - Err1 @ jax.lax.dynamic_slice(U, (i1, 0), (B, cols_pad))
-        codes = jax.lax.dynamic_update_slice(codes, C1, (0, i1))
+        Wt = Wt - jax.lax.dynamic_slice(U, (i1, 0), (B, cols_pad)).T @ Err1
+        codes = jax.lax.dynamic_update_slice(codes, C1, (i1, 0))
         losses = jax.lax.dynamic_update_slice(losses, L1, (i1,))
-        return W, codes, losses, S, Z
+        return Wt, codes, losses, S, Z
 
+    if not dynamic:
+        fixed_scale_t = fixed_scale.T
+        fixed_zero_t = None if fixed_zero is None else fixed_zero.T
     groups_pad = cols_pad // g if dynamic else n_groups  # padded groups get (discarded) parameters too
-    S0 = jnp.zeros((rows_s, groups_pad), jnp.float32)
-    Z0 = jnp.zeros((rows_s, groups_pad), jnp.float32)
-    carry = (W, jnp.zeros((rows, cols_pad), jnp.uint8), jnp.zeros((cols_pad,), jnp.float32), S0, Z0)
+    S0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
+    Z0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
+    carry = (W.T, jnp.zeros((cols_pad, rows), jnp.uint8), jnp.zeros((cols_pad,), jnp.float32), S0, Z0)
     _, codes, losses, S, Z = jax.lax.fori_loop(0, n_blocks, block_body, carry)
+    codes, S, Z = codes.T, S.T, Z.T
     codes, losses, S, Z = codes[:, :cols], losses[:cols], S[:, :n_groups], Z[:, :n_groups]
     losses = jnp.zeros_like(losses).at[perm].set(losses)
 

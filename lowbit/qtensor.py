@@ -2,7 +2,9 @@
 
 Invariant of a ``QuantizedTensor`` ``q`` holding a matrix of ``q.shape == (rows, cols)``, with
 ``codes = unpack(q.data)`` (``rows x cols`` unsigned integers) and columns split into
-``cols // q.group_size`` consecutive groups ``g``::
+``n_groups = ceil(cols / q.group_size)`` consecutive groups ``g`` (column ``c`` is in group
+``c // group_size``; the last group is shorter when ``group_size`` does not divide ``cols``, which
+:class:`QuantSpec` allows only with ``partial_groups=True``)::
 
     format "int":       stored[r, c] = (codes[r, c] - zeros[r, g]) * scales[r, g]
                         (symmetric: no zeros array; the zero is the mid code 2**(bits-1))
@@ -51,6 +53,10 @@ class QuantSpec:
         (1 bit, one scale per group = mean |w|), ``"onebit"`` (1 bit, two vectors, SVID init).
       levels: codebook levels for ``format="codebook"`` (normalised so that max |level| = 1 is not
         required: scales map absmax onto max |level|).
+      partial_groups: allow a ``group_size`` that does not divide the number of columns: the last
+        group is shorter (what the GPTQ reference code and the HF GPTQ format do, e.g. 576 columns
+        in groups of 128 = 4 groups of 128 + one of 64). Off by default: a non-dividing group size
+        is then an error.
       clip: search a shrink factor of the range per group minimising ``sum |w - q|**clip_norm``
         (the ``mse=True`` grid search of the GPTQ reference code).
       double_quant: quantize the scales to ``dq_bits`` (asymmetric) in blocks of ``dq_block``
@@ -64,6 +70,7 @@ class QuantSpec:
     symmetric: bool = False
     format: str = "int"
     levels: tuple[float, ...] | None = None
+    partial_groups: bool = False
     clip: bool = False
     clip_grid: int = 100
     clip_maxshrink: float = 0.8
@@ -133,7 +140,7 @@ class QuantizedTensor:
 
     @property
     def n_groups(self) -> int:
-        return self.shape[1] // self.group_size
+        return -(-self.shape[1] // self.group_size)
 
     @property
     def scale_shape(self) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from lowbit.qtensor import QuantizedTensor, QuantSpec
 
 __all__ = ["quantize", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
            "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
-           "group_params", "pack_result"]
+           "group_params", "pack_result", "grouped"]
 
 
 class QParams(NamedTuple):
@@ -54,10 +54,24 @@ def resolve_group_size(spec: QuantSpec, cols: int) -> int:
     """Columns per group for a matrix with ``cols`` input features."""
     if spec.per_tensor or spec.group_size is None:
         return cols
-    if cols % spec.group_size:
-        raise ValueError(f"group_size={spec.group_size} must divide in_features={cols} "
-                         f"(pick a divisor of {cols} or group_size=None for per-channel)")
+    if cols % spec.group_size and not spec.partial_groups:
+        raise ValueError(f"group_size={spec.group_size} must divide in_features={cols} (pick a divisor of "
+                         f"{cols}, group_size=None for per-channel, or partial_groups=True for a shorter last "
+                         f"group as the GPTQ reference does)")
     return spec.group_size
+
+
+def grouped(x, g: int):
+    """``(rows, cols) -> (rows, ceil(cols / g), g)``, zero-padding a partial last group, and the
+    matching boolean mask of real (non-padding) elements."""
+    rows, cols = x.shape
+    ng = -(-cols // g)
+    pad = ng * g - cols
+    valid = None
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)))
+        valid = (jnp.arange(ng * g) < cols).reshape(1, ng, g)
+    return x.reshape(rows, ng, g), valid
 
 
 # ----------------------------------------------------------------------------- element primitives
@@ -117,15 +131,22 @@ def dequantize_codes(codes, scale, zero, *, format: str, bits: int, levels=None)
     return jnp.asarray(levels, jnp.float32)[codes.astype(jnp.int32)] * scale
 
 
-def compute_params(x, spec: QuantSpec) -> QParams:
+def compute_params(x, spec: QuantSpec, valid=None) -> QParams:
     """Scale (and zero) for each group: ``x (..., n)`` reduced over its last axis -> ``(...)``.
+
+    ``valid`` (broadcastable boolean, optional) marks real elements when groups are zero-padded;
+    zeros never change the min/max range (it always contains 0), but they must not count in a mean
+    or in the clipping error.
 
     With ``spec.clip`` the range is shrunk by the factor in ``{1 - i / clip_grid}`` that minimises
     ``sum |x - deq(q(x))| ** clip_norm`` per group (a ``lax.fori_loop`` over candidates).
     """
     x = x.astype(jnp.float32)
     if spec.format in ("sign", "onebit"):
-        return QParams(_store(jnp.mean(jnp.abs(x), axis=-1), spec), None)
+        if valid is None:
+            return QParams(_store(jnp.mean(jnp.abs(x), axis=-1), spec), None)
+        count = jnp.maximum(jnp.sum(jnp.broadcast_to(valid, x.shape), axis=-1), 1)
+        return QParams(_store(jnp.sum(jnp.where(valid, jnp.abs(x), 0.0), axis=-1) / count, spec), None)
     lo = jnp.minimum(x.min(axis=-1), 0.0)
     hi = jnp.maximum(x.max(axis=-1), 0.0)
     if not spec.clip:
@@ -136,7 +157,8 @@ def compute_params(x, spec: QuantSpec) -> QParams:
         zz = None if z is None else z[..., None]
         q = dequantize_codes(quantize_codes(x, s[..., None], zz, spec), s[..., None], zz,
                              format=spec.format, bits=spec.bits, levels=spec.table)
-        return jnp.sum(jnp.abs(q - x) ** spec.clip_norm, axis=-1)
+        e = jnp.abs(q - x) ** spec.clip_norm
+        return jnp.sum(e if valid is None else jnp.where(valid, e, 0.0), axis=-1)
 
     def body(i, carry):
         best_p, best_err = carry
@@ -183,8 +205,11 @@ def group_params(w, spec: QuantSpec):
     """
     rows, cols = w.shape
     g = resolve_group_size(spec, cols)
-    red = w.reshape(1, 1, rows * cols) if spec.per_tensor else w.reshape(rows, cols // g, g)
-    scale, zero = compute_params(red, spec)
+    if spec.per_tensor:
+        red, valid = w.reshape(1, 1, rows * cols), None
+    else:
+        red, valid = grouped(w, g)
+    scale, zero = compute_params(red, spec, valid)
     if not spec.double_quant:
         return scale, zero, scale.astype(spec.scale_dtype)
     scales_leaf = _double_quantize(scale, spec)
@@ -212,10 +237,10 @@ def _quantize_impl(w, spec: QuantSpec) -> QuantizedTensor:
         return QuantizedTensor(data=pack(codes, 1), scales=a[:, None].astype(spec.scale_dtype),
                                col_scale=b.astype(spec.scale_dtype), group_size=cols, **meta)
     g = resolve_group_size(spec, cols)
-    wg = w.reshape(rows, cols // g, g)
+    wg, _ = grouped(w, g)
     scale, zero, scales_leaf = group_params(w, spec)
     zz = None if zero is None else zero[..., None]
-    codes = quantize_codes(wg, scale[..., None], zz, spec).reshape(rows, cols)
+    codes = quantize_codes(wg, scale[..., None], zz, spec).reshape(rows, -1)[:, :cols]
     return pack_result(codes, scales_leaf, zero, spec, group_size=g)
 
 
@@ -245,8 +270,8 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32, *, unpermute: bool = True)
     scale = _scale_table(q)
     groups = q.n_groups
     zero = None if q.zeros is None else unpack(q.zeros, q.bits, groups).astype(jnp.float32)[..., None]
-    v = dequantize_codes(codes.reshape(rows, groups, q.group_size), scale[..., None], zero,
-                         format=q.format, bits=q.bits, levels=q.levels).reshape(rows, cols)
+    v = dequantize_codes(grouped(codes, q.group_size)[0], scale[..., None], zero,
+                         format=q.format, bits=q.bits, levels=q.levels).reshape(rows, -1)[:, :cols]
     if q.col_scale is not None:
         v = v * q.col_scale.astype(jnp.float32)
     if unpermute and q.perm is not None:
@@ -296,8 +321,8 @@ def _fake_quant_fwd(w, spec):
             lo, hi = lv[0] * scale, lv[-1] * scale
             margin = min(lv[1] - lv[0], lv[-1] - lv[-2]) / 2 * scale
         lo, hi = lo - margin, hi + margin
-        wg = w.reshape(rows, q.n_groups, q.group_size)
-        mask = ((wg >= lo) & (wg <= hi)).reshape(rows, cols)
+        wg, _ = grouped(w, q.group_size)
+        mask = ((wg >= lo) & (wg <= hi)).reshape(rows, -1)[:, :cols]
     else:
         mask = jnp.ones(w.shape, bool)
     return dq, mask

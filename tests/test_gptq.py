@@ -214,3 +214,13 @@ def test_packed_codes_are_in_range():
     q = quantize_weight(W, H, QuantSpec(bits=3, group_size=64)).q
     codes = np.asarray(unpack(q.data, 3, 256))
     assert codes.max() <= 7 and q.data.dtype == jnp.uint32
+
+
+def test_partial_last_group():
+    W, X, H = _problem(cols=320)  # groups of 128: 128 + 128 + 64
+    spec = QuantSpec(bits=3, group_size=128, partial_groups=True)
+    q = quantize_weight(W, H, spec).q
+    assert q.n_groups == 3
+    assert _out_err(W, dequantize(q), X) < 0.75 * _out_err(W, dequantize(quantize(W, spec)), X)
+    z = quantize_weight(W, jnp.zeros((320, 320)), spec).q  # no correction = RTN, partial group included
+    np.testing.assert_array_equal(np.asarray(z.data), np.asarray(quantize(W, spec).data))

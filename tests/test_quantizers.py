@@ -210,3 +210,24 @@ def test_linear_accepts_quantized_weights():
     assert float(jnp.linalg.norm(y - dense) / jnp.linalg.norm(dense)) < 0.01  # 8-bit: ~0.5% expected
     with pytest.raises(ValueError, match="in_features"):
         lowbit.ops.linear(jnp.ones((2, 64)), q)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group_size=128, partial_groups=True),
+                                  QuantSpec(bits=3, group_size=128, symmetric=True, partial_groups=True),
+                                  QuantSpec(bits=1, format="sign", group_size=128, partial_groups=True),
+                                  QuantSpec(bits=4, format="nf4", group_size=128, partial_groups=True, clip=True)],
+                         ids=lambda s: f"{s.format}{s.bits}{'-sym' if s.symmetric else ''}{'-clip' if s.clip else ''}")
+def test_partial_last_group_equals_quantizing_the_pieces(spec):
+    """576 columns in groups of 128 (SmolLM2's hidden size): 4 full groups + one of 64, each group
+    quantized exactly as if it were its own matrix."""
+    w = _w((16, 576), heavy=True)
+    q = quantize(w, spec)
+    assert q.n_groups == 5 and q.scale_shape == (16, 5)
+    d = dequantize(q)
+    head = dequantize(quantize(w[:, :512], spec.replace(partial_groups=False)))
+    tail = dequantize(quantize(w[:, 512:], spec.replace(group_size=64, partial_groups=False)))
+    np.testing.assert_allclose(np.asarray(d), np.asarray(jnp.concatenate([head, tail], axis=1)), rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(fake_quant(x, spec)))(w)
+    assert g.shape == w.shape
+    with pytest.raises(ValueError, match="partial_groups=True"):
+        quantize(w, spec.replace(partial_groups=False))
