@@ -1,0 +1,16 @@
+"""Models: a Llama-family decoder in JAX (:mod:`lowbit.models.llama`) and checkpoint loaders
+(:mod:`lowbit.models.loaders`: GGUF, HF safetensors directories, lowbit checkpoints, hub names)."""
+
+from lowbit.models.llama import (LINEARS, LlamaConfig, block, block_with_cache, embed, forward,
+                                 forward_jit, head, init_params)
+
+__all__ = ["LlamaConfig", "LINEARS", "embed", "block", "block_with_cache", "head", "forward",
+           "forward_jit", "init_params", "load_model", "save_model", "load_gguf", "load_hf_dir"]
+
+
+def __getattr__(name):  # loaders pull in gguf/safetensors/tokenizers: import them lazily
+    if name in ("load_model", "save_model", "load_gguf", "load_hf_dir"):
+        from lowbit.models import loaders
+
+        return getattr(loaders, name)
+    raise AttributeError(f"module 'lowbit.models' has no attribute {name!r}")

@@ -1,0 +1,198 @@
+"""``lowbit`` command line: one sub-command per research task.
+
+Sub-commands live in :data:`COMMANDS` (name -> :class:`Command`): a function adding its arguments
+to an argparse sub-parser and a function running it (returns the exit code). To add one::
+
+    def _quantize_args(p): p.add_argument("--recipe", required=True)
+    def cmd_quantize(args) -> int: ...
+    register("quantize", "quantize a model with a recipe", _quantize_args, cmd_quantize)
+
+Implemented::
+
+    lowbit eval --model NAME_OR_PATH --data NAME_OR_FILE [--split eval] [--seqlen 2048]
+                [--max-windows K] [--batch-size B] [--dtype float32] [--out FILE.json]
+
+prints the perplexity (GPTQ protocol, :mod:`lowbit.eval`) and writes a JSON record of everything
+needed to reproduce it (model path + sha256, data name + split + sha256 of the evaluated text,
+seqlen, windows, tokens, ppl, nll, versions, git SHA, device, timings, peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable
+
+__all__ = ["main", "register", "COMMANDS", "Command", "environment_info"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_arguments, run) -> None:
+    """Add a sub-command (see the module docstring)."""
+    if name in COMMANDS:
+        raise ValueError(f"sub-command {name!r} is already registered")
+    COMMANDS[name] = Command(help, add_arguments, run)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _git_info() -> dict:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+    return {"git_sha": sha, "git_dirty": dirty if sha else None}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (``getrusage``; Linux reports KiB) in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def environment_info() -> dict:
+    """Versions, device and git state, for results records."""
+    import jax
+    import jaxlib
+
+    import lowbit
+
+    dev = jax.devices()[0]
+    return {"lowbit": lowbit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device_kind": dev.device_kind, "platform_backend": dev.platform,
+            "n_devices": jax.device_count(), "cpu_count": os.cpu_count(), **_git_info()}
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- eval
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default), a .gguf file, an HF directory, a lowbit checkpoint "
+                        "directory or a hub id")
+    p.add_argument("--data", required=True, help="corpus name (brown, austen, wikitext2, ...) or a "
+                                                 "local text file / directory (see lowbit.data)")
+    p.add_argument("--split", default="eval", help="calib | eval | all (default: eval)")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="parameter / activation dtype (logits and log-softmax stay float32)")
+    p.add_argument("--out", default=None, help="write the JSON record here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit import data
+    from lowbit.eval import perplexity
+    from lowbit.models.loaders import load_model, model_fingerprint
+
+    t0 = time.perf_counter()
+    fp = model_fingerprint(args.model)
+    params, cfg, tok = load_model(args.model, dtype=args.dtype)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer (tokenizer.json); cannot tokenize text")
+    if args.seqlen > cfg.max_position_embeddings:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    t_load = time.perf_counter() - t0
+    text = data.corpus_text(args.data, args.split)
+    t1 = time.perf_counter()
+    tokens = tok.encode(text)
+    t_tok = time.perf_counter() - t1
+    windows = data.eval_windows(tokens, args.seqlen, args.max_windows)
+    res = perplexity(params, cfg, windows, batch_size=args.batch_size, progress=not args.no_progress,
+                     desc=f"{os.path.basename(str(args.model))} {args.data}/{args.split}")
+    record = {
+        "command": "eval", "argv": sys.argv[1:],
+        "model": {"name_or_path": args.model, "kind": fp["kind"], "path": fp["path"],
+                  "sha256": fp["sha256"], "dtype": args.dtype, "config": cfg.to_dict()},
+        "data": {"name_or_path": args.data, "split": args.split, "text_sha256": _sha256_text(text),
+                 "n_chars": len(text), "n_tokens_total": int(len(tokens)),
+                 "tokens_sha256": hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()},
+        "protocol": {"name": "gptq", "bos": False, "seqlen": res["seqlen"], "n_windows": res["n_windows"],
+                     "max_windows": args.max_windows, "batch_size": args.batch_size,
+                     "predicted_per_window": res["seqlen"] - 1},
+        "ppl": res["ppl"], "nll": res["nll"], "n_tokens": res["n_tokens"], "top1_acc": res["top1_acc"],
+        "timing": {"load_s": t_load, "tokenize_s": t_tok, "eval_wall_s": res["wall_s"],
+                   "first_batch_s": res["first_batch_s"], "tokens_per_s": res["tokens_per_s"],
+                   "tokens_per_s_steady": res["tokens_per_s_steady"],
+                   "total_wall_s": time.perf_counter() - t0},
+        "peak_rss_mb": peak_rss_mb(),
+        "env": environment_info(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"{args.model} on {args.data}/{args.split}: ppl {res['ppl']:.4f} (nll {res['nll']:.5f}) over "
+          f"{res['n_windows']} windows x {res['seqlen']} tokens ({res['n_tokens']} predicted); "
+          f"{res['tokens_per_s']:.0f} tok/s, {res['wall_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB")
+    if args.out:
+        _write_json(args.out, record)
+        print(f"wrote {args.out}")
+    return 0
+
+
+register("eval", "perplexity of a model on a text corpus (GPTQ protocol)", _eval_args, cmd_eval)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="lowbit: LLM quantization research suite")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.help, description=c.help)
+        c.add_arguments(sp)
+        sp.set_defaults(_run=c.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run ``lowbit COMMAND ...``; returns the exit code (errors print one line, exit code 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Load Llama-family checkpoints into :mod:`lowbit.models.llama` params: GGUF, HF safetensors
+directories, lowbit checkpoints, hub names. Every loader returns ``(params, cfg, tokenizer)``.
+
+``load_model(name_or_path)`` accepts, in this order:
+
+* ``"smollm2-135m"`` -- the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF (fetched and cached by
+  :func:`lowbit.assets.smollm2_gguf`), dequantized to float: lowbit's float baseline;
+* a ``.gguf`` file (architecture ``llama``);
+* a lowbit model checkpoint directory (``manifest.json``, written by :func:`save_model`);
+* an HF model directory (``config.json`` + ``*.safetensors``; model_type llama / mistral / qwen2);
+* a hub id ``owner/name``, downloaded with ``huggingface_hub.snapshot_download`` when the hub is
+  reachable (offline it fails at once with the list of offline options).
+
+lowbit model checkpoint convention (:func:`save_model` / :func:`load_model`): a
+:func:`lowbit.checkpoint.save` directory of the params tree (QuantizedTensors allowed) whose
+``extra.json`` holds::
+
+    {"lowbit_model": 1,
+     "model_config": dataclasses.asdict(cfg),      # LlamaConfig.from_dict() reads it back
+     "tokenizer": Tokenizer.to_json() string | a path (absolute, or relative to the checkpoint) | null,
+     ...}                                          # the caller's extra keys (recipe, source, metrics)
+
+GGUF specifics: tensor dims are listed in ggml order (fastest first) and are reversed to get numpy
+``(out, in)``; every tensor is dequantized to float32 with ``gguf.quants.dequantize``; llama.cpp's
+converter stores the q/k projection rows permuted for interleaved RoPE, so by default they are
+permuted back to HF order and the config uses half-split RoPE (``unpermute_qk=False`` keeps the
+stored order with ``rope_style="interleaved"``: the same model).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import threading
+import warnings
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.models.llama import LlamaConfig, _nest, check_params, permute_qk_interleaved_to_half
+from lowbit.tokenizer import Tokenizer
+
+__all__ = ["load_model", "save_model", "load_gguf", "load_hf_dir", "load_checkpoint",
+           "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GGUF_ARCHITECTURES"]
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_ARCHITECTURES = ("llama",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _to_jnp(flat: dict[str, np.ndarray], dtype) -> dict[str, Any]:
+    dt = jnp.dtype(dtype)
+    return {k: jnp.asarray(np.asarray(v, np.float32) if v.dtype != dt else v, dtype=dt) for k, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+_GGUF_GLOBAL = {"token_embd.weight": "embed_tokens", "output_norm.weight": "norm", "output.weight": "lm_head"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn/q_proj", "attn_k": "self_attn/k_proj", "attn_v": "self_attn/v_proj",
+               "attn_output": "self_attn/o_proj", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
+               "ffn_down": "mlp/down_proj"}
+_GGUF_BIAS = {"attn_q": "self_attn/q_bias", "attn_k": "self_attn/k_bias", "attn_v": "self_attn/v_bias",
+              "attn_output": "self_attn/o_bias"}
+_GGUF_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _gguf_value(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
+    """Read a llama GGUF file -> ``(params, cfg, tokenizer)`` with every tensor dequantized.
+
+    Hyper-parameters come from the ``llama.*`` metadata keys, the tokenizer from
+    ``tokenizer.ggml.*`` (byte-level BPE). ``dtype`` is both the parameter and the compute dtype.
+    """
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/struct errors on bad magic or truncation
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _gguf_value(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         f"{list(GGUF_ARCHITECTURES)} (Llama-family decoders: Llama, Mistral, SmolLM)")
+
+    def key(k, default=None, required=False):
+        v = _gguf_value(reader, f"{arch}.{k}", default)
+        if v is None and required:
+            raise ValueError(f"{path}: GGUF metadata key {arch}.{k} is missing")
+        return v
+
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    heads = int(key("attention.head_count", required=True))
+    kv_heads = int(key("attention.head_count_kv", heads))
+    hidden = int(key("embedding_length", required=True))
+    head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+    if key("rope.dimension_count") not in (None, head_dim):
+        raise ValueError(f"{path}: partial RoPE (rope.dimension_count={key('rope.dimension_count')} "
+                         f"< head_dim={head_dim}) is not supported")
+    scaling = key("rope.scaling.type")
+    kw: dict[str, Any] = {}
+    if scaling == "linear":
+        kw.update(rope_scaling="linear", rope_scaling_factor=float(key("rope.scaling.factor", 1.0)))
+    elif scaling not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none, linear)")
+
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: GGUF tensor rope_freqs.weight (Llama-3.1 style frequency factors) "
+                         "is not supported; load the HF safetensors directory instead")
+    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens else 0))
+    if not vocab:
+        raise ValueError(f"{path}: cannot tell the vocabulary size (no {arch}.vocab_size, no tokens)")
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length", required=True)),
+        num_layers=int(key("block_count", required=True)), num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(key("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        rope_style="half" if unpermute_qk else "interleaved",
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        dtype=str(jnp.dtype(dtype)), model_type="llama", **kw)
+
+    flat: dict[str, np.ndarray] = {}
+    unknown = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(list(t.shape)))
+        if t.name in _GGUF_GLOBAL:
+            path_ = _GGUF_GLOBAL[t.name]
+        else:
+            m = _GGUF_TENSOR.match(t.name)
+            table = _GGUF_LAYER if m and m.group(3) == "weight" else _GGUF_BIAS
+            if not m or m.group(2) not in table:
+                unknown.append(t.name)
+                continue
+            path_ = f"layers/{m.group(1)}/{table[m.group(2)]}"
+        try:
+            a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        if unpermute_qk and re.search(r"self_attn/[qk]_(proj|bias)$", path_):
+            a = permute_qk_interleaved_to_half(a, heads if "/q_" in path_ else kv_heads)
+        flat[path_] = a
+    if unknown:
+        raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a llama model")
+    params = _nest(_to_jnp(flat, dtype), cfg.num_layers)
+    check_params(params, cfg)
+    return params, cfg, _gguf_tokenizer(reader, path, tokens)
+
+
+def _gguf_tokenizer(reader, path: str, tokens) -> Tokenizer:
+    if tokens is None:
+        raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
+    try:
+        return Tokenizer.from_gguf_vocab(
+            tokens, _gguf_value(reader, "tokenizer.ggml.merges") or [],
+            token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
+            model=_gguf_value(reader, "tokenizer.ggml.model"),
+            pre=_gguf_value(reader, "tokenizer.ggml.pre"),
+            bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- HF directories
+
+_HF_LAYER = {"input_layernorm.weight": "input_layernorm",
+             "post_attention_layernorm.weight": "post_attention_layernorm",
+             **{f"self_attn.{p}_proj.weight": f"self_attn/{p}_proj" for p in "qkvo"},
+             **{f"self_attn.{p}_proj.bias": f"self_attn/{p}_bias" for p in "qkvo"},
+             **{f"mlp.{p}_proj.weight": f"mlp/{p}_proj" for p in ("gate", "up", "down")}}
+_HF_TENSOR = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+_HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(wm.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise FileNotFoundError(f"{index}: lists shard(s) {missing} that are not in {path}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return files
+    other = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin"))
+             + glob.glob(os.path.join(path, "*.pt*"))]
+    hint = f" (found {other}: PyTorch pickles are not read; convert them to safetensors)" if other else ""
+    raise FileNotFoundError(f"{path}: no *.safetensors weights{hint}")
+
+
+def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for fn in files:
+        try:
+            with safe_open(fn, framework="numpy") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{fn}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return out
+
+
+def load_hf_dir(path: str, *, dtype="float32"):
+    """Read an HF model directory (config.json + safetensors + tokenizer.json)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: model directory not found")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (not an HF model directory)")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    try:
+        cfg = LlamaConfig.from_hf_config(hf, dtype=str(jnp.dtype(dtype)))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{cfg_path}: missing or invalid field {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    tensors = _read_safetensors(_weight_files(path))
+    flat, unused = {}, []
+    for name, a in tensors.items():
+        m = _HF_TENSOR.match(name)
+        if m and m.group(2) in _HF_LAYER and int(m.group(1)) < cfg.num_layers:
+            flat[f"layers/{m.group(1)}/{_HF_LAYER[m.group(2)]}"] = a
+        elif name in ("model.embed_tokens.weight", "embed_tokens.weight"):
+            flat["embed_tokens"] = a
+        elif name in ("model.norm.weight", "norm.weight"):
+            flat["norm"] = a
+        elif name == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                flat["lm_head"] = a
+        elif not _HF_IGNORED.search(name):
+            unused.append(name)
+    if unused:
+        warnings.warn(f"{path}: ignoring {len(unused)} unexpected tensors, e.g. {unused[:3]}")
+    from lowbit.models.llama import _shapes
+
+    missing = [p for p in _shapes(cfg) if p not in flat]
+    if missing:
+        raise ValueError(f"{path}: missing tensors for {cfg.model_type} (lowbit paths): {missing[:6]}"
+                         + (f" ... ({len(missing)} in all)" if len(missing) > 6 else ""))
+    params = _nest(_to_jnp(flat, dtype), cfg.num_layers)
+    check_params(params, cfg)
+    return params, cfg, _hf_tokenizer(path, cfg)
+
+
+def _hf_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer | None:
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj):
+        warnings.warn(f"{path}: no tokenizer.json; the model is loaded without a tokenizer")
+        return None
+    return Tokenizer.from_file(tj, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
+
+
+# ----------------------------------------------------------------------------- lowbit checkpoints
+
+def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None) -> str:
+    """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention)."""
+    from lowbit import checkpoint
+
+    check_params(params, cfg)
+    meta = dict(extra or {})
+    clash = {"lowbit_model", "model_config", "tokenizer"} & set(meta)
+    if clash:
+        raise ValueError(f"extra: keys {sorted(clash)} are reserved by save_model")
+    meta.update({"lowbit_model": 1, "model_config": cfg.to_dict(),
+                 "tokenizer": tokenizer.to_json() if tokenizer is not None else None})
+    return checkpoint.save(path, params, extra=meta)
+
+
+def load_checkpoint(path: str, *, dtype=None):
+    """Read a directory written by :func:`save_model` -> ``(params, cfg, tokenizer)``."""
+    from lowbit import checkpoint
+
+    extra = checkpoint.read_extra(path)
+    if "model_config" not in extra:
+        raise ValueError(f"{path}: lowbit checkpoint without 'model_config' in extra.json "
+                         "(not written by lowbit.models.save_model)")
+    cfg = LlamaConfig.from_dict(extra["model_config"])
+    params = checkpoint.restore(path)
+    if dtype is not None:
+        import jax
+
+        from lowbit.qtensor import QuantizedTensor
+
+        dt = jnp.dtype(dtype)
+        params = jax.tree_util.tree_map(
+            lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
+            is_leaf=lambda x: isinstance(x, QuantizedTensor))
+        cfg = cfg.replace(dtype=str(dt))
+    check_params(params, cfg)
+    tok = extra.get("tokenizer")
+    if tok is None:
+        tokenizer = None
+    elif tok.lstrip().startswith("{"):
+        tokenizer = Tokenizer.from_json(tok)
+    else:
+        tp = tok if os.path.isabs(tok) else os.path.join(path, tok)
+        with open(tp) as f:
+            text = f.read()
+        try:
+            tokenizer = Tokenizer.from_json(text)
+        except ValueError:  # a plain HF tokenizer.json
+            tokenizer = Tokenizer.from_file(tp, cfg.bos_token_id, cfg.eos_token_id)
+    return params, cfg, tokenizer
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def resolve_model(name_or_path: str) -> tuple[str, str]:
+    """``(kind, path)`` with kind in gguf | checkpoint | hf_dir | hub; raises if nothing matches."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"model: expected a name or path, got {name_or_path!r}")
+    if name_or_path.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
+        from lowbit import assets
+
+        return "gguf", assets.smollm2_gguf()
+    p = os.path.expanduser(name_or_path)
+    if os.path.isfile(p):
+        if p.endswith(".gguf"):
+            return "gguf", p
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", p
+        raise ValueError(f"{p}: not a .gguf file; pass a GGUF file, an HF model directory or a "
+                         "lowbit checkpoint directory")
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "manifest.json")):
+            return "checkpoint", p
+        if os.path.isfile(os.path.join(p, "config.json")):
+            return "hf_dir", p
+        ggufs = glob.glob(os.path.join(p, "*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise FileNotFoundError(f"{p}: directory has no config.json, manifest.json or single .gguf file")
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
+        return "hub", name_or_path
+    raise FileNotFoundError(f"model {name_or_path!r}: no such file or directory; expected "
+                            f"{DEFAULT_MODEL!r}, a .gguf file, an HF model directory, a lowbit "
+                            "checkpoint directory or a hub id 'owner/name'")
+
+
+def _offline_message(repo: str, why: str) -> str:
+    return (f"model {repo!r}: cannot download from the Hugging Face hub ({why}). Offline options: "
+            f"'{DEFAULT_MODEL}' (the embedded SmolLM2-135M GGUF), a local .gguf file, a local HF "
+            "directory with config.json + *.safetensors (+ tokenizer.json), or a lowbit checkpoint "
+            "directory written by save_model()")
+
+
+def _hub_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the endpoint opens within ``timeout`` s, else the reason."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(endpoint)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    result: list[str | None] = ["timed out"]
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = None
+        except OSError as e:
+            result[0] = f"{host}:{port} unreachable: {e}"
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout + 1.0)
+    return result[0]
+
+
+def _download_hub(repo: str) -> str:
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise RuntimeError(_offline_message(repo, "huggingface_hub is not installed")) from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:  # already in the local cache?
+        return huggingface_hub.snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError(_offline_message(repo, "HF_HUB_OFFLINE is set and it is not cached"))
+    why = _hub_reachable(constants.ENDPOINT)
+    if why is not None:
+        raise RuntimeError(_offline_message(repo, why))
+    try:
+        return huggingface_hub.snapshot_download(repo, allow_patterns=patterns, etag_timeout=10)
+    except Exception as e:
+        raise RuntimeError(_offline_message(repo, f"{type(e).__name__}: {e}")) from None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype="float32"):
+    """Load any supported model -> ``(params, cfg, tokenizer)`` (see the module docstring).
+
+    ``dtype`` is the dtype of the float parameters and of the forward pass (QuantizedTensor leaves
+    of a checkpoint are kept as they are).
+    """
+    kind, path = resolve_model(name_or_path)
+    if kind == "gguf":
+        return load_gguf(path, dtype=dtype)
+    if kind == "checkpoint":
+        return load_checkpoint(path, dtype=dtype)
+    if kind == "hub":
+        path = _download_hub(path)
+    return load_hf_dir(path, dtype=dtype)
+
+
+def model_fingerprint(name_or_path: str) -> dict:
+    """``{"kind", "path", "sha256", "files"}`` of what :func:`load_model` would read (no hub access:
+    hub ids are reported as such with ``sha256=None``). Directories hash the sorted list of
+    ``(relative path, sha256)`` of their files."""
+    kind, path = resolve_model(name_or_path)
+    if kind == "hub":
+        return {"kind": kind, "path": path, "sha256": None, "files": None}
+
+    def sha(fn):
+        h = hashlib.sha256()
+        with open(fn, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if os.path.isfile(path):
+        return {"kind": kind, "path": os.path.abspath(path), "sha256": sha(path), "files": None}
+    files = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            fn = os.path.join(root, n)
+            files[os.path.relpath(fn, path)] = sha(fn)
+    h = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return {"kind": kind, "path": os.path.abspath(path), "sha256": h, "files": files}
