@@ -2,23 +2,148 @@
 
 Convention: a linear weight ``w`` is shaped ``(out_features, in_features)`` (the PyTorch / GPTQ
 paper convention) and ``linear(x, w) = x @ w.T``.
+
+Quantized weights go through the Pallas kernels (``kernels/``, installed as ``lowbit.kernels``) when
+the kernel mode allows it and the kernel's ``can_use`` guard holds, else through the jnp reference
+path (:func:`lowbit.quantizers.qlinear`). Kernel modes (:func:`set_kernel_mode`, the
+:func:`kernel_mode` context manager, or the environment variable ``LOWBIT_KERNELS``):
+
+* ``"auto"`` (default): the Triton kernels on GPU, the Mosaic kernel on TPU, the reference path on
+  CPU and wherever ``can_use`` fails (activations not bfloat16, unsupported bits/format/groups, ...).
+* ``"off"``: always the reference path.
+* ``"interpret"`` / ``"interpret_tpu"``: the GPU / TPU kernels in Pallas interpret mode on any
+  backend (tests and debugging on CPU; slow).
+
+The mode is read when ``linear`` is traced: change it before jitting. A ``QuantizedTensor`` is
+converted to the kernel layout on every call (an unpack + repack of the weight); convert once at
+load time with :func:`lowbit.kernel_layout.prepare` and pass the resulting ``KernelWeight``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
+import jax
 import jax.numpy as jnp
 
-__all__ = ["linear"]
+__all__ = ["linear", "set_kernel_mode", "get_kernel_mode", "kernel_mode", "KERNEL_MODES", "select_kernel"]
+
+KERNEL_MODES = ("auto", "off", "interpret", "interpret_tpu")
+_ENV = "LOWBIT_KERNELS"
+_mode: str | None = None  # None: follow the environment variable
+
+
+def _validate(mode: str, source: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{source}={mode!r}: expected one of {KERNEL_MODES}")
+    return mode
+
+
+def get_kernel_mode() -> str:
+    """The active kernel mode (:func:`set_kernel_mode`, else ``$LOWBIT_KERNELS``, else ``"auto"``)."""
+    if _mode is not None:
+        return _mode
+    return _validate(os.environ.get(_ENV, "auto").strip().lower() or "auto", _ENV)
+
+
+def set_kernel_mode(mode: str | None) -> None:
+    """Set the kernel mode for this process (``None``: back to ``$LOWBIT_KERNELS`` / ``"auto"``)."""
+    global _mode
+    _mode = None if mode is None else _validate(mode, "mode")
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str | None):
+    """``with kernel_mode("interpret"): ...`` sets the mode for the block."""
+    global _mode
+    prev = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        _mode = prev
+
+
+def _target() -> tuple[str, bool] | None:
+    """(platform whose kernels to use, interpret) for the active mode, or None for the reference."""
+    mode = get_kernel_mode()
+    if mode == "off":
+        return None
+    if mode == "interpret":
+        return "gpu", True
+    if mode == "interpret_tpu":
+        return "tpu", True
+    import lowbit.kernel_layout  # noqa: F401  (makes lowbit.kernels importable without an install)
+    from lowbit.kernels import _compat
+
+    backend = _compat.default_backend()
+    return (backend, False) if backend in ("gpu", "tpu") else None
+
+
+def select_kernel(x, kw, target: tuple[str, bool] | None = None):
+    """The kernel function (called as ``fn(x, kw, interpret=...)``) that would run ``x @ kw``, and
+    its ``interpret`` flag; ``(None, False)`` when the reference path is used."""
+    target = _target() if target is None else target
+    if target is None:
+        return None, False
+    platform, interpret = target
+    import lowbit.kernel_layout  # noqa: F401
+    if platform == "gpu":
+        from lowbit.kernels import onebit_matmul, quant_matmul
+
+        for mod, fn in ((onebit_matmul, onebit_matmul.onebit_matmul), (quant_matmul, quant_matmul.quant_matmul)):
+            if mod.can_use(x, kw, backend="gpu", interpret=interpret):
+                return fn, interpret
+    elif platform == "tpu":
+        from lowbit.kernels import quant_matmul_tpu
+
+        if quant_matmul_tpu.can_use(x, kw, backend="tpu", interpret=interpret):
+            return quant_matmul_tpu.quant_matmul_tpu, interpret
+    return None, False
+
+
+def _quantized_linear(x, w):
+    """``x @ dequantize(w).T`` for a QuantizedTensor: kernel when possible, else ``qlinear``."""
+    from lowbit.quantizers import qlinear
+
+    target = _target()
+    if target is not None:
+        from lowbit import kernel_layout
+
+        if kernel_layout.supports(w) and x.shape[-1] == w.shape[1]:
+            conv = functools.partial(kernel_layout.to_kernel_layout,
+                                     scale_dtype=jnp.float32 if target[0] == "tpu" else None)
+            fn, interpret = select_kernel(x, jax.eval_shape(conv, w), target)
+            if fn is not None:
+                return fn(x, conv(w), interpret=interpret)
+    return qlinear(x, w)
+
+
+def _kernel_weight_linear(x, w):
+    """``x @ W`` for a KernelWeight: kernel when possible, else the kernels' jnp reference."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x: last axis {x.shape[-1]} does not match in_features {w.k} of {w}")
+    fn, interpret = select_kernel(x, w)
+    if fn is not None:
+        return fn(x, w, interpret=interpret)
+    import lowbit.kernel_layout  # noqa: F401
+    from lowbit.kernels.quant_matmul import quant_matmul_reference
+
+    return quant_matmul_reference(x, w)
 
 
 def linear(x, w, bias=None):
-    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense or QuantizedTensor."""
+    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor or
+    KernelWeight (see the module docstring for when the Pallas kernels run)."""
+    from lowbit.kernel_layout import KernelWeight  # also makes lowbit.kernels importable
     from lowbit.qtensor import QuantizedTensor  # local: qtensor imports numerics only
 
     if isinstance(w, QuantizedTensor):
-        from lowbit.quantizers import qlinear
-
-        y = qlinear(x, w)
+        y = _quantized_linear(x, w)
+    elif isinstance(w, KernelWeight):
+        y = _kernel_weight_linear(x, w)
     else:
         if w.ndim != 2:
             raise ValueError(f"w: expected a 2-D (out, in) weight, got shape {w.shape}")

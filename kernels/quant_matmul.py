@@ -1,0 +1,387 @@
+"""Pallas GPU (Triton lowering) kernel: ``y[M, N] = x[M, K] @ W`` with W packed at 1/2/3/4/8 bits.
+
+Consumes a :class:`~lowbit.kernels.layout.KernelWeight` (the "blocked planes" layout documented in
+``kernels/layout.py``): int32 word planes ``(Kp * b / 32, Np)``, K-major, where one ``(R, BN)``
+word tile (``R = tile_rows = 16``) shifted by ``j * b`` is the ``(R, BN)`` code tile of R consecutive
+K rows; 3-bit weights are a 2-bit plane plus a 1-bit plane (no code spans a word). Scales (and
+integer zero points) are ``(G, Np)`` rows per group of K rows, or one row (per channel). Formats:
+``"int"`` ((code - zero) * scale), ``"table"`` (NF4 / FP4 / codebooks up to 16 levels, an in-kernel
+select tree on the code bits instead of a gather) and ``"sign"`` (+-scale).
+
+Design (one program = one ``(block_m, block_n)`` output tile and one K slice):
+
+* grid ``(M / block_m, Np / block_n, split_k)``, M fastest so that programs that read the same
+  weight tile run together (L2 reuse at large M). A ``lax.fori_loop`` walks the K slice, ``block_k``
+  rows (``block_k / PB`` pack blocks, unrolled) per iteration; Triton software-pipelines the loads
+  (``num_stages``). Each pack block is unpacked piece by piece: load a ``(16, block_n)`` word tile
+  once (16 rows x block_n int32: 128-bit vector loads along N), then per shift ``j`` extract the
+  codes with a shift and a mask, convert with the ``(c | 0x4B000000) - 2**23`` float trick (an OR
+  and a SUB, no int->float instruction), subtract the zero and multiply by the group's scale row
+  (pieces never straddle a group; scale rows are loaded once per group and block).
+* small M (``block_m < 16``, decode with M = 1, 2, ...): "GEMV" path without tensor cores: per row
+  of x an elementwise FMA into a ``(16, block_n)`` float32 accumulator, reduced over its 16 rows once
+  at the end (no cross-thread reduction in the loop). ``split_k > 1`` splits K over extra programs
+  (small N would otherwise leave most SMs idle at M = 1): each writes a float32 partial sum
+  ``(split_k, M, N)`` that one fused XLA reduction adds up.
+* larger M (``block_m >= 16``, power of two): each piece is dequantized to bf16 and meets the
+  ``(block_m, 16)`` slice of x in ``jnp.dot(..., preferred_element_type=f32)`` (tensor cores, float32
+  accumulation). M = 3..16 uses ``block_m = 16`` with masked rows.
+
+Triton constraints respected: every loaded/stored tile has power-of-two dims (block_m, block_n and
+the 16-row pieces; block shapes of refs may be arbitrary), dots are 2-D bf16 x bf16 -> f32 with all
+dims >= 16, no gathers, no reshapes or concatenations, no value slicing (only ref slicing). Ragged
+M, K and N are handled with masked loads/stores (``other=0``) instead of padding x or y; the
+weight itself is padded once at conversion (K to a pack block, N to 128).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import _compat
+from .layout import (KernelWeight, MAX_TABLE, SUPPORTED_BITS, decode, group_row_fn, iter_block_pieces,
+                     dequantize_reference, piece_rows, plane_rows)
+
+__all__ = ["BlockSizes", "quant_matmul", "quant_matmul_reference", "can_use", "check", "resolve_block_sizes"]
+
+TARGET_PROGRAMS = 264  # ~2 programs per SM on an H100 (132 SMs): what split-K aims for
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of :func:`quant_matmul`.
+
+    Attributes:
+      block_m: rows of x per program (power of two). ``< 16``: FMA (GEMV) path; ``>= 16``: dot path.
+      block_n: output columns per program (power of two, >= 16).
+      block_k: K rows per loop iteration, a multiple of the pack block (0 = ~512 K rows).
+      split_k: K slices (extra programs, float32 partial sums reduced in XLA).
+      num_warps, num_stages: Triton launch / software pipelining parameters.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 0
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def get_default(cls, m: int, w: KernelWeight) -> "BlockSizes":
+        """Heuristic defaults (the benchmark autotunes around them)."""
+        if m <= 2:
+            bm, bn, warps, stages = _pow2_floor(m) if _is_pow2(m) else 2, 128, 4, 3
+        elif m <= 16:
+            bm, bn, warps, stages = 16, 128, 4, 3
+        elif m <= 64:
+            bm, bn, warps, stages = _pow2_floor(m) if _is_pow2(m) else min(64, 2 * _pow2_floor(m)), 128, 4, 3
+        else:
+            bm, bn, warps, stages = (64, 128, 4, 3) if m <= 128 else (128, 128, 8, 3)
+        split = default_split_k(m, w, bm, bn)
+        return cls(block_m=bm, block_n=bn, block_k=0, split_k=split, num_warps=warps, num_stages=stages)
+
+
+def default_split_k(m: int, w: KernelWeight, block_m: int, block_n: int) -> int:
+    """K slices that bring the program count near :data:`TARGET_PROGRAMS` (16 at most), bounded so
+    that the float32 partial sums (written and read back: ``8 * split * M * N`` bytes) stay under a
+    quarter of the packed weight bytes ``K * N * bits / 8``."""
+    programs = -(-m // block_m) * -(-w.n // block_n)
+    if programs >= TARGET_PROGRAMS:
+        return 1
+    by_occupancy = TARGET_PROGRAMS // programs
+    by_traffic = (w.k * w.bits) // (256 * m)
+    return max(1, _pow2_floor(max(1, min(16, by_occupancy, by_traffic))))
+
+
+def _largest_divisor_leq(n: int, cap: int) -> int:
+    for d in range(max(1, min(n, cap)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def resolve_block_sizes(m: int, w: KernelWeight, bs: BlockSizes | None) -> BlockSizes:
+    """Adapt ``bs`` to the operand shapes: block_n divides Np, split_k divides the pack blocks,
+    block_k divides the slice. The result is what the kernel runs with."""
+    bs = BlockSizes.get_default(m, w) if bs is None else bs
+    pb = w.pack_block
+    bn = math.gcd(bs.block_n, w.n_pad)
+    split = _largest_divisor_leq(w.n_blocks, max(1, bs.split_k))
+    per_slice = w.n_blocks // split
+    want = bs.block_k // pb if bs.block_k else max(1, 512 // pb)
+    unroll = _largest_divisor_leq(per_slice, want)
+    return dataclasses.replace(bs, block_n=bn, split_k=split, block_k=unroll * pb)
+
+
+def check(x_shape, x_dtype, w, *, block_sizes: BlockSizes | None = None, backend: str | None = None,
+          interpret: bool = False) -> str | None:
+    """Why :func:`quant_matmul` cannot run these operands (``None`` when it can).
+
+    ``backend``: the platform to run on (default: jax's default backend); ``"any"`` skips the check
+    (the wrapper itself does, so that it can be lowered for another platform, e.g. by jax.export).
+    """
+    if not isinstance(w, KernelWeight):
+        return f"w: expected a KernelWeight, got {type(w).__name__}"
+    if not interpret and backend != "any":
+        backend = backend or _compat.default_backend()
+        if backend != "gpu":
+            return f"backend {backend!r}: the Triton kernel needs a GPU (or interpret=True)"
+    if len(x_shape) < 1 or x_shape[-1] != w.k:
+        return f"x: last axis {x_shape[-1] if x_shape else None} does not match in_features {w.k}"
+    if jnp.dtype(x_dtype) != jnp.bfloat16:
+        return f"x: dtype {jnp.dtype(x_dtype)} (the kernel takes bfloat16 activations)"
+    if w.bits not in SUPPORTED_BITS:
+        return f"bits={w.bits}: supported {SUPPORTED_BITS}"
+    if w.format not in ("int", "table", "sign"):
+        return f"format={w.format!r}: expected 'int', 'table' or 'sign'"
+    if w.format == "table" and (w.levels is None or len(w.levels) > MAX_TABLE):
+        return f"table format with {None if w.levels is None else len(w.levels)} levels (max {MAX_TABLE})"
+    if w.format == "int" and w.zeros is None and w.zero_point is None:
+        return "int format needs zeros or a static zero_point"
+    if w.group_size is not None and (w.group_size % 16 or w.group_size < 16):
+        return f"group_size={w.group_size}: must be a multiple of 16 (or per-channel)"
+    if not _is_pow2(w.tile_rows) or w.tile_rows < 16:
+        return f"tile_rows={w.tile_rows}: must be a power of two >= 16"
+    if w.n_pad % 16 or w.k_pad % w.pack_block:
+        return f"padded weight {w.k_pad}x{w.n_pad} is not aligned to ({w.pack_block}, 16)"
+    if block_sizes is not None:
+        bs = block_sizes
+        if not (_is_pow2(bs.block_m) and _is_pow2(bs.block_n) and bs.block_n >= 16):
+            return f"block_m={bs.block_m}, block_n={bs.block_n}: powers of two (block_n >= 16) expected"
+        if bs.block_k % w.pack_block:
+            return f"block_k={bs.block_k} must be a multiple of the pack block {w.pack_block}"
+        if bs.split_k < 1 or bs.num_warps < 1 or bs.num_stages < 1:
+            return f"{bs}: split_k, num_warps, num_stages must be >= 1"
+    return None
+
+
+def can_use(x, w, *, block_sizes: BlockSizes | None = None, backend: str | None = None,
+            interpret: bool = False) -> bool:
+    """Whether :func:`quant_matmul` supports ``x`` / ``w`` here (backend, shapes, dtypes, bits)."""
+    return check(x.shape, x.dtype, w, block_sizes=block_sizes, backend=backend, interpret=interpret) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:  # everything static the kernel body needs
+    m: int
+    k: int
+    n: int
+    bm: int
+    bn: int
+    unroll: int
+    n_iter: int
+    k_slice: int
+    bits: int
+    tile_rows: int
+    piece: int
+    pack_blk: int
+    group_size: int | None
+    fmt: str
+    levels: tuple | None
+    zero_point: float | None
+    has_zeros: bool
+    has_col: bool
+    n_planes: int
+    partial: bool
+    mask_m: bool
+    mask_k: bool
+    mask_n: bool
+
+
+def _kernel(*refs, cfg: _Cfg):
+    x_ref, rest = refs[0], refs[1:]
+    planes, rest = rest[: cfg.n_planes], rest[cfg.n_planes:]
+    s_ref, rest = rest[0], rest[1:]
+    z_ref = c_ref = None
+    if cfg.has_zeros:
+        z_ref, rest = rest[0], rest[1:]
+    if cfg.has_col:
+        c_ref, rest = rest[0], rest[1:]
+    (o_ref,) = rest
+
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row0 = pid_m * cfg.bm
+    k_start = pid_s * cfg.k_slice
+    prow = plane_rows(cfg.bits, cfg.tile_rows)
+    group_row = group_row_fn(cfg.group_size, cfg.pack_blk)
+    p = cfg.piece
+    fma = cfg.bm < 16
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, 1), 0)
+
+    def x_tile(kk, kmask):
+        """(bm, p) slice of x at local column kk, zero outside [0, M) x [0, K)."""
+        ref = x_ref.at[:, pl.ds(kk, p)]
+        if not (cfg.mask_m or cfg.mask_k):
+            return ref[...]
+        mask = (rows < cfg.m) if cfg.mask_m else True
+        mask = (mask & kmask[None, :]) if cfg.mask_k else jnp.broadcast_to(mask, (cfg.bm, p))
+        return _compat.masked_load(ref, mask, 0)
+
+    def x_row(mi, kk, kmask):
+        """(p,) slice of row mi of x."""
+        # a traced scalar index: the interpreter's masked-load rule rejects Python ints
+        ref = x_ref.at[jnp.int32(mi), pl.ds(kk, p)]
+        if not (cfg.mask_m or cfg.mask_k):
+            return ref[...]
+        mask = kmask if cfg.mask_k else jnp.ones((p,), jnp.bool_)
+        if cfg.mask_m:
+            mask = mask & (row0 + mi < cfg.m)
+        return _compat.masked_load(ref, mask, 0)
+
+    def one_block(b_local, acc):
+        k0_local = b_local * cfg.pack_blk  # column offset in the x block
+        k0 = k_start + k0_local            # global K row of the block
+        cache = {}
+
+        def load(plane, r, nrows):
+            return planes[plane][pl.ds(b_local * prow[plane] + r, nrows), :]
+
+        for k_off, codes in iter_block_pieces(load, cfg.bits, cfg.tile_rows, p):
+            key, grow = group_row(k0, k_off)
+            if key not in cache:
+                sc = s_ref[pl.ds(grow, 1), :].astype(jnp.float32)
+                zr = z_ref[pl.ds(grow, 1), :].astype(jnp.float32) if cfg.has_zeros else None
+                cache[key] = (sc, zr)
+            sc, zr = cache[key]
+            w = decode(codes, cfg.fmt, sc, zr, zero_point=cfg.zero_point, levels=cfg.levels)  # (p, bn) f32
+            kk = k0_local + k_off
+            kmask = (k0 + k_off + jax.lax.broadcasted_iota(jnp.int32, (p,), 0) < cfg.k) if cfg.mask_k else None
+            cs = c_ref[0, pl.ds(kk, p)].astype(jnp.float32) if cfg.has_col else None
+            if fma:
+                new = []
+                for mi in range(cfg.bm):
+                    xv = x_row(mi, kk, kmask).astype(jnp.float32)
+                    if cs is not None:
+                        xv = xv * cs
+                    new.append(acc[mi] + xv[:, None] * w)
+                acc = tuple(new)
+            else:
+                xt = x_tile(kk, kmask)
+                if cs is not None:
+                    xt = (xt.astype(jnp.float32) * cs[None, :]).astype(x_ref.dtype)
+                acc = acc + jnp.dot(xt, w.astype(x_ref.dtype), preferred_element_type=jnp.float32)
+        return acc
+
+    def body(it, acc):
+        for u in range(cfg.unroll):
+            acc = one_block(it * cfg.unroll + u, acc)
+        return acc
+
+    if fma:
+        acc0 = tuple(jnp.zeros((p, cfg.bn), jnp.float32) for _ in range(cfg.bm))
+    else:
+        acc0 = jnp.zeros((cfg.bm, cfg.bn), jnp.float32)
+    acc = jax.lax.fori_loop(0, cfg.n_iter, body, acc0)
+
+    out = o_ref  # (bm, bn): the split-K axis of a partial output is squeezed by its BlockSpec
+    cols = pid_n * cfg.bn + jax.lax.broadcasted_iota(jnp.int32, (cfg.bn,), 0)
+    if fma:
+        for mi in range(cfg.bm):
+            y = jnp.sum(acc[mi], axis=0).astype(o_ref.dtype)
+            ref = out.at[jnp.int32(mi), :]
+            if cfg.mask_m or cfg.mask_n:
+                mask = (cols < cfg.n) if cfg.mask_n else jnp.ones((cfg.bn,), jnp.bool_)
+                if cfg.mask_m:
+                    mask = mask & (row0 + mi < cfg.m)
+                _compat.masked_store(ref, y, mask)
+            else:
+                _compat.masked_store(ref, y)
+    else:
+        y = acc.astype(o_ref.dtype)
+        if cfg.mask_m or cfg.mask_n:
+            mask = jnp.broadcast_to((rows < cfg.m) if cfg.mask_m else True, (cfg.bm, cfg.bn))
+            if cfg.mask_n:
+                mask = mask & (cols < cfg.n)[None, :]
+            _compat.masked_store(out, y, mask)
+        else:
+            _compat.masked_store(out, y)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def quant_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """``x (..., K) @ W -> (..., N)`` in ``x.dtype`` (bfloat16) for a :class:`KernelWeight` ``w``.
+
+    ``block_sizes`` is adapted to the shapes by :func:`resolve_block_sizes`; ``interpret=True`` runs
+    the Pallas interpreter (CPU). Raises ``ValueError`` with the reason when :func:`check` fails.
+    """
+    why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
+    if why:
+        raise ValueError(f"quant_matmul: {why}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if w.perm is not None:
+        x2 = jnp.take(x2, w.perm, axis=1)
+    m = x2.shape[0]
+    if m == 0:
+        return jnp.zeros((*lead, w.n), x.dtype)
+    bs = resolve_block_sizes(m, w, block_sizes)
+    bm, bn, split = bs.block_m, bs.block_n, bs.split_k
+    k_slice = w.k_pad // split
+    unroll = bs.block_k // w.pack_block
+    cfg = _Cfg(m=m, k=w.k, n=w.n, bm=bm, bn=bn, unroll=unroll,
+               n_iter=k_slice // bs.block_k, k_slice=k_slice, bits=w.bits, tile_rows=w.tile_rows,
+               piece=piece_rows(w.group_size, w.tile_rows), pack_blk=w.pack_block,
+               group_size=w.group_size, fmt=w.format, levels=w.levels, zero_point=w.zero_point,
+               has_zeros=w.zeros is not None, has_col=w.col_scale is not None, n_planes=len(w.planes),
+               partial=split > 1, mask_m=m % bm != 0, mask_k=w.k % k_slice != 0 or w.k != w.k_pad,
+               mask_n=w.n % bn != 0)
+    grid = (pl.cdiv(m, bm), pl.cdiv(w.n, bn), split)  # N tiles past w.n would write out of bounds
+
+    in_specs = [pl.BlockSpec((bm, k_slice), lambda i, j, s: (i, s))]
+    operands = [x2]
+    for pw, rows in zip(w.planes, plane_rows(w.bits, w.tile_rows)):
+        in_specs.append(pl.BlockSpec((k_slice // w.pack_block * rows, bn), lambda i, j, s: (s, j)))
+        operands.append(pw)
+    g_rows = w.scales.shape[0]  # whole K extent: a program indexes the rows of its slice
+    in_specs.append(pl.BlockSpec((g_rows, bn), lambda i, j, s: (0, j)))
+    operands.append(w.scales)
+    if w.zeros is not None:
+        in_specs.append(pl.BlockSpec((g_rows, bn), lambda i, j, s: (0, j)))
+        operands.append(w.zeros)
+    if w.col_scale is not None:
+        in_specs.append(pl.BlockSpec((1, k_slice), lambda i, j, s: (0, s)))
+        operands.append(w.col_scale)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, w.n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, w.n), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    y = pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg),
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        compiler_params=_compat.triton_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name=f"quant_matmul_w{w.bits}_{w.format}",
+    )(*operands)
+    if split > 1:
+        y = jnp.sum(y, axis=0).astype(x.dtype)
+    return y.reshape(*lead, w.n)
+
+
+@functools.partial(jax.jit, static_argnames="out_dtype")
+def quant_matmul_reference(x, w: KernelWeight, out_dtype=None):
+    """Pure-jnp ``x @ W`` from the same operands (float32 math, gathers; any backend)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if w.perm is not None:
+        x2 = jnp.take(x2, w.perm, axis=1)
+    wt = dequantize_reference(w)[: w.k, : w.n]
+    y = jnp.dot(x2.astype(jnp.float32), wt, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(*x.shape[:-1], w.n).astype(out_dtype or x.dtype)
