@@ -1,0 +1,102 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit import QuantizedTensor, QuantSpec, dequantize
+from lowbit.calibrate import default_recipe, layer_inputs, quantize_model
+from lowbit.gptq import gptq
+from lowbit.models import llama
+from lowbit.transforms import flatten, partition, quantize_params, rtn
+
+CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = llama.init_params(jax.random.key(0), CFG)
+    rng = np.random.default_rng(0)
+    # Zipf-like tokens: a few frequent ids, like text, so activations are correlated
+    tokens = np.minimum(rng.zipf(1.3, size=(12, 32)) - 1, CFG.vocab_size - 1).astype(np.int32)
+    return params, tokens
+
+
+def _logit_err(params, qparams, tokens):
+    ref = llama.forward(params, tokens, CFG)
+    out = llama.forward(qparams, tokens, CFG)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def test_gptq_model_beats_rtn_and_keeps_embeddings(model):
+    params, tokens = model
+    spec = QuantSpec(bits=3, group_size=32)
+    qg, rows = quantize_model(params, CFG, default_recipe(gptq(spec)), tokens, batch_size=6, progress=False)
+    qr, _ = quantize_model(params, CFG, default_recipe(rtn(spec)), tokens, batch_size=6, progress=False)
+    assert _logit_err(params, qg, tokens) < _logit_err(params, qr, tokens)
+    flat = flatten(qg)
+    assert all(isinstance(flat[f"layers/{i}/{p}"], QuantizedTensor) for i in range(2) for p in llama.LINEARS)
+    assert flat["embed_tokens"] is params["embed_tokens"]
+    assert len(rows) == 2 * len(llama.LINEARS)
+    assert all(np.isfinite(r["rel_out_err"]) and r["method"] == "gptq" and r["bits"] == 3 for r in rows)
+    assert {r["path"] for r in rows} == {f"layers/{i}/{p}" for i in range(2) for p in llama.LINEARS}
+
+
+def test_rtn_through_the_driver_equals_quantize_params(model):
+    params, tokens = model
+    spec = QuantSpec(bits=3, group_size=32)
+    q1, _ = quantize_model(params, CFG, default_recipe(rtn(spec)), tokens, progress=False)
+    q2 = quantize_params(params, default_recipe(rtn(spec)))
+    for a, b in zip(jax.tree_util.tree_leaves(q1), jax.tree_util.tree_leaves(q2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_true_sequential_and_all_at_once_both_beat_rtn(model):
+    params, tokens = model
+    spec = QuantSpec(bits=3, group_size=32)
+    rtn_err = _logit_err(params, quantize_params(params, default_recipe(rtn(spec))), tokens)
+    for ts in (True, False):
+        q, _ = quantize_model(params, CFG, default_recipe(gptq(spec)), tokens, true_sequential=ts, progress=False)
+        assert _logit_err(params, q, tokens) < rtn_err
+
+
+def test_resume_from_a_finished_layer_gives_the_same_model(model):
+    params, tokens = model
+    recipe = default_recipe(gptq(QuantSpec(bits=3, group_size=32)))
+    saved = {}
+    full, _ = quantize_model(params, CFG, recipe, tokens, progress=False,
+                             on_layer=lambda i, p, rows: saved.setdefault(i, p))
+    # "interrupted" after layer 0: restart from its params; inputs recomputed from the quantized layer 0
+    resumed, rows = quantize_model(saved[0], CFG, recipe, tokens, start_layer=1, progress=False)
+    assert {r["layer"] for r in rows} == {1}
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    X = layer_inputs(saved[0], CFG, tokens, upto=1)
+    assert X.shape == (*tokens.shape, CFG.hidden_size)
+
+
+def test_lm_head_can_be_calibrated_too(model):
+    params, tokens = model
+    cfg = CFG.replace(tie_word_embeddings=False)
+    p = {**params, "lm_head": jax.random.normal(jax.random.key(3), (CFG.vocab_size, CFG.hidden_size))}
+    q, rows = quantize_model(p, cfg, default_recipe(rtn(QuantSpec(bits=3, group_size=32))), tokens, progress=False)
+    assert not isinstance(q["lm_head"], QuantizedTensor)
+    recipe = partition([(r"^embed_tokens$", rtn(QuantSpec(bits=8, group_size=None))),
+                        (r"_proj$|^lm_head$", gptq(QuantSpec(bits=3, group_size=32)))])
+    q, rows = quantize_model(p, cfg, recipe, tokens, progress=False)
+    assert isinstance(q["lm_head"], QuantizedTensor) and isinstance(q["embed_tokens"], QuantizedTensor)
+    assert bool(jnp.all(jnp.isfinite(dequantize(q["lm_head"]))))
+    assert {r["path"] for r in rows if r["layer"] == -1} == {"embed_tokens", "lm_head"}
+
+
+def test_errors(model):
+    params, tokens = model
+    recipe = default_recipe(rtn(QuantSpec(bits=4, group_size=32)))
+    with pytest.raises(ValueError, match="recipe"):
+        quantize_model(params, CFG, "gptq", tokens)
+    with pytest.raises(ValueError, match="tokens"):
+        quantize_model(params, CFG, recipe, tokens[0])
+    with pytest.raises(ValueError, match="context"):
+        quantize_model(params, CFG, recipe, np.zeros((1, 65), np.int32))
+    with pytest.raises(ValueError, match="start_layer"):
+        quantize_model(params, CFG, recipe, tokens, start_layer=5)
