@@ -9,6 +9,11 @@ to an argparse sub-parser and a function running it (returns the exit code). To 
 
 Implemented::
 
+    lowbit run CONFIG [--variant smoke] [--set key=value ...]      experiment -> results/ (lowbit.experiment)
+    lowbit quantize --model M --method {rtn,gptq} --bits B --group-size G [--act-order] [--calib DATA
+                    --nsamples N --seqlen L --seed S] --out DIR         a lowbit checkpoint (orbax)
+    lowbit export DIR --format gptq --out HFDIR                      HF GPTQ safetensors (lowbit.export)
+    lowbit paper                                                     regenerate paper/report.md
     lowbit eval --model NAME_OR_PATH --data NAME_OR_FILE [--split eval] [--seqlen 2048]
                 [--max-windows K] [--batch-size B] [--dtype float32] [--out FILE.json]
 
@@ -166,6 +171,158 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 register("eval", "perplexity of a model on a text corpus (GPTQ protocol)", _eval_args, cmd_eval)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model to quantize (as for eval)")
+    p.add_argument("--method", choices=["rtn", "gptq"], required=True)
+    p.add_argument("--bits", type=int, required=True, help="1..8")
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = per output channel")
+    p.add_argument("--symmetric", action="store_true", help="absmax scales (no zero points)")
+    p.add_argument("--format", default="int", help="int | nf4 | fp4 | sign (see lowbit.QuantSpec)")
+    p.add_argument("--no-partial-groups", action="store_true",
+                   help="refuse group sizes that do not divide in_features (default: shorter last group)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed up front")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
+    p.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block")
+    p.add_argument("--no-true-sequential", action="store_true", help="calibrate a block's linears at once")
+    p.add_argument("--skip", default=r"^(embed_tokens|lm_head)$", help="regex of weights kept dense")
+    p.add_argument("--calib", default="brown", help="calibration corpus (name or local text)")
+    p.add_argument("--calib-split", default="calib")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import csv
+
+    import jax
+
+    from lowbit import data
+    from lowbit.calibrate import quantize_model
+    from lowbit.config import GPTQCfg, MethodCfg, QuantCfg
+    from lowbit.experiment import PURPOSE_CALIB, purpose_seed, build_recipe, model_size
+    from lowbit.models.loaders import load_model, model_fingerprint, save_model
+
+    t0 = time.perf_counter()
+    method = MethodCfg(name=args.method, method=args.method, skip=args.skip,
+                       quant=QuantCfg(bits=args.bits, group_size=args.group_size or None, symmetric=args.symmetric,
+                                      format=args.format, partial_groups=not args.no_partial_groups),
+                       gptq=GPTQCfg(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                                    blocksize=args.blocksize, true_sequential=not args.no_true_sequential))
+    recipe = build_recipe(method)
+    params, cfg, tok = load_model(args.model)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; cannot tokenize the calibration text")
+    stream = tok.encode(data.corpus_text(args.calib, args.calib_split))
+    calib, starts = data.calibration_windows(stream, args.nsamples, args.seqlen,
+                                             purpose_seed(jax.random.key(args.seed), PURPOSE_CALIB))
+    t1 = time.perf_counter()
+    qparams, rows = quantize_model(params, cfg, recipe, calib, batch_size=args.batch_size,
+                                   true_sequential=method.gptq.true_sequential, progress=not args.no_progress)
+    seconds = time.perf_counter() - t1
+    fp = model_fingerprint(args.model)
+    extra = {"quantize": {"argv": sys.argv[1:], "method": dataclasses.asdict(method), "seconds": seconds,
+                          "calib": {"data": args.calib, "split": args.calib_split, "nsamples": args.nsamples,
+                                    "seqlen": args.seqlen, "seed": args.seed, "starts": [int(s) for s in starts]},
+                          "source_model": {"name_or_path": args.model, "sha256": fp["sha256"]},
+                          "size": model_size(qparams), "env": environment_info()}}
+    save_model(args.out, qparams, cfg, tok, extra=extra)
+    if rows:
+        fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
+        with open(os.path.join(args.out, "layers.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    size = extra["quantize"]["size"]
+    print(f"quantized {args.model} with {args.method} w{args.bits}g{args.group_size or 'channel'} in {seconds:.1f} s "
+          f"({size['n_quantized']} weights, {size['linear_bits_per_param']:.3f} bits/param, {size['size_mb']:.1f} MB); "
+          f"wrote {args.out} (total {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+register("quantize", "quantize a model (RTN or GPTQ) into a lowbit checkpoint", _quantize_args, cmd_quantize)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a lowbit checkpoint directory (from lowbit quantize)")
+    p.add_argument("--format", choices=["gptq"], default="gptq")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="gptq (v1: zero - 1 stored, what most engines read) or gptq_v2")
+    p.add_argument("--out", required=True, help="output HF directory (written atomically)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit import checkpoint
+    from lowbit.export import export_gptq
+    from lowbit.models.loaders import load_checkpoint
+
+    params, cfg, tok = load_checkpoint(args.checkpoint)
+    q = checkpoint.read_extra(args.checkpoint).get("quantize", {})
+    extra = {}
+    if q.get("method", {}).get("method") == "gptq":
+        g = q["method"]["gptq"]
+        extra = {"damp_percent": g["damp"], "true_sequential": g["true_sequential"],
+                 "static_groups": g["static_groups"]}
+    out = export_gptq(args.out, params, cfg, tok, checkpoint_format=args.checkpoint_format, extra_config=extra)
+    print(f"wrote {out} ({args.format}, checkpoint_format={args.checkpoint_format})")
+    return 0
+
+
+register("export", "export a quantized checkpoint to the HF GPTQ layout", _export_args, cmd_export)
+
+
+# ----------------------------------------------------------------------------- run / paper
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment config (configs/*.yaml)")
+    p.add_argument("--variant", default=None, help="a named variant of the config (e.g. smoke)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted path, YAML value); repeatable")
+    p.add_argument("--results", default="results", help="results root (default results/)")
+    p.add_argument("--force", action="store_true", help="recompute runs that are up to date")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lowbit.config import load_config
+    from lowbit.experiment import experiment_dir, run_experiment
+
+    cfg = load_config(args.config, variant=args.variant, overrides=args.overrides)
+    run_experiment(cfg, results_dir=args.results, force=args.force, progress=not args.no_progress)
+    print(f"results in {experiment_dir(cfg, args.results)} (table: summary.md, plot: ppl_vs_bits.png)")
+    return 0
+
+
+register("run", "run an experiment config: calibrate, quantize, evaluate, table + plot", _run_args, cmd_run)
+
+
+def _paper_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", default="paper/report.md")
+    p.add_argument("--results", default="results")
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    from lowbit.paper import render
+
+    blocks = render(args.report, results=args.results)
+    print(f"regenerated {len(blocks)} blocks of {args.report} from {args.results}/")
+    return 0
+
+
+register("paper", "regenerate the report's tables and figures from results/", _paper_args, cmd_paper)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -1,0 +1,380 @@
+"""Turn an experiment config (:mod:`lowbit.config`) into results: ``lowbit run CONFIG``.
+
+For each method (table row) of the config::
+
+    load model (once) -> calibration windows (seeded, indices saved) -> recipe through the
+    layer-sequential driver (:mod:`lowbit.calibrate`) -> perplexity on every eval dataset
+
+and write ``results/<experiment>[-<variant>]/<method>/``::
+
+    config.yaml      the resolved config of this run (experiment fields + this method)
+    metrics.json     perplexities, model size, timings, versions, device, git SHA, config hash
+    layers.csv       per quantized weight: relative output error, bits/param, seconds, GPTQ loss
+    layers.png       relative output error per layer and linear type
+    calib_windows.json  the calibration sample (start index of every window in the token stream)
+
+then ``summary.{json,csv,md}`` and ``ppl_vs_bits.png`` for the whole experiment (rebuilt from every
+finished run directory, so a failed or partial re-run never loses earlier rows).
+
+Seeds: one ``seed`` -> ``jax.random.key(seed)`` -> ``fold_in`` per purpose (1: calibration windows,
+2: self-generated calibration), so re-running a config gives identical metrics. Each run directory
+is written atomically; a run whose ``metrics.json`` carries the same config hash is reused unless
+``force``. Quantization checkpoints every finished layer under ``.partial-<method>-<hash>/`` and an
+interrupted run resumes from its last finished layer.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from lowbit import checkpoint
+from lowbit.config import ExperimentCfg, MethodCfg, config_hash, to_dict
+from lowbit.qtensor import QuantizedTensor, QuantSpec
+from lowbit.transforms import Transform, flatten, identity, partition, rtn
+
+__all__ = ["build_recipe", "run_experiment", "write_summary", "experiment_dir", "model_size"]
+
+PURPOSE_CALIB, PURPOSE_SELF_GENERATED = 1, 2
+
+
+def build_recipe(m: MethodCfg) -> Transform | None:
+    """The transform of a method row (``None`` for ``fp``)."""
+    if m.method == "fp":
+        return None
+    q = m.quant
+    spec = QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format,
+                     clip=q.clip, double_quant=q.double_quant,
+                     partial_groups=q.partial_groups)
+    if m.method == "rtn":
+        t = rtn(spec)
+    else:
+        from lowbit.gptq import gptq
+
+        g = m.gptq
+        t = gptq(spec, act_order=g.act_order, static_groups=g.static_groups, damp=g.damp, blocksize=g.blocksize)
+    return partition([(m.skip, identity()), (r"_proj$", t)])
+
+
+def model_size(params) -> dict:
+    """Bytes of all parameters and mean bits/param of the quantized linears (tied embeddings once)."""
+    flat = flatten(params)
+    total_bits, q_bits, q_params = 0, 0, 0
+    for leaf in flat.values():
+        arrays = jax.tree_util.tree_leaves(leaf)
+        bits = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize * 8 for a in arrays)
+        total_bits += bits
+        if isinstance(leaf, QuantizedTensor):
+            q_bits += bits
+            q_params += leaf.shape[0] * leaf.shape[1]
+    return {"size_mb": total_bits / 8 / 2**20, "linear_bits_per_param": q_bits / q_params if q_params else 16.0,
+            "n_quantized": sum(isinstance(v, QuantizedTensor) for v in flat.values())}
+
+
+def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
+    name = cfg.experiment + (f"-{cfg.variant}" if cfg.variant else "")
+    return os.path.join(results_dir, name)
+
+
+def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
+    d = to_dict(cfg)
+    d["methods"] = [to_dict(m)]
+    return d
+
+
+def purpose_seed(key, purpose: int) -> int:
+    """An int seed for one purpose (numpy samplers), derived from the experiment key by fold_in."""
+    return int(jax.random.randint(jax.random.fold_in(key, purpose), (), 0, 2**31 - 1))
+
+
+# ----------------------------------------------------------------------------- per-layer checkpoints
+
+
+def _partial_dir(exp_dir: str, m: MethodCfg, h: str) -> str:
+    return os.path.join(exp_dir, f".partial-{m.name}-{h}")
+
+
+def _load_partial(pdir: str, params) -> tuple[dict, int]:
+    """Plug the finished layers saved in ``pdir`` into ``params``; returns (params, first missing layer)."""
+    layers = list(params["layers"])
+    i = 0
+    while os.path.isdir(os.path.join(pdir, f"layer_{i:04d}")) and i < len(layers):
+        layers[i] = checkpoint.restore(os.path.join(pdir, f"layer_{i:04d}"))
+        i += 1
+    return {**params, "layers": layers}, i
+
+
+# ----------------------------------------------------------------------------- plots and tables
+
+
+def _plot_layers(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    kinds = sorted({r["path"].split("/", 2)[-1] for r in rows if r["layer"] >= 0})
+    for k in kinds:
+        pts = sorted((r["layer"], r["rel_out_err"]) for r in rows if r["path"].endswith(k) and r["layer"] >= 0)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=k)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative output error ||X(W-Q)^T|| / ||XW^T||")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        by_kind: dict[str, list] = {}
+        for r in runs:
+            if ds not in r["ppl"]:
+                continue
+            if r["method"] == "fp":
+                ax.axhline(r["ppl"][ds], ls="--", color="k", label=f"{r['name']} ({r['ppl'][ds]:.2f})")
+            else:
+                by_kind.setdefault(r["method"], []).append((r["linear_bits_per_param"], r["ppl"][ds], r["name"]))
+        for kind, pts in sorted(by_kind.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per parameter (quantized linears, incl. scales/zeros)")
+        ax.set_ylabel(f"perplexity ({ds})")
+        ax.set_title(f"{title}: {ds}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v >= 1000 else f"{v:.2f}"
+
+
+def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
+    """Rebuild ``summary.{json,csv,md}`` and ``ppl_vs_bits.png`` from the run directories present."""
+    runs = []
+    for mf in sorted(glob.glob(os.path.join(exp_dir, "*", "metrics.json"))):
+        with open(mf) as f:
+            m = json.load(f)
+        runs.append({"name": m["name"], "method": m["method"], "bits": m.get("bits"),
+                     "group_size": m.get("group_size"), "linear_bits_per_param": m["size"]["linear_bits_per_param"],
+                     "size_mb": m["size"]["size_mb"], "quantize_s": m["timings"].get("quantize_s"),
+                     "ppl": {d: v["ppl"] for d, v in m["eval"].items()}})
+    if cfg is not None:  # table order = config order
+        order = {mm.name: i for i, mm in enumerate(cfg.methods)}
+        runs.sort(key=lambda r: order.get(r["name"], len(order)))
+    datasets = sorted({d for r in runs for d in r["ppl"]})
+    fp = next((r for r in runs if r["method"] == "fp"), None)
+    header = ["method", "bits", "group", "bits/param", "size MB"] + [f"ppl {d}" for d in datasets]
+    header += [f"Δ vs fp {d}" for d in datasets] if fp else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
+    for r in runs:
+        row = [r["name"], r["bits"] if r["method"] != "fp" else "16", r["group_size"] or "-",
+               f"{r['linear_bits_per_param']:.3f}", f"{r['size_mb']:.1f}"]
+        row += [_fmt(r["ppl"].get(d)) for d in datasets]
+        if fp:
+            row += [("+" + _fmt(r["ppl"][d] - fp["ppl"][d])) if d in r["ppl"] and d in fp["ppl"] else "-"
+                    for d in datasets]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+        table.append(dict(zip(header, row)))
+    md = "\n".join(lines) + "\n"
+    summary = {"experiment": os.path.basename(exp_dir), "datasets": datasets, "runs": runs}
+    with open(os.path.join(exp_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(exp_dir, "summary.md"), "w") as f:
+        f.write(md)
+    if table:
+        with open(os.path.join(exp_dir, "summary.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=header)
+            w.writeheader()
+            w.writerows(table)
+        _plot_summary(runs, datasets, os.path.join(exp_dir, "ppl_vs_bits.png"), os.path.basename(exp_dir))
+    summary["markdown"] = md
+    return summary
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def _log(msg: str) -> None:
+    print(f"[lowbit] {msg}", flush=True)
+
+
+def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: bool = False,
+                   progress: bool = True, stop_after_layer: int | None = None) -> dict:
+    """Run every method of ``cfg``; returns the experiment summary (see the module docstring).
+
+    ``stop_after_layer`` (testing the resume path) raises ``KeyboardInterrupt`` after that layer
+    has been checkpointed.
+    """
+    from lowbit import data
+    from lowbit.calibrate import quantize_model
+    from lowbit.cli import environment_info, peak_rss_mb
+    from lowbit.eval import perplexity
+    from lowbit.models.loaders import load_model, model_fingerprint
+
+    exp_dir = experiment_dir(cfg, results_dir)
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    key = jax.random.key(cfg.seed)
+    env = environment_info()
+
+    pending = []
+    for m in cfg.methods:
+        h = config_hash(_run_config(cfg, m))
+        mf = os.path.join(exp_dir, m.name, "metrics.json")
+        if not force and os.path.isfile(mf):
+            with open(mf) as f:
+                if json.load(f).get("config_hash") == h:
+                    _log(f"{m.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
+                    continue
+        pending.append((m, h))
+
+    if pending:
+        t0 = time.perf_counter()
+        _log(f"loading model {cfg.model}")
+        params, mcfg, tok = load_model(cfg.model)
+        if tok is None:
+            raise ValueError(f"model {cfg.model}: has no tokenizer; lowbit run needs one to tokenize the data")
+        fingerprint = model_fingerprint(cfg.model)
+        load_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if any(m.method != "fp" for m, _ in pending):
+            if cfg.calib.source == "corpus":
+                text = data.corpus_text(cfg.calib.data, cfg.calib.split)
+                stream = tok.encode(text)
+                calib, starts = data.calibration_windows(stream, cfg.calib.nsamples, cfg.calib.seqlen,
+                                                         purpose_seed(key, PURPOSE_CALIB))
+                calib_record = {"source": "corpus", "data": cfg.calib.data, "split": cfg.calib.split,
+                                "stream_tokens": int(len(stream)), "seqlen": cfg.calib.seqlen,
+                                "starts": [int(s) for s in starts]}
+            else:
+                from lowbit.generate import self_generated_calibration
+
+                calib = self_generated_calibration(params, mcfg, cfg.calib.nsamples, cfg.calib.seqlen,
+                                                   jax.random.fold_in(key, PURPOSE_SELF_GENERATED),
+                                                   batch_size=cfg.calib.batch_size, progress=progress)
+                calib_record = {"source": "self", "seqlen": cfg.calib.seqlen, "tokens": calib.tolist()}
+        calib_s = time.perf_counter() - t0
+
+        evals = {}
+        for d in cfg.eval.data:
+            text = data.corpus_text(d, cfg.eval.split)
+            evals[d] = data.eval_windows(tok.encode(text), cfg.eval.seqlen, cfg.eval.max_windows)
+            _log(f"eval data {d}/{cfg.eval.split}: {evals[d].shape[0]} windows of {cfg.eval.seqlen} tokens")
+
+    for m, h in pending:
+        _log(f"=== {m.name} ({m.method}) ===")
+        run_cfg = _run_config(cfg, m)
+        timings: dict[str, Any] = {"load_model_s": load_s, "calib_data_s": calib_s}
+        rows: list[dict] = []
+        recipe = build_recipe(m)
+        t0 = time.perf_counter()
+        if recipe is None:
+            qparams = params
+        else:
+            pdir = _partial_dir(exp_dir, m, h)
+            start_params, start = _load_partial(pdir, params) if os.path.isdir(pdir) else (params, 0)
+            if start:
+                _log(f"{m.name}: resuming after layer {start - 1} from {pdir}")
+                with open(os.path.join(pdir, "rows.json")) as f:
+                    rows = [r for r in json.load(f) if r["layer"] < start]
+
+            def on_layer(i, new_params, layer_rows, pdir=pdir):
+                checkpoint.save(os.path.join(pdir, f"layer_{i:04d}"), new_params["layers"][i])
+                done_rows.extend(layer_rows)
+                tmp = os.path.join(pdir, "rows.json.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(done_rows, f)
+                os.replace(tmp, os.path.join(pdir, "rows.json"))
+                if stop_after_layer is not None and i >= stop_after_layer:
+                    raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
+
+            done_rows = list(rows)
+            qparams, new_rows = quantize_model(start_params, mcfg, recipe, calib, batch_size=cfg.calib.batch_size,
+                                               true_sequential=m.gptq.true_sequential, start_layer=start,
+                                               on_layer=on_layer, progress=progress)
+            rows = [r for r in rows if r["layer"] < start] + new_rows
+        timings["quantize_s"] = time.perf_counter() - t0
+
+        results = {}
+        for d, windows in evals.items():
+            r = perplexity(qparams, mcfg, windows, batch_size=cfg.eval.batch_size, progress=progress,
+                           desc=f"{m.name} {d}")
+            results[d] = {k: r[k] for k in ("ppl", "nll", "n_tokens", "n_windows", "seqlen", "top1_acc",
+                                            "tokens_per_s", "wall_s")}
+            _log(f"{m.name} {d}: ppl {r['ppl']:.3f} ({r['n_windows']} windows, {r['tokens_per_s']:.0f} tok/s)")
+        timings["eval_s"] = sum(v["wall_s"] for v in results.values())
+
+        metrics = {"name": m.name, "method": m.method, "config_hash": h,
+                   "bits": m.quant.bits if m.method != "fp" else None,
+                   "group_size": m.quant.group_size if m.method != "fp" else None,
+                   "eval": results, "size": model_size(qparams), "timings": timings,
+                   "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
+                   "peak_rss_mb": peak_rss_mb(), "environment": env}
+        with checkpoint.atomic_directory(os.path.join(exp_dir, m.name)) as tmp:
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                yaml.safe_dump(run_cfg, f, sort_keys=False)
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            if recipe is not None:
+                with open(os.path.join(tmp, "calib_windows.json"), "w") as f:
+                    json.dump(calib_record, f)
+            if rows:
+                fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
+                with open(os.path.join(tmp, "layers.csv"), "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=fields)
+                    w.writeheader()
+                    w.writerows(rows)
+                _plot_layers(rows, os.path.join(tmp, "layers.png"), m.name)
+        if recipe is not None:
+            shutil.rmtree(_partial_dir(exp_dir, m, h), ignore_errors=True)
+
+    summary = write_summary(exp_dir, cfg)
+    _print_table(summary)
+    return summary
+
+
+def _print_table(summary: dict) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(summary["markdown"])
+        return
+    lines = [ln for ln in summary["markdown"].splitlines() if ln.strip()]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    t = Table(title=f"lowbit: {summary['experiment']}")
+    for c in header:
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for ln in lines[2:]:
+        t.add_row(*[c.strip() for c in ln.strip("|").split("|")])
+    Console().print(t)
+

@@ -1,0 +1,131 @@
+"""Regenerate the tables and figures of ``paper/report.md`` from ``results/``: ``lowbit paper``.
+
+The report is ordinary Markdown with generated blocks between markers; everything inside a block
+is rewritten on every run, everything outside is prose::
+
+    <!-- lowbit:table gptq_smollm2 -->          summary table of results/gptq_smollm2/
+    <!-- /lowbit -->
+    <!-- lowbit:figure gptq_smollm2 -->         its ppl_vs_bits.png, copied to paper/figures/
+    <!-- /lowbit -->
+    <!-- lowbit:provenance gptq_smollm2 -->     git SHA, versions, device, calibration, timings
+    <!-- /lowbit -->
+    <!-- lowbit:rows bench_gptq -->             the "rows" of results/bench_gptq/results.json
+    <!-- /lowbit -->
+
+A block whose results are missing says so (and which command produces them) instead of keeping
+stale numbers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+
+__all__ = ["render"]
+
+_BLOCK = re.compile(r"(<!-- lowbit:(\w+) ([\w.\-/]+) -->\n)(.*?)(<!-- /lowbit -->)", re.S)
+
+
+def _missing(kind: str, name: str) -> str:
+    how = (f"`lowbit run configs/{name.split('-')[0]}.yaml`" if kind != "rows"
+           else f"`python experiments/{name}.py`")
+    return f"_No results for `{name}` yet: run {how}, then `lowbit paper`._\n"
+
+
+def _table(results: str, name: str, **_) -> str:
+    p = os.path.join(results, name, "summary.md")
+    if not os.path.isfile(p):
+        return _missing("table", name)
+    with open(p) as f:
+        return f.read()
+
+
+def _figure(results: str, name: str, figures: str, report_dir: str) -> str:
+    src = os.path.join(results, name, "ppl_vs_bits.png")
+    if not os.path.isfile(src):
+        return _missing("figure", name)
+    os.makedirs(figures, exist_ok=True)
+    dst = os.path.join(figures, f"{name}.png")
+    shutil.copyfile(src, dst)
+    return f"![perplexity vs bits per parameter: {name}]({os.path.relpath(dst, report_dir)})\n"
+
+
+def _provenance(results: str, name: str, **_) -> str:
+    metrics = sorted(glob.glob(os.path.join(results, name, "*", "metrics.json")))
+    if not metrics:
+        return _missing("provenance", name)
+    runs = [json.load(open(m)) for m in metrics]
+    env = runs[0]["environment"]
+    shas = sorted({(r["environment"].get("git_sha") or "unknown")[:10]
+                   + ("+dirty" if r["environment"].get("git_dirty") else "") for r in runs})
+    cfg_path = os.path.join(results, name, "config.yaml")
+    lines = [f"- lowbit commit(s): {', '.join(shas)}; jax {env['jax']}, jaxlib {env['jaxlib']}, "
+             f"device {env['device_kind']} ({env['platform_backend']}, {env.get('cpu_count')} CPUs)"]
+    if os.path.isfile(cfg_path):
+        import yaml
+
+        cfg = yaml.safe_load(open(cfg_path))
+        c, e = cfg["calib"], cfg["eval"]
+        lines.append(f"- model `{cfg['model']}`, seed {cfg['seed']}; calibration: {c['nsamples']} x {c['seqlen']} "
+                     f"tokens from `{c['data']}` ({c['split']}, source {c['source']}); evaluation: "
+                     f"{', '.join(e['data'])} ({e['split']}), seqlen {e['seqlen']}"
+                     + (f", first {e['max_windows']} windows" if e.get("max_windows") else ", all windows"))
+        lines.append(f"- reproduce: `lowbit run configs/{cfg['experiment']}.yaml"
+                     + (f" --variant {cfg['variant']}`" if cfg.get("variant") else "`"))
+    for r in runs:
+        t = r["timings"]
+        ev = ", ".join(f"{d} {v['n_windows']}x{v['seqlen']} at {v['tokens_per_s']:.0f} tok/s" for d, v in r["eval"].items())
+        lines.append(f"- `{r['name']}`: quantize {t.get('quantize_s', 0):.1f} s; eval {ev}; "
+                     f"peak RSS {r['peak_rss_mb']:.0f} MiB")
+    return "\n".join(lines) + "\n"
+
+
+def _rows(results: str, name: str, **_) -> str:
+    p = os.path.join(results, name, "results.json")
+    if not os.path.isfile(p):
+        return _missing("rows", name)
+    d = json.load(open(p))
+    rows = d.get("rows", [])
+    if not rows:
+        return _missing("rows", name)
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    meta = d.get("meta", {})
+    if meta:
+        out.append("")
+        out.append("_" + "; ".join(f"{k}: {v}" for k, v in meta.items()) + "_")
+    return "\n".join(out) + "\n"
+
+
+_KINDS = {"table": _table, "figure": _figure, "provenance": _provenance, "rows": _rows}
+
+
+def render(report: str = "paper/report.md", results: str = "results", figures: str | None = None) -> dict:
+    """Rewrite every generated block of ``report`` in place; returns ``{name: kind}`` of the blocks."""
+    if not os.path.isfile(report):
+        raise FileNotFoundError(f"report {report}: no such file")
+    report_dir = os.path.dirname(os.path.abspath(report))
+    figures = figures or os.path.join(report_dir, "figures")
+    with open(report) as f:
+        text = f.read()
+    done = {}
+
+    def sub(m):
+        kind, name = m.group(2), m.group(3)
+        if kind not in _KINDS:
+            raise ValueError(f"{report}: unknown block kind {kind!r} (expected one of {sorted(_KINDS)})")
+        done[f"{kind}:{name}"] = kind
+        body = _KINDS[kind](results=results, name=name, figures=figures, report_dir=report_dir)
+        return m.group(1) + body + m.group(5)
+
+    new = _BLOCK.sub(sub, text)
+    tmp = f"{report}.tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, report)
+    return done

@@ -1,0 +1,145 @@
+"""The config -> results runner and the paper generator, end to end on a tiny saved model."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from lowbit import paper
+from lowbit.config import load_config
+from lowbit.experiment import experiment_dir, run_experiment
+from lowbit.models import llama
+from lowbit.models.loaders import save_model
+from lowbit.tokenizer import Tokenizer
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
+         "boxing matches and jovial kings pack my box with five dozen liquor jugs").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tokenizers import Tokenizer as Tk, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("exp")
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) + ".")
+        if i % 7 == 6:
+            lines.append("")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines))
+    tk = Tk(models.BPE(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train([str(corpus)], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    cfg = llama.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                            num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    save_model(str(root / "model"), llama.init_params(jax.random.key(0), cfg), cfg, Tokenizer(tk))
+    conf = {"experiment": "tiny", "model": str(root / "model"), "seed": 3,
+            "calib": {"data": str(corpus), "nsamples": 8, "seqlen": 32, "batch_size": 4},
+            "eval": {"data": [str(corpus)], "seqlen": 32, "max_windows": 4, "batch_size": 2},
+            "methods": [{"name": "fp", "method": "fp"},
+                        {"name": "rtn-w3g32", "method": "rtn", "quant": {"bits": 3, "group_size": 32}},
+                        {"name": "gptq-w3g32", "method": "gptq", "quant": {"bits": 3, "group_size": 32}}],
+            "variants": {"small": {"eval": {"max_windows": 2}}}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return root, path
+
+
+def _metrics(d, name):
+    with open(os.path.join(d, name, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_run_writes_results_and_is_reproducible(setup, tmp_path):
+    root, path = setup
+    cfg = load_config(str(path))
+    summary = run_experiment(cfg, results_dir=str(tmp_path), progress=False)
+    d = experiment_dir(cfg, str(tmp_path))
+    assert [r["name"] for r in summary["runs"]] == ["fp", "rtn-w3g32", "gptq-w3g32"]
+    for f in ("summary.md", "summary.csv", "summary.json", "ppl_vs_bits.png", "config.yaml"):
+        assert os.path.isfile(os.path.join(d, f)), f
+    for f in ("metrics.json", "config.yaml", "layers.csv", "layers.png", "calib_windows.json"):
+        assert os.path.isfile(os.path.join(d, "gptq-w3g32", f)), f
+    m = _metrics(d, "gptq-w3g32")
+    assert m["environment"]["jax"] == jax.__version__ and "git_sha" in m["environment"]
+    assert m["size"]["linear_bits_per_param"] < 4 and m["eval"][str(setup[0] / "corpus.txt")]["n_windows"] == 4
+    starts = json.load(open(os.path.join(d, "gptq-w3g32", "calib_windows.json")))["starts"]
+    assert len(starts) == 8
+    # same config + seed -> identical metrics, recomputed from scratch
+    first = {n: _metrics(d, n)["eval"] for n in ("fp", "rtn-w3g32", "gptq-w3g32")}
+    run_experiment(cfg, results_dir=str(tmp_path), progress=False, force=True)
+    for n in first:
+        for k, v in _metrics(d, n)["eval"].items():
+            assert v["ppl"] == first[n][k]["ppl"] and v["nll"] == first[n][k]["nll"]
+    assert json.load(open(os.path.join(d, "gptq-w3g32", "calib_windows.json")))["starts"] == starts
+    # the paper generator fills its blocks from these results
+    report = tmp_path / "report.md"
+    report.write_text("intro\n<!-- lowbit:table tiny -->\nstale\n<!-- /lowbit -->\n"
+                      "<!-- lowbit:figure tiny -->\n<!-- /lowbit -->\n<!-- lowbit:provenance tiny -->\n<!-- /lowbit -->\n"
+                      "<!-- lowbit:table nothing -->\n<!-- /lowbit -->\n")
+    paper.render(str(report), results=str(tmp_path))
+    text = report.read_text()
+    assert "stale" not in text and "| gptq-w3g32 |" in text and "figures/tiny.png" in text
+    assert "No results for `nothing`" in text and text.startswith("intro\n")
+    assert os.path.isfile(tmp_path / "figures" / "tiny.png")
+
+
+def test_failed_run_keeps_earlier_results_and_resume_from_a_layer(setup, tmp_path):
+    root, path = setup
+    cfg = load_config(str(path), variant="small")
+    run_experiment(load_config(str(path), variant="small", overrides=["methods=[{name: fp, method: fp}]"]),
+                   results_dir=str(tmp_path), progress=False)
+    d = experiment_dir(cfg, str(tmp_path))
+    before = open(os.path.join(d, "fp", "metrics.json")).read()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, results_dir=str(tmp_path), progress=False, stop_after_layer=0)
+    assert open(os.path.join(d, "fp", "metrics.json")).read() == before      # fp reused, untouched
+    partial = [p for p in os.listdir(d) if p.startswith(".partial-rtn")]
+    assert partial and not os.path.exists(os.path.join(d, "rtn-w3g32"))
+    run_experiment(cfg, results_dir=str(tmp_path), progress=False)          # resumes after layer 0
+    assert not [p for p in os.listdir(d) if p.startswith(".partial")]
+    resumed = {n: _metrics(d, n)["eval"] for n in ("rtn-w3g32", "gptq-w3g32")}
+    run_experiment(cfg, results_dir=str(tmp_path / "fresh"), progress=False)
+    fresh_dir = experiment_dir(cfg, str(tmp_path / "fresh"))
+    for n, ev in resumed.items():
+        for k, v in ev.items():
+            assert v["ppl"] == _metrics(fresh_dir, n)["eval"][k]["ppl"]
+
+
+def test_config_errors(setup, tmp_path):
+    root, path = setup
+    with pytest.raises(ValueError, match="calib.nsample: unknown key"):
+        load_config(str(path), overrides=["calib.nsample=3"])
+    with pytest.raises(ValueError, match="variants"):
+        load_config(str(path), variant="huge")
+    with pytest.raises(ValueError, match="methods.0.method='awq'"):
+        load_config(str(path), overrides=["methods.0.method=awq"])
+    with pytest.raises(FileNotFoundError):
+        load_config(str(tmp_path / "nope.yaml"))
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="circular"):
+        load_config(str(tmp_path / "loop.yaml"))
+
+
+def test_cli_quantize_eval_export(setup, tmp_path, capsys):
+    from lowbit.cli import main
+
+    root, _ = setup
+    corpus, ckpt, hf = str(root / "corpus.txt"), str(tmp_path / "q"), str(tmp_path / "hf")
+    assert main(["quantize", "--model", str(root / "model"), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--act-order", "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--out", ckpt,
+                 "--no-progress"]) == 0
+    assert os.path.isfile(os.path.join(ckpt, "layers.csv"))
+    assert main(["eval", "--model", ckpt, "--data", corpus, "--seqlen", "32", "--max-windows", "2",
+                 "--out", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert json.load(open(tmp_path / "e.json"))["ppl"] > 1
+    assert main(["export", ckpt, "--format", "gptq", "--out", hf]) == 0
+    qc = json.load(open(os.path.join(hf, "config.json")))["quantization_config"]
+    assert qc["bits"] == 4 and qc["desc_act"] is True and qc["damp_percent"] == 0.01
+    assert main(["quantize", "--model", str(root / "model"), "--method", "rtn", "--bits", "9", "--out", ckpt]) == 2
+    assert "bits=9" in capsys.readouterr().err
