@@ -288,3 +288,24 @@ def group_row_fn(group_size: int | None, pack_blk: int):
     if g % pack_blk == 0:
         return lambda k0, off: (0, k0 // g)
     return lambda k0, off: (off, (k0 + off) // g)
+
+
+def rows_of(x, w: KernelWeight):
+    """``x (..., K)`` -> ``(lead shape, x2 (M, K))`` with act-order's permutation applied to K."""
+    x2 = x.reshape(-1, w.k)
+    if w.perm is not None:
+        x2 = jnp.take(x2, w.perm, axis=1)
+    return x.shape[:-1], x2
+
+
+def split_refs(refs, n_planes: int, has_zeros: bool, has_col: bool):
+    """Kernel operands in wrapper order -> ``(x, planes, scales, zeros|None, col_scale|None, rest)``."""
+    x_ref, rest = refs[0], refs[1:]
+    planes, rest = rest[:n_planes], rest[n_planes:]
+    s_ref, rest = rest[0], rest[1:]
+    z_ref = c_ref = None
+    if has_zeros:
+        z_ref, rest = rest[0], rest[1:]
+    if has_col:
+        c_ref, rest = rest[0], rest[1:]
+    return x_ref, planes, s_ref, z_ref, c_ref, rest

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _compat
-from .layout import KernelWeight, dequantize_reference, iter_block_pieces
+from .layout import KernelWeight, dequantize_reference, iter_block_pieces, rows_of
 from .quant_matmul import BlockSizes, resolve_block_sizes
 
 __all__ = ["BlockSizes", "onebit_matmul", "onebit_matmul_reference", "can_use", "check"]
@@ -182,10 +182,7 @@ def onebit_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, 
     why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
     if why:
         raise ValueError(f"onebit_matmul: {why}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if w.perm is not None:
-        x2 = jnp.take(x2, w.perm, axis=1)
+    lead, x2 = rows_of(x, w)
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, w.n), x.dtype)

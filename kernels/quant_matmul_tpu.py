@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _compat
-from .layout import (KernelWeight, MAX_TABLE, SUPPORTED_BITS, decode, dequantize_reference, iter_block_pieces,
+from .layout import (KernelWeight, MAX_TABLE, SUPPORTED_BITS, decode, dequantize_reference, iter_block_pieces, rows_of, split_refs,
                      piece_rows, plane_rows)
 
 __all__ = ["BlockSizes", "quant_matmul_tpu", "quant_matmul_tpu_reference", "can_use", "check",
@@ -159,14 +159,7 @@ class _Cfg:
 
 
 def _kernel(*refs, cfg: _Cfg):
-    x_ref, rest = refs[0], refs[1:]
-    planes, rest = rest[: cfg.n_planes], rest[cfg.n_planes:]
-    s_ref, rest = rest[0], rest[1:]
-    z_ref = c_ref = None
-    if cfg.has_zeros:
-        z_ref, rest = rest[0], rest[1:]
-    if cfg.has_col:
-        c_ref, rest = rest[0], rest[1:]
+    x_ref, planes, s_ref, z_ref, c_ref, rest = split_refs(refs, cfg.n_planes, cfg.has_zeros, cfg.has_col)
     o_ref, acc_ref, w_scr = rest
     kid = pl.program_id(2)
     prow = plane_rows(cfg.bits, cfg.tile_rows)
@@ -227,10 +220,7 @@ def quant_matmul_tpu(x, w: KernelWeight, *, block_sizes: BlockSizes | None = Non
     why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
     if why:
         raise ValueError(f"quant_matmul_tpu: {why}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if w.perm is not None:
-        x2 = jnp.take(x2, w.perm, axis=1)
+    lead, x2 = rows_of(x, w)
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, w.n), x.dtype)

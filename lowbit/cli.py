@@ -197,6 +197,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="leave the first K positions of each window (attention sinks) out of the statistics")
+    p.add_argument("--token-cap", type=float, default=None,
+                   help="cap each token's input norm at this multiple of the median in the statistics")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -227,12 +231,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                              purpose_seed(jax.random.key(args.seed), PURPOSE_CALIB))
     t1 = time.perf_counter()
     qparams, rows = quantize_model(params, cfg, recipe, calib, batch_size=args.batch_size,
-                                   true_sequential=method.gptq.true_sequential, progress=not args.no_progress)
+                                   true_sequential=method.gptq.true_sequential, skip_first=args.skip_first,
+                                   token_cap=args.token_cap, progress=not args.no_progress)
     seconds = time.perf_counter() - t1
     fp = model_fingerprint(args.model)
     extra = {"quantize": {"argv": sys.argv[1:], "method": dataclasses.asdict(method), "seconds": seconds,
                           "calib": {"data": args.calib, "split": args.calib_split, "nsamples": args.nsamples,
-                                    "seqlen": args.seqlen, "seed": args.seed, "starts": [int(s) for s in starts]},
+                                    "seqlen": args.seqlen, "seed": args.seed, "skip_first": args.skip_first, "token_cap": args.token_cap, "starts": [int(s) for s in starts]},
                           "source_model": {"name_or_path": args.model, "sha256": fp["sha256"]},
                           "size": model_size(qparams), "env": environment_info()}}
     save_model(args.out, qparams, cfg, tok, extra=extra)

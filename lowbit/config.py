@@ -14,6 +14,9 @@ data, and a list of methods (the table's rows)::
     variants:
       smoke: {calib: {nsamples: 4, seqlen: 128}, eval: {seqlen: 128, max_windows: 2}}
 
+Top-level keys starting with ``_`` are ignored (use them to hold YAML anchors, e.g.
+``_gptq: &gptq {act_order: true}`` then ``gptq: *gptq`` in several methods).
+
 Resolution order: ``base`` chain (recursively, relative paths) -> the file -> ``variants[name]``
 -> ``--set key.path=value`` overrides (values parsed as YAML; list items by index, e.g.
 ``methods.1.quant.bits=2``). Unknown keys are errors that name the full key path.
@@ -81,6 +84,8 @@ class CalibCfg:
     seqlen: int = 2048
     source: str = "corpus"
     batch_size: int = 8
+    skip_first: int = 0      # leading positions per window left out of the statistics (attention sinks)
+    token_cap: float | None = None  # cap token input norms at this multiple of the median (massive activations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +211,8 @@ def _read(path: str, seen: tuple[str, ...] = ()) -> dict:
             raise ValueError(f"config {path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"config {path}: expected a mapping at the top level")
+    for k in [k for k in d if isinstance(k, str) and k.startswith("_")]:
+        del d[k]  # private keys: holders of YAML anchors shared by several entries
     base = d.pop("base", None)
     if base is None:
         return d

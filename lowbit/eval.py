@@ -36,20 +36,13 @@ DEFAULT_SEQLEN = 2048
 
 
 def make_windows(tokens, seqlen: int, max_windows: int | None = None) -> np.ndarray:
-    """``(n, seqlen)`` non-overlapping windows from a 1-D token stream (tail dropped)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens: expected a 1-D token stream, got shape {tokens.shape}")
+    """``(n, seqlen)`` non-overlapping windows from a 1-D token stream (tail dropped): the
+    evaluation windowing of :func:`lowbit.data.eval_windows`, which defines it."""
+    from lowbit.data import eval_windows
+
     if not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
-        raise ValueError(f"seqlen={seqlen!r}: expected an integer >= 2")
-    n = len(tokens) // seqlen
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows={max_windows}: expected >= 1 or None")
-        n = min(n, max_windows)
-    if n < 1:
-        raise ValueError(f"text too short: {len(tokens)} tokens is less than one window of seqlen={seqlen}")
-    return tokens[: n * seqlen].reshape(n, seqlen).astype(np.int32)
+        raise ValueError(f"seqlen={seqlen!r}: expected an integer >= 2 (one token predicts the next)")
+    return eval_windows(tokens, seqlen, max_windows)
 
 
 #: Rows (predicted positions) per lm_head tile in the NLL computation: the (rows, vocab) float32
@@ -139,6 +132,17 @@ class _Bar:
             self.p.stop()
 
 
+def _windows(tokens, cfg: LlamaConfig, seqlen: int, max_windows, batch_size: int) -> np.ndarray:
+    """A 1-D stream cut into windows, or pre-cut ``(n, seqlen)`` windows, checked against ``cfg``."""
+    windows = np.asarray(tokens)
+    if windows.ndim == 1:
+        windows = make_windows(windows, seqlen, max_windows)
+    elif max_windows is not None:
+        windows = windows[:max_windows]
+    _check(windows, cfg, batch_size)
+    return windows
+
+
 def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1,
                max_windows: int | None = None, progress: bool = True, desc: str = "perplexity",
                return_nlls: bool = False) -> dict:
@@ -150,12 +154,7 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
     every evaluated token (``n * seqlen``) over the whole loop, compilation included;
     ``tokens_per_s_steady`` excludes the first batch (which compiles), None with one batch.
     """
-    windows = np.asarray(tokens)
-    if windows.ndim == 1:
-        windows = make_windows(windows, seqlen, max_windows)
-    elif max_windows is not None:
-        windows = windows[:max_windows]
-    _check(windows, cfg, batch_size)
+    windows = _windows(tokens, cfg, seqlen, max_windows, batch_size)
     n, seqlen = windows.shape
     t0 = time.perf_counter()
     total_nll, total_hits, first_s = 0.0, 0, None
@@ -213,12 +212,7 @@ def compare_logits(params_ref, params, cfg: LlamaConfig, tokens, *, cfg_other: L
     of the same windows (built as in :func:`perplexity`). Returns ``{"kl", "kl_max_window",
     "top1_agreement", "n_positions", "n_windows", "seqlen"}``."""
     cfg_other = cfg if cfg_other is None else cfg_other
-    windows = np.asarray(tokens)
-    if windows.ndim == 1:
-        windows = make_windows(windows, seqlen, max_windows)
-    elif max_windows is not None:
-        windows = windows[:max_windows]
-    _check(windows, cfg, batch_size)
+    windows = _windows(tokens, cfg, seqlen, max_windows, batch_size)
     _check(windows, cfg_other, batch_size)
     n, seqlen = windows.shape
     kl_sum, agree_sum, kl_win = 0.0, 0, []

@@ -319,7 +319,9 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
 
             done_rows = list(rows)
             qparams, new_rows = quantize_model(start_params, mcfg, recipe, calib, batch_size=cfg.calib.batch_size,
-                                               true_sequential=m.gptq.true_sequential, start_layer=start,
+                                               true_sequential=m.gptq.true_sequential,
+                                               skip_first=cfg.calib.skip_first, token_cap=cfg.calib.token_cap,
+                                               start_layer=start,
                                                on_layer=on_layer, progress=progress)
             rows = [r for r in rows if r["layer"] < start] + new_rows
         timings["quantize_s"] = time.perf_counter() - t0

@@ -265,6 +265,11 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32, *, unpermute: bool = True)
     """Reconstruct the matrix (see the invariant in :mod:`lowbit.qtensor`)."""
     if not isinstance(q, QuantizedTensor):
         raise ValueError(f"q: expected a QuantizedTensor, got {type(q).__name__}")
+    return _dequantize_impl(q, jnp.dtype(dtype), unpermute)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _dequantize_impl(q: QuantizedTensor, dtype, unpermute: bool):
     rows, cols = q.shape
     codes = unpack(q.data, q.bits, cols)
     scale = _scale_table(q)

@@ -60,3 +60,13 @@ def smollm2(smollm2_path):
     from lowbit.models.loaders import load_gguf
 
     return load_gguf(smollm2_path)
+
+
+def pytest_configure(config):
+    """CI installs the [torch] extra and sets LOWBIT_REQUIRE_TORCH=1: the reference cross-checks
+    must then run, not skip quietly."""
+    import os
+
+    if os.environ.get("LOWBIT_REQUIRE_TORCH") == "1":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401

@@ -100,3 +100,45 @@ def test_errors(model):
         quantize_model(params, CFG, recipe, np.zeros((1, 65), np.int32))
     with pytest.raises(ValueError, match="start_layer"):
         quantize_model(params, CFG, recipe, tokens, start_layer=5)
+
+
+def test_capture_upto_stops_early_with_the_same_inputs(model):
+    params, tokens = model
+    x = llama.embed(params, tokens[:2], CFG)
+    layer = params["layers"][0]
+    _, full = llama.block(layer, x, CFG, capture=True)
+    for path in llama.LINEARS:
+        out, part = llama.block(layer, x, CFG, capture=True, capture_upto=path)
+        assert out is None and path in part
+        assert set(part) <= set(full)
+        for k, v in part.items():
+            np.testing.assert_allclose(np.asarray(v), np.asarray(full[k]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="capture_upto"):
+        llama.block(layer, x, CFG, capture_upto="mlp/down_proj")
+
+
+def test_token_cap_and_skip_first_shape_the_statistics(model):
+    from lowbit.calibrate import _cap_rows
+
+    x = jnp.ones((2, 8, 4)).at[0, 0].set(1000.0)
+    capped = _cap_rows(x, jnp.float32(10.0))
+    norms = jnp.linalg.norm(capped, axis=-1)
+    assert float(norms.max()) == pytest.approx(10 * 2.0, rel=1e-5)       # 10 x the median norm (2)
+    np.testing.assert_array_equal(np.asarray(capped[1]), np.asarray(x[1]))  # ordinary rows untouched
+    params, tokens = model
+    spec = QuantSpec(bits=3, group_size=32)
+    stats_seen = []
+
+    def spy(t):
+        def update(stats, acts):
+            stats_seen.append({k: v.shape for k, v in acts.items()})
+            return t.update(stats, acts)
+        return t._replace(update=update)
+
+    q, _ = quantize_model(params, CFG, default_recipe(spy(gptq(spec))), tokens, batch_size=6, skip_first=2,
+                          token_cap=10.0, progress=False)
+    assert all(s[1] == tokens.shape[1] - 2 for d in stats_seen for s in d.values())
+    with pytest.raises(ValueError, match="token_cap"):
+        quantize_model(params, CFG, default_recipe(gptq(spec)), tokens, token_cap=0.0, progress=False)
+    with pytest.raises(ValueError, match="skip_first"):
+        quantize_model(params, CFG, default_recipe(gptq(spec)), tokens, skip_first=32, progress=False)

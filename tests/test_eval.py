@@ -75,7 +75,7 @@ def test_uniform_model_has_ppl_equal_to_vocab_size(tiny):
 
 def test_perplexity_errors(tiny):
     p, cfg = tiny
-    with pytest.raises(ValueError, match="text too short: 10 tokens is less than one window of seqlen=16"):
+    with pytest.raises(ValueError, match="got 10 tokens, fewer than seqlen=16"):
         perplexity(p, cfg, _stream(10), seqlen=16, progress=False)
     with pytest.raises(ValueError, match="seqlen=64 exceeds the model's context max_position_embeddings=32"):
         perplexity(p, cfg, _stream(200), seqlen=64, progress=False)

@@ -358,16 +358,26 @@ def _qkv(layer, h, cfg: LlamaConfig, cos, sin):
     return apply_rope(q, cos, sin, cfg.rope_style), apply_rope(k, cos, sin, cfg.rope_style), v
 
 
-def _mlp_and_residual(layer, x, attn, cfg: LlamaConfig, inputs):
+def _mlp_and_residual(layer, x, attn, cfg: LlamaConfig, inputs, stop: int = len(LINEARS)):
+    """The block after attention. With ``inputs`` (a dict) records each linear's input; returns
+    ``None`` as soon as the input of ``LINEARS[stop]`` is recorded (``stop < len(LINEARS)``)."""
     a, m = layer["self_attn"], layer["mlp"]
+    if inputs is not None:
+        inputs["self_attn/o_proj"] = attn
+    if stop == 3:
+        return None
     x = x + ops.linear(attn, a["o_proj"], a.get("o_bias")).astype(x.dtype)
     h2 = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-    act = jax.nn.silu(ops.linear(h2, m["gate_proj"])) * ops.linear(h2, m["up_proj"])
-    x = x + ops.linear(act, m["down_proj"]).astype(x.dtype)
     if inputs is not None:
-        inputs.update({"self_attn/o_proj": attn, "mlp/gate_proj": h2, "mlp/up_proj": h2,
-                       "mlp/down_proj": act})
-    return x
+        inputs.update({"mlp/gate_proj": h2, "mlp/up_proj": h2})
+    if stop in (4, 5):
+        return None
+    act = jax.nn.silu(ops.linear(h2, m["gate_proj"])) * ops.linear(h2, m["up_proj"])
+    if inputs is not None:
+        inputs["mlp/down_proj"] = act
+    if stop == 6:
+        return None
+    return x + ops.linear(act, m["down_proj"]).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -383,21 +393,29 @@ def embed(params, tokens, cfg: LlamaConfig):
     return jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
 
 
-def block(layer, x, cfg: LlamaConfig, *, capture: bool = False, positions=None):
+def block(layer, x, cfg: LlamaConfig, *, capture: bool = False, positions=None, capture_upto: str | None = None):
     """One decoder layer on ``x (B, T, D)`` (causal; ``positions``: strictly increasing ints, default
     ``0..T-1``).
 
     With ``capture=True`` returns ``(x_out, inputs)`` where ``inputs[path]`` is the exact input of
-    the linear ``layer[path]`` (paths of :data:`LINEARS`), shaped ``(B, T, in_features)``.
+    the linear ``layer[path]`` (paths of :data:`LINEARS`), shaped ``(B, T, in_features)``. With
+    ``capture_upto`` (a path of :data:`LINEARS`) the computation stops as soon as that linear's
+    input is known and ``(None, inputs)`` is returned: a calibration pass for the q/k/v group costs
+    one RMSNorm instead of a whole block.
     """
+    if capture_upto is not None and (not capture or capture_upto not in LINEARS):
+        raise ValueError(f"capture_upto={capture_upto!r}: expected one of {LINEARS}, with capture=True")
+    stop = LINEARS.index(capture_upto) if capture_upto is not None else len(LINEARS)
     T = x.shape[1]
     positions = jnp.arange(T) if positions is None else jnp.asarray(positions)
-    cos, sin = _rope_tables(positions, cfg)
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
+    inputs = {"self_attn/q_proj": h, "self_attn/k_proj": h, "self_attn/v_proj": h} if capture else None
+    if stop <= 2:
+        return None, inputs
+    cos, sin = _rope_tables(positions, cfg)
     q, k, v = _qkv(layer, h, cfg, cos, sin)
     attn = _causal_self_attend(q, k, v, positions, cfg)
-    inputs = {"self_attn/q_proj": h, "self_attn/k_proj": h, "self_attn/v_proj": h} if capture else None
-    x = _mlp_and_residual(layer, x, attn, cfg, inputs)
+    x = _mlp_and_residual(layer, x, attn, cfg, inputs, stop)
     return (x, inputs) if capture else x
 
 
@@ -532,7 +550,7 @@ def param_count(params) -> int:
 
 #: :func:`block` compiled with the config static: one compilation per distinct layer structure
 #: (all dense layers share one; so do layers quantized with the same format and shapes).
-block_jit = jax.jit(block, static_argnames=("cfg", "capture"))
+block_jit = jax.jit(block, static_argnames=("cfg", "capture", "capture_upto"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
