@@ -25,43 +25,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _compat
+from ._common import triton_call, check_operands, check_triton_tiles, k_loop, store_tile, x_loaders
 from .layout import KernelWeight, dequantize_reference, iter_block_pieces, rows_of
 from .quant_matmul import BlockSizes, resolve_block_sizes
 
 __all__ = ["BlockSizes", "onebit_matmul", "onebit_matmul_reference", "can_use", "check"]
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
 def check(x_shape, x_dtype, w, *, block_sizes: BlockSizes | None = None, backend: str | None = None,
           interpret: bool = False) -> str | None:
     """Why :func:`onebit_matmul` cannot run these operands (``None`` when it can); ``backend="any"``
     skips the platform check."""
-    if not isinstance(w, KernelWeight):
-        return f"w: expected a KernelWeight, got {type(w).__name__}"
-    if not interpret and backend != "any":
-        backend = backend or _compat.default_backend()
-        if backend != "gpu":
-            return f"backend {backend!r}: the Triton kernel needs a GPU (or interpret=True)"
-    if len(x_shape) < 1 or x_shape[-1] != w.k:
-        return f"x: last axis {x_shape[-1] if x_shape else None} does not match in_features {w.k}"
-    if jnp.dtype(x_dtype) != jnp.bfloat16:
-        return f"x: dtype {jnp.dtype(x_dtype)} (the kernel takes bfloat16 activations)"
+    why = check_operands(x_shape, x_dtype, w, platform="gpu", what="Triton", backend=backend, interpret=interpret)
+    if why:
+        return why
     if w.bits != 1 or w.format != "sign" or w.group_size is not None:
         return (f"bits={w.bits}, format={w.format!r}, group_size={w.group_size}: OneBit needs 1-bit"
                 " 'sign' weights with one scale per output channel")
-    if not _is_pow2(w.tile_rows) or w.tile_rows < 16:
-        return f"tile_rows={w.tile_rows}: must be a power of two >= 16"
-    if block_sizes is not None:
-        bs = block_sizes
-        if not (_is_pow2(bs.block_m) and _is_pow2(bs.block_n) and bs.block_n >= 16):
-            return f"block_m={bs.block_m}, block_n={bs.block_n}: powers of two (block_n >= 16) expected"
-        if bs.block_k % w.pack_block:
-            return f"block_k={bs.block_k} must be a multiple of the pack block {w.pack_block}"
-    return None
+    return check_triton_tiles(w, block_sizes)
 
 
 def can_use(x, w, *, block_sizes: BlockSizes | None = None, backend: str | None = None,
@@ -94,22 +75,10 @@ def _kernel(*refs, cfg: _Cfg):
         x_ref, w_ref, a_ref, b_ref, o_ref = refs
     else:
         (x_ref, w_ref, a_ref, o_ref), b_ref = refs, None
-    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row0 = pid_m * cfg.bm
-    k_start = pid_s * cfg.k_slice
+    k_start = pl.program_id(2) * cfg.k_slice
     p = cfg.tile_rows
     fma = cfg.bm < 16
-    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, 1), 0)
-
-    def load_x(ref, shape, rowmask, kmask):
-        if not (cfg.mask_m or cfg.mask_k):
-            return ref[...]
-        mask = jnp.ones(shape, jnp.bool_)
-        if cfg.mask_m:
-            mask = mask & rowmask
-        if cfg.mask_k:
-            mask = mask & kmask
-        return _compat.masked_load(ref, mask, 0)
+    x_tile, x_row = x_loaders(x_ref, cfg, p)
 
     def one_block(b_local, acc):
         k0_local = b_local * cfg.pack_blk
@@ -120,60 +89,27 @@ def _kernel(*refs, cfg: _Cfg):
 
         for k_off, bit in iter_block_pieces(load, 1, cfg.tile_rows, p):
             kk = k0_local + k_off
-            kmask = k0 + k_off + jax.lax.broadcasted_iota(jnp.int32, (p,), 0) < cfg.k
+            kmask = (k0 + k_off + jax.lax.broadcasted_iota(jnp.int32, (p,), 0) < cfg.k) if cfg.mask_k else None
             bv = b_ref[0, pl.ds(kk, p)].astype(jnp.float32) if cfg.has_col else None
             pos = bit != 0
-            if fma:
+            if fma:  # +-x selected by the sign bit: no multiply
                 new = []
                 for mi in range(cfg.bm):
-                    xv = load_x(x_ref.at[jnp.int32(mi), pl.ds(kk, p)], (p,), row0 + mi < cfg.m, kmask)
-                    xv = xv.astype(jnp.float32)
+                    xv = x_row(mi, kk, kmask).astype(jnp.float32)
                     if bv is not None:
                         xv = xv * bv
                     xb = jnp.broadcast_to(xv[:, None], (p, cfg.bn))
                     new.append(acc[mi] + jnp.where(pos, xb, -xb))
                 acc = tuple(new)
             else:
-                xt = load_x(x_ref.at[:, pl.ds(kk, p)], (cfg.bm, p), rows < cfg.m, kmask[None, :])
+                xt = x_tile(kk, kmask)
                 if bv is not None:
                     xt = (xt.astype(jnp.float32) * bv[None, :]).astype(x_ref.dtype)
                 signs = jnp.where(pos, 1.0, -1.0).astype(x_ref.dtype)
                 acc = acc + jnp.dot(xt, signs, preferred_element_type=jnp.float32)
         return acc
 
-    def body(it, acc):
-        for u in range(cfg.unroll):
-            acc = one_block(it * cfg.unroll + u, acc)
-        return acc
-
-    if fma:
-        acc0 = tuple(jnp.zeros((p, cfg.bn), jnp.float32) for _ in range(cfg.bm))
-    else:
-        acc0 = jnp.zeros((cfg.bm, cfg.bn), jnp.float32)
-    acc = jax.lax.fori_loop(0, cfg.n_iter, body, acc0)
-
-    a = a_ref[0, :].astype(jnp.float32)  # (bn,)
-    cols = pid_n * cfg.bn + jax.lax.broadcasted_iota(jnp.int32, (cfg.bn,), 0)
-    if fma:
-        for mi in range(cfg.bm):
-            y = (jnp.sum(acc[mi], axis=0) * a).astype(o_ref.dtype)
-            ref = o_ref.at[jnp.int32(mi), :]
-            if cfg.mask_m or cfg.mask_n:
-                mask = (cols < cfg.n) if cfg.mask_n else jnp.ones((cfg.bn,), jnp.bool_)
-                if cfg.mask_m:
-                    mask = mask & (row0 + mi < cfg.m)
-                _compat.masked_store(ref, y, mask)
-            else:
-                _compat.masked_store(ref, y)
-    else:
-        y = (acc * a[None, :]).astype(o_ref.dtype)
-        if cfg.mask_m or cfg.mask_n:
-            mask = jnp.broadcast_to((rows < cfg.m) if cfg.mask_m else True, (cfg.bm, cfg.bn))
-            if cfg.mask_n:
-                mask = mask & (cols < cfg.n)[None, :]
-            _compat.masked_store(o_ref, y, mask)
-        else:
-            _compat.masked_store(o_ref, y)
+    store_tile(o_ref, k_loop(cfg, one_block, p), cfg, col_scale=a_ref[0, :].astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -200,24 +136,8 @@ def onebit_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, 
     if w.col_scale is not None:
         in_specs.append(pl.BlockSpec((1, k_slice), lambda i, j, s: (0, s)))
         operands.append(w.col_scale)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, w.n), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, w.n), x.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    y = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg),
-        out_shape=out_shape,
-        grid=(pl.cdiv(m, bm), pl.cdiv(w.n, bn), split),  # no N tile past w.n
-        in_specs=in_specs,
-        out_specs=out_spec,
-        compiler_params=_compat.triton_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name="onebit_matmul",
-    )(*operands)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(x.dtype)
+    y = triton_call(_kernel, cfg, operands, in_specs, split=split, bs=bs, out_dtype=x.dtype,
+                    interpret=interpret, name="onebit_matmul")
     return y.reshape(*lead, w.n)
 
 

@@ -44,17 +44,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _compat
-from .layout import (KernelWeight, MAX_TABLE, SUPPORTED_BITS, decode, group_row_fn, iter_block_pieces, rows_of, split_refs,
-                     dequantize_reference, piece_rows, plane_rows)
+from ._common import triton_call, check_codes, check_operands, check_triton_tiles, is_pow2 as _is_pow2, k_loop, store_tile, x_loaders
+from .layout import (KernelWeight, decode, group_row_fn, iter_block_pieces, rows_of, split_refs, dequantize_reference,
+                     piece_rows, plane_rows)
 
 __all__ = ["BlockSizes", "quant_matmul", "quant_matmul_reference", "can_use", "check", "resolve_block_sizes"]
 
 TARGET_PROGRAMS = 264  # ~2 programs per SM on an H100 (132 SMs): what split-K aims for
-
-
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
 def _pow2_floor(v: int) -> int:
@@ -134,38 +130,12 @@ def check(x_shape, x_dtype, w, *, block_sizes: BlockSizes | None = None, backend
     ``backend``: the platform to run on (default: jax's default backend); ``"any"`` skips the check
     (the wrapper itself does, so that it can be lowered for another platform, e.g. by jax.export).
     """
-    if not isinstance(w, KernelWeight):
-        return f"w: expected a KernelWeight, got {type(w).__name__}"
-    if not interpret and backend != "any":
-        backend = backend or _compat.default_backend()
-        if backend != "gpu":
-            return f"backend {backend!r}: the Triton kernel needs a GPU (or interpret=True)"
-    if len(x_shape) < 1 or x_shape[-1] != w.k:
-        return f"x: last axis {x_shape[-1] if x_shape else None} does not match in_features {w.k}"
-    if jnp.dtype(x_dtype) != jnp.bfloat16:
-        return f"x: dtype {jnp.dtype(x_dtype)} (the kernel takes bfloat16 activations)"
-    if w.bits not in SUPPORTED_BITS:
-        return f"bits={w.bits}: supported {SUPPORTED_BITS}"
-    if w.format not in ("int", "table", "sign"):
-        return f"format={w.format!r}: expected 'int', 'table' or 'sign'"
-    if w.format == "table" and (w.levels is None or len(w.levels) > MAX_TABLE):
-        return f"table format with {None if w.levels is None else len(w.levels)} levels (max {MAX_TABLE})"
-    if w.format == "int" and w.zeros is None and w.zero_point is None:
-        return "int format needs zeros or a static zero_point"
-    if w.group_size is not None and (w.group_size % 16 or w.group_size < 16):
-        return f"group_size={w.group_size}: must be a multiple of 16 (or per-channel)"
-    if not _is_pow2(w.tile_rows) or w.tile_rows < 16:
-        return f"tile_rows={w.tile_rows}: must be a power of two >= 16"
+    why = (check_operands(x_shape, x_dtype, w, platform="gpu", what="Triton", backend=backend, interpret=interpret)
+           or check_codes(w) or check_triton_tiles(w, block_sizes))
+    if why:
+        return why
     if w.n_pad % 16 or w.k_pad % w.pack_block:
         return f"padded weight {w.k_pad}x{w.n_pad} is not aligned to ({w.pack_block}, 16)"
-    if block_sizes is not None:
-        bs = block_sizes
-        if not (_is_pow2(bs.block_m) and _is_pow2(bs.block_n) and bs.block_n >= 16):
-            return f"block_m={bs.block_m}, block_n={bs.block_n}: powers of two (block_n >= 16) expected"
-        if bs.block_k % w.pack_block:
-            return f"block_k={bs.block_k} must be a multiple of the pack block {w.pack_block}"
-        if bs.split_k < 1 or bs.num_warps < 1 or bs.num_stages < 1:
-            return f"{bs}: split_k, num_warps, num_stages must be >= 1"
     return None
 
 
@@ -206,34 +176,12 @@ def _kernel(*refs, cfg: _Cfg):
     x_ref, planes, s_ref, z_ref, c_ref, rest = split_refs(refs, cfg.n_planes, cfg.has_zeros, cfg.has_col)
     (o_ref,) = rest
 
-    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row0 = pid_m * cfg.bm
-    k_start = pid_s * cfg.k_slice
+    k_start = pl.program_id(2) * cfg.k_slice
     prow = plane_rows(cfg.bits, cfg.tile_rows)
     group_row = group_row_fn(cfg.group_size, cfg.pack_blk)
     p = cfg.piece
     fma = cfg.bm < 16
-    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (cfg.bm, 1), 0)
-
-    def x_tile(kk, kmask):
-        """(bm, p) slice of x at local column kk, zero outside [0, M) x [0, K)."""
-        ref = x_ref.at[:, pl.ds(kk, p)]
-        if not (cfg.mask_m or cfg.mask_k):
-            return ref[...]
-        mask = (rows < cfg.m) if cfg.mask_m else True
-        mask = (mask & kmask[None, :]) if cfg.mask_k else jnp.broadcast_to(mask, (cfg.bm, p))
-        return _compat.masked_load(ref, mask, 0)
-
-    def x_row(mi, kk, kmask):
-        """(p,) slice of row mi of x."""
-        # a traced scalar index: the interpreter's masked-load rule rejects Python ints
-        ref = x_ref.at[jnp.int32(mi), pl.ds(kk, p)]
-        if not (cfg.mask_m or cfg.mask_k):
-            return ref[...]
-        mask = kmask if cfg.mask_k else jnp.ones((p,), jnp.bool_)
-        if cfg.mask_m:
-            mask = mask & (row0 + mi < cfg.m)
-        return _compat.masked_load(ref, mask, 0)
+    x_tile, x_row = x_loaders(x_ref, cfg, p)
 
     def one_block(b_local, acc):
         k0_local = b_local * cfg.pack_blk  # column offset in the x block
@@ -269,39 +217,8 @@ def _kernel(*refs, cfg: _Cfg):
                 acc = acc + jnp.dot(xt, w.astype(x_ref.dtype), preferred_element_type=jnp.float32)
         return acc
 
-    def body(it, acc):
-        for u in range(cfg.unroll):
-            acc = one_block(it * cfg.unroll + u, acc)
-        return acc
-
-    if fma:
-        acc0 = tuple(jnp.zeros((p, cfg.bn), jnp.float32) for _ in range(cfg.bm))
-    else:
-        acc0 = jnp.zeros((cfg.bm, cfg.bn), jnp.float32)
-    acc = jax.lax.fori_loop(0, cfg.n_iter, body, acc0)
-
-    out = o_ref  # (bm, bn): the split-K axis of a partial output is squeezed by its BlockSpec
-    cols = pid_n * cfg.bn + jax.lax.broadcasted_iota(jnp.int32, (cfg.bn,), 0)
-    if fma:
-        for mi in range(cfg.bm):
-            y = jnp.sum(acc[mi], axis=0).astype(o_ref.dtype)
-            ref = out.at[jnp.int32(mi), :]
-            if cfg.mask_m or cfg.mask_n:
-                mask = (cols < cfg.n) if cfg.mask_n else jnp.ones((cfg.bn,), jnp.bool_)
-                if cfg.mask_m:
-                    mask = mask & (row0 + mi < cfg.m)
-                _compat.masked_store(ref, y, mask)
-            else:
-                _compat.masked_store(ref, y)
-    else:
-        y = acc.astype(o_ref.dtype)
-        if cfg.mask_m or cfg.mask_n:
-            mask = jnp.broadcast_to((rows < cfg.m) if cfg.mask_m else True, (cfg.bm, cfg.bn))
-            if cfg.mask_n:
-                mask = mask & (cols < cfg.n)[None, :]
-            _compat.masked_store(out, y, mask)
-        else:
-            _compat.masked_store(out, y)
+    # the split-K axis of a partial output is squeezed by its BlockSpec: o_ref is (bm, bn)
+    store_tile(o_ref, k_loop(cfg, one_block, p), cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -329,7 +246,6 @@ def quant_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, i
                has_zeros=w.zeros is not None, has_col=w.col_scale is not None, n_planes=len(w.planes),
                partial=split > 1, mask_m=m % bm != 0, mask_k=w.k % k_slice != 0 or w.k != w.k_pad,
                mask_n=w.n % bn != 0)
-    grid = (pl.cdiv(m, bm), pl.cdiv(w.n, bn), split)  # N tiles past w.n would write out of bounds
 
     in_specs = [pl.BlockSpec((bm, k_slice), lambda i, j, s: (i, s))]
     operands = [x2]
@@ -345,24 +261,8 @@ def quant_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, i
     if w.col_scale is not None:
         in_specs.append(pl.BlockSpec((1, k_slice), lambda i, j, s: (0, s)))
         operands.append(w.col_scale)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, w.n), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, w.n), x.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    y = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg),
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        compiler_params=_compat.triton_params(bs.num_warps, bs.num_stages),
-        interpret=interpret,
-        name=f"quant_matmul_w{w.bits}_{w.format}",
-    )(*operands)
-    if split > 1:
-        y = jnp.sum(y, axis=0).astype(x.dtype)
+    y = triton_call(_kernel, cfg, operands, in_specs, split=split, bs=bs, out_dtype=x.dtype,
+                    interpret=interpret, name=f"quant_matmul_w{w.bits}_{w.format}")
     return y.reshape(*lead, w.n)
 
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _compat
-from .layout import (KernelWeight, MAX_TABLE, SUPPORTED_BITS, decode, dequantize_reference, iter_block_pieces, rows_of, split_refs,
+from ._common import check_codes, check_operands
+from .layout import (KernelWeight, decode, dequantize_reference, iter_block_pieces, rows_of, split_refs,
                      piece_rows, plane_rows)
 
 __all__ = ["BlockSizes", "quant_matmul_tpu", "quant_matmul_tpu_reference", "can_use", "check",
@@ -91,26 +92,10 @@ def check(x_shape, x_dtype, w, *, block_sizes: BlockSizes | None = None, backend
           interpret: bool = False) -> str | None:
     """Why :func:`quant_matmul_tpu` cannot run these operands (``None`` when it can); ``backend="any"``
     skips the platform check."""
-    if not isinstance(w, KernelWeight):
-        return f"w: expected a KernelWeight, got {type(w).__name__}"
-    if not interpret and backend != "any":
-        backend = backend or _compat.default_backend()
-        if backend != "tpu":
-            return f"backend {backend!r}: the Mosaic kernel needs a TPU (or interpret=True)"
-    if len(x_shape) < 1 or x_shape[-1] != w.k:
-        return f"x: last axis {x_shape[-1] if x_shape else None} does not match in_features {w.k}"
-    if jnp.dtype(x_dtype) != jnp.bfloat16:
-        return f"x: dtype {jnp.dtype(x_dtype)} (the kernel takes bfloat16 activations)"
-    if w.bits not in SUPPORTED_BITS:
-        return f"bits={w.bits}: supported {SUPPORTED_BITS}"
-    if w.format not in ("int", "table", "sign"):
-        return f"format={w.format!r}: expected 'int', 'table' or 'sign'"
-    if w.format == "table" and (w.levels is None or len(w.levels) > MAX_TABLE):
-        return f"table format with {None if w.levels is None else len(w.levels)} levels (max {MAX_TABLE})"
-    if w.format == "int" and w.zeros is None and w.zero_point is None:
-        return "int format needs zeros or a static zero_point"
-    if w.group_size is not None and (w.group_size % 16 or w.group_size < 16):
-        return f"group_size={w.group_size}: must be a multiple of 16 (or per-channel)"
+    why = (check_operands(x_shape, x_dtype, w, platform="tpu", what="Mosaic", backend=backend, interpret=interpret)
+           or check_codes(w))
+    if why:
+        return why
     if w.tile_rows % 16:
         return f"tile_rows={w.tile_rows}: must be a multiple of 16"
     if w.n_pad % 128:
