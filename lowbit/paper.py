@@ -30,8 +30,10 @@ _BLOCK = re.compile(r"(<!-- lowbit:(\w+) ([\w.\-/]+) -->\n)(.*?)(<!-- /lowbit --
 
 
 def _missing(kind: str, name: str) -> str:
-    how = (f"`lowbit run configs/{name.split('-')[0]}.yaml`" if kind != "rows"
-           else f"`python experiments/{name}.py`")
+    if kind == "rows" or "/" in name:  # an experiments/ script's results (rows, or a file it plots)
+        how = f"`python experiments/{name.split('/')[0]}.py`"
+    else:
+        how = f"`lowbit run configs/{name.split('-')[0]}.yaml`"
     return f"_No results for `{name}` yet: run {how}, then `lowbit paper`._\n"
 
 
@@ -44,13 +46,15 @@ def _table(results: str, name: str, **_) -> str:
 
 
 def _figure(results: str, name: str, figures: str, report_dir: str) -> str:
-    src = os.path.join(results, name, "ppl_vs_bits.png")
+    """An experiment's ``ppl_vs_bits.png``, or (``name`` = ``dir/file.png``) any plot under results/."""
+    src = os.path.join(results, name) if "/" in name else os.path.join(results, name, "ppl_vs_bits.png")
     if not os.path.isfile(src):
         return _missing("figure", name)
     os.makedirs(figures, exist_ok=True)
-    dst = os.path.join(figures, f"{name}.png")
+    dst = os.path.join(figures, name.replace("/", "-") if "/" in name else f"{name}.png")
     shutil.copyfile(src, dst)
-    return f"![perplexity vs bits per parameter: {name}]({os.path.relpath(dst, report_dir)})\n"
+    alt = name if "/" in name else f"perplexity vs bits per parameter: {name}"
+    return f"![{alt}]({os.path.relpath(dst, report_dir)})\n"
 
 
 def _provenance(results: str, name: str, **_) -> str:

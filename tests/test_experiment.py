@@ -81,12 +81,16 @@ def test_run_writes_results_and_is_reproducible(setup, tmp_path):
     report = tmp_path / "report.md"
     report.write_text("intro\n<!-- lowbit:table tiny -->\nstale\n<!-- /lowbit -->\n"
                       "<!-- lowbit:figure tiny -->\n<!-- /lowbit -->\n<!-- lowbit:provenance tiny -->\n<!-- /lowbit -->\n"
-                      "<!-- lowbit:table nothing -->\n<!-- /lowbit -->\n")
+                      "<!-- lowbit:table nothing -->\n<!-- /lowbit -->\n"
+                      "<!-- lowbit:figure tiny/gptq-w3g32/layers.png -->\n<!-- /lowbit -->\n"
+                      "<!-- lowbit:figure bench_x/plot.png -->\n<!-- /lowbit -->\n")
     paper.render(str(report), results=str(tmp_path))
     text = report.read_text()
     assert "stale" not in text and "| gptq-w3g32 |" in text and "figures/tiny.png" in text
     assert "No results for `nothing`" in text and text.startswith("intro\n")
     assert os.path.isfile(tmp_path / "figures" / "tiny.png")
+    assert "figures/tiny-gptq-w3g32-layers.png" in text and os.path.isfile(tmp_path / "figures" / "tiny-gptq-w3g32-layers.png")
+    assert "run `python experiments/bench_x.py`" in text
 
 
 def test_failed_run_keeps_earlier_results_and_resume_from_a_layer(setup, tmp_path):
