@@ -29,6 +29,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -145,19 +146,24 @@ def _plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) 
 
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        by_kind: dict[str, list] = {}
+        by_kind: dict[str, list] = {}  # one line per recipe: the row name without its "-w4g128" suffix
         for r in runs:
             if ds not in r["ppl"]:
                 continue
             if r["method"] == "fp":
                 ax.axhline(r["ppl"][ds], ls="--", color="k", label=f"{r['name']} ({r['ppl'][ds]:.2f})")
             else:
-                by_kind.setdefault(r["method"], []).append((r["linear_bits_per_param"], r["ppl"][ds], r["name"]))
+                m = re.match(r"(.+)-(w\d+(?:g\d+)?)$", r["name"])
+                kind, spec = (m.group(1), m.group(2)) if m else (r["name"], r["name"])
+                by_kind.setdefault(kind, []).append((r["linear_bits_per_param"], r["ppl"][ds], spec))
+        labelled = set()
         for kind, pts in sorted(by_kind.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
-            for x, y, name in pts:
-                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for x, y, spec in pts:
+                if spec not in labelled:  # the bit/group setting, once per x position
+                    labelled.add(spec)
+                    ax.annotate(spec, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("bits per parameter (quantized linears, incl. scales/zeros)")
         ax.set_ylabel(f"perplexity ({ds})")
