@@ -11,6 +11,7 @@ The GPU kernels accumulate in one of two shapes, picked by ``bm``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -19,7 +20,57 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _compat
-from .layout import MAX_TABLE, SUPPORTED_BITS, KernelWeight
+from .layout import MAX_TABLE, SUPPORTED_BITS, KernelWeight, piece_rows, rows_of
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightCfg:
+    """What a kernel body needs, statically, to decode a :class:`KernelWeight`'s packed codes."""
+    bits: int
+    tile_rows: int
+    piece: int            # K rows unpacked at a time (never straddles a group)
+    pack_blk: int
+    group_size: int | None
+    fmt: str
+    levels: tuple | None
+    zero_point: float | None
+    has_zeros: bool
+    has_col: bool
+    n_planes: int
+
+    @staticmethod
+    def fields(w: KernelWeight) -> dict:
+        return dict(bits=w.bits, tile_rows=w.tile_rows, piece=piece_rows(w.group_size, w.tile_rows),
+                    pack_blk=w.pack_block, group_size=w.group_size, fmt=w.format, levels=w.levels,
+                    zero_point=w.zero_point, has_zeros=w.zeros is not None, has_col=w.col_scale is not None,
+                    n_planes=len(w.planes))
+
+
+@dataclasses.dataclass(frozen=True)
+class GridCfg:
+    """The static tiling of a Triton kernel: grid ``(M / bm, N / bn, split)``, each program running
+    ``n_iter`` steps of ``unroll`` packed blocks over its ``k_slice`` of K, and what needs masking."""
+    m: int
+    k: int
+    n: int
+    bm: int
+    bn: int
+    unroll: int
+    n_iter: int
+    k_slice: int
+    partial: bool         # split-K: float32 partial outputs, summed by the wrapper
+    mask_m: bool
+    mask_k: bool
+    mask_n: bool
+
+    @staticmethod
+    def fields(m: int, w: KernelWeight, bs) -> dict:
+        """From the resolved BlockSizes ``bs`` (``block_k`` a multiple of the pack block dividing the
+        K slice)."""
+        k_slice = w.k_pad // bs.split_k
+        return dict(m=m, k=w.k, n=w.n, bm=bs.block_m, bn=bs.block_n, unroll=bs.block_k // w.pack_block,
+                    n_iter=k_slice // bs.block_k, k_slice=k_slice, partial=bs.split_k > 1,
+                    mask_m=m % bs.block_m != 0, mask_k=w.k != w.k_pad, mask_n=w.n % bs.block_n != 0)
 
 
 def is_pow2(v: int) -> bool:
@@ -71,6 +122,14 @@ def check_triton_tiles(w: KernelWeight, bs) -> str | None:
     if bs.split_k < 1 or bs.num_warps < 1 or bs.num_stages < 1:
         return f"{bs}: split_k, num_warps, num_stages must be >= 1"
     return None
+
+
+def operand_rows(name: str, why: str | None, x, w: KernelWeight):
+    """A wrapper's entry: raise ``ValueError`` naming the kernel when ``why`` (its ``check``) says the
+    operands are unsupported, else ``(lead shape, x2 (M, K))`` as :func:`~.layout.rows_of`."""
+    if why:
+        raise ValueError(f"{name}: {why}")
+    return rows_of(x, w)
 
 
 def x_loaders(x_ref, cfg, p: int) -> tuple[Callable, Callable]:

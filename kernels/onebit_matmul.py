@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import triton_call, check_operands, check_triton_tiles, k_loop, store_tile, x_loaders
-from .layout import KernelWeight, dequantize_reference, iter_block_pieces, rows_of
+from ._common import GridCfg, operand_rows, triton_call, check_operands, check_triton_tiles, k_loop, store_tile, x_loaders
+from .layout import KernelWeight, dequantize_reference, iter_block_pieces
 from .quant_matmul import BlockSizes, resolve_block_sizes
 
 __all__ = ["BlockSizes", "onebit_matmul", "onebit_matmul_reference", "can_use", "check"]
@@ -52,22 +52,10 @@ def can_use(x, w, *, block_sizes: BlockSizes | None = None, backend: str | None 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    m: int
-    k: int
-    n: int
-    bm: int
-    bn: int
-    unroll: int
-    n_iter: int
-    k_slice: int
+class _Cfg(GridCfg):
     tile_rows: int
     pack_blk: int
     has_col: bool
-    partial: bool
-    mask_m: bool
-    mask_k: bool
-    mask_n: bool
 
 
 def _kernel(*refs, cfg: _Cfg):
@@ -115,20 +103,15 @@ def _kernel(*refs, cfg: _Cfg):
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def onebit_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, interpret: bool = False):
     """``((x * b) @ sign(W)^T) * a`` for ``x (..., K)`` in bfloat16 -> ``(..., N)``."""
-    why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
-    if why:
-        raise ValueError(f"onebit_matmul: {why}")
-    lead, x2 = rows_of(x, w)
+    lead, x2 = operand_rows("onebit_matmul", check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any"), x, w)
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, w.n), x.dtype)
     bs = resolve_block_sizes(m, w, block_sizes)
     bm, bn, split = bs.block_m, bs.block_n, bs.split_k
-    k_slice = w.k_pad // split
-    cfg = _Cfg(m=m, k=w.k, n=w.n, bm=bm, bn=bn, unroll=bs.block_k // w.pack_block,
-               n_iter=k_slice // bs.block_k, k_slice=k_slice, tile_rows=w.tile_rows, pack_blk=w.pack_block,
-               has_col=w.col_scale is not None, partial=split > 1, mask_m=m % bm != 0,
-               mask_k=w.k != w.k_pad, mask_n=w.n % bn != 0)
+    cfg = _Cfg(**GridCfg.fields(m, w, bs), tile_rows=w.tile_rows, pack_blk=w.pack_block,
+               has_col=w.col_scale is not None)
+    k_slice = cfg.k_slice
     in_specs = [pl.BlockSpec((bm, k_slice), lambda i, j, s: (i, s)),
                 pl.BlockSpec((k_slice // w.pack_block * w.tile_rows, bn), lambda i, j, s: (s, j)),
                 pl.BlockSpec((1, bn), lambda i, j, s: (0, j))]

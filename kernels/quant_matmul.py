@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import triton_call, check_codes, check_operands, check_triton_tiles, is_pow2 as _is_pow2, k_loop, store_tile, x_loaders
-from .layout import (KernelWeight, decode, group_row_fn, iter_block_pieces, rows_of, split_refs, dequantize_reference,
-                     piece_rows, plane_rows)
+from ._common import GridCfg, WeightCfg, operand_rows, triton_call, check_codes, check_operands, check_triton_tiles, is_pow2 as _is_pow2, k_loop, store_tile, x_loaders
+from .layout import (KernelWeight, decode, group_row_fn, iter_block_pieces, split_refs, dequantize_reference,
+                     plane_rows)
 
 __all__ = ["BlockSizes", "quant_matmul", "quant_matmul_reference", "can_use", "check", "resolve_block_sizes"]
 
@@ -146,30 +146,8 @@ def can_use(x, w, *, block_sizes: BlockSizes | None = None, backend: str | None 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:  # everything static the kernel body needs
-    m: int
-    k: int
-    n: int
-    bm: int
-    bn: int
-    unroll: int
-    n_iter: int
-    k_slice: int
-    bits: int
-    tile_rows: int
-    piece: int
-    pack_blk: int
-    group_size: int | None
-    fmt: str
-    levels: tuple | None
-    zero_point: float | None
-    has_zeros: bool
-    has_col: bool
-    n_planes: int
-    partial: bool
-    mask_m: bool
-    mask_k: bool
-    mask_n: bool
+class _Cfg(GridCfg, WeightCfg):  # everything static the kernel body needs
+    pass
 
 
 def _kernel(*refs, cfg: _Cfg):
@@ -228,24 +206,14 @@ def quant_matmul(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, i
     ``block_sizes`` is adapted to the shapes by :func:`resolve_block_sizes`; ``interpret=True`` runs
     the Pallas interpreter (CPU). Raises ``ValueError`` with the reason when :func:`check` fails.
     """
-    why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
-    if why:
-        raise ValueError(f"quant_matmul: {why}")
-    lead, x2 = rows_of(x, w)
+    lead, x2 = operand_rows("quant_matmul", check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any"), x, w)
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, w.n), x.dtype)
     bs = resolve_block_sizes(m, w, block_sizes)
     bm, bn, split = bs.block_m, bs.block_n, bs.split_k
-    k_slice = w.k_pad // split
-    unroll = bs.block_k // w.pack_block
-    cfg = _Cfg(m=m, k=w.k, n=w.n, bm=bm, bn=bn, unroll=unroll,
-               n_iter=k_slice // bs.block_k, k_slice=k_slice, bits=w.bits, tile_rows=w.tile_rows,
-               piece=piece_rows(w.group_size, w.tile_rows), pack_blk=w.pack_block,
-               group_size=w.group_size, fmt=w.format, levels=w.levels, zero_point=w.zero_point,
-               has_zeros=w.zeros is not None, has_col=w.col_scale is not None, n_planes=len(w.planes),
-               partial=split > 1, mask_m=m % bm != 0, mask_k=w.k % k_slice != 0 or w.k != w.k_pad,
-               mask_n=w.n % bn != 0)
+    cfg = _Cfg(**GridCfg.fields(m, w, bs), **WeightCfg.fields(w))
+    k_slice = cfg.k_slice
 
     in_specs = [pl.BlockSpec((bm, k_slice), lambda i, j, s: (i, s))]
     operands = [x2]

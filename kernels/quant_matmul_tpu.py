@@ -29,9 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _compat
-from ._common import check_codes, check_operands
-from .layout import (KernelWeight, decode, dequantize_reference, iter_block_pieces, rows_of, split_refs,
-                     piece_rows, plane_rows)
+from ._common import WeightCfg, operand_rows, check_codes, check_operands
+from .layout import (KernelWeight, decode, dequantize_reference, iter_block_pieces, split_refs,
+                     plane_rows)
 
 __all__ = ["BlockSizes", "quant_matmul_tpu", "quant_matmul_tpu_reference", "can_use", "check",
            "resolve_block_sizes"]
@@ -126,20 +126,9 @@ def can_use(x, w, *, block_sizes: BlockSizes | None = None, backend: str | None 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class _Cfg(WeightCfg):
     bk: int
     n_k: int
-    bits: int
-    tile_rows: int
-    piece: int
-    pack_blk: int
-    group_size: int | None
-    fmt: str
-    levels: tuple | None
-    zero_point: float | None
-    has_zeros: bool
-    has_col: bool
-    n_planes: int
     scale_mode: str
 
 
@@ -202,10 +191,7 @@ def _kernel(*refs, cfg: _Cfg):
 def quant_matmul_tpu(x, w: KernelWeight, *, block_sizes: BlockSizes | None = None, interpret: bool = False):
     """``x (..., K) @ W -> (..., N)`` in ``x.dtype`` (bfloat16) on TPU; ``interpret=True`` runs the
     TPU interpreter (``pltpu.InterpretParams`` when available) on any backend."""
-    why = check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any")
-    if why:
-        raise ValueError(f"quant_matmul_tpu: {why}")
-    lead, x2 = rows_of(x, w)
+    lead, x2 = operand_rows("quant_matmul_tpu", check(x.shape, x.dtype, w, block_sizes=block_sizes, backend="any"), x, w)
     m = x2.shape[0]
     if m == 0:
         return jnp.zeros((*lead, w.n), x.dtype)
@@ -215,10 +201,7 @@ def quant_matmul_tpu(x, w: KernelWeight, *, block_sizes: BlockSizes | None = Non
     if mp != m or w.k_pad != w.k:
         x2 = jnp.pad(x2, ((0, mp - m), (0, w.k_pad - w.k)))
     n_k = w.k_pad // bk
-    cfg = _Cfg(bk=bk, n_k=n_k, bits=w.bits, tile_rows=w.tile_rows, piece=piece_rows(w.group_size, w.tile_rows),
-               pack_blk=w.pack_block, group_size=w.group_size, fmt=w.format, levels=w.levels,
-               zero_point=w.zero_point, has_zeros=w.zeros is not None, has_col=w.col_scale is not None,
-               n_planes=len(w.planes), scale_mode=mode)
+    cfg = _Cfg(**WeightCfg.fields(w), bk=bk, n_k=n_k, scale_mode=mode)
 
     def f32(a):
         return a if a.dtype == jnp.float32 else a.astype(jnp.float32)

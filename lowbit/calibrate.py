@@ -140,12 +140,14 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         group calibrated on inputs produced by the already-quantized groups; else all at once.
       skip_first: leave the first ``skip_first`` positions of every window out of the statistics
         (and of the error report). Position 0 of a window is an attention sink with massive
-        activations in many LLMs (SmolLM2: down_proj inputs ~500x the median norm in layers 11 and
-        28), and such a token dominates ``X^T X``; 0 (the default) is the reference behaviour.
+        activations in many LLMs (SmolLM2: down_proj inputs up to ~565x the median token norm,
+        ``experiments/activation_outliers.py``), and such a token dominates ``X^T X``; 0 (the
+        default) is the reference behaviour.
       token_cap: scale every token's input row down to at most ``token_cap`` times the median row
         norm of its batch before it enters the statistics (``None``: off, the reference behaviour).
         Keeps a few massive-activation tokens (attention sinks) from dominating ``X^T X`` while
-        still counting them: with SmolLM2 at 4 bits, GPTQ without it loses to RTN (see paper/).
+        still counting them. On SmolLM2, act-order is what recovers GPTQ's 4-bit loss to RTN
+        (paper/); neither this nor ``skip_first`` did in demo-scale trials.
       start_layer, inputs: resume: layers ``< start_layer`` of ``params`` are taken as final and
         ``inputs`` are the hidden states entering ``start_layer`` (computed with
         :func:`layer_inputs` when ``None``).
@@ -160,6 +162,10 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         raise ValueError(f"tokens: expected calibration windows shaped (n, seqlen) with n >= 1, got {tokens.shape}")
     if tokens.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"tokens: seqlen {tokens.shape[1]} exceeds the model's context {cfg.max_position_embeddings}")
+    if token_cap is not None and not token_cap > 0:
+        raise ValueError(f"token_cap={token_cap}: expected a positive multiple of the median token norm, or None")
+    if not 0 <= skip_first < tokens.shape[1]:
+        raise ValueError(f"skip_first={skip_first}: expected 0 <= skip_first < seqlen={tokens.shape[1]}")
     n_layers = len(params["layers"])
     if not 0 <= start_layer <= n_layers:
         raise ValueError(f"start_layer={start_layer}: expected 0..{n_layers}")
@@ -177,10 +183,6 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
     X = inputs if inputs is not None else layer_inputs(params, cfg, tokens, upto=start_layer, batch_size=batch_size)
     if data_free:
         X = X[:batch_size]
-    if token_cap is not None and not token_cap > 0:
-        raise ValueError(f"token_cap={token_cap}: expected a positive multiple of the median token norm, or None")
-    if not 0 <= skip_first < tokens.shape[1]:
-        raise ValueError(f"skip_first={skip_first}: expected 0 <= skip_first < seqlen={tokens.shape[1]}")
     if X.shape[:2] != tokens.shape:  # after the data-free cut, both hold the first batch
         raise ValueError(f"inputs: expected hidden states for {tokens.shape} windows, got shape {X.shape}")
     rows: list[dict] = []
@@ -193,14 +195,15 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         layer = layers[i]
         layer_rows = []
         for group in groups:
-            paths = [p for p in group if p in _flat_linears(layer)]
+            linears = _flat_linears(layer)
+            paths = [p for p in group if p in linears]
             if not paths:
                 continue
-            full = {f"layers/{i}/{p}": _flat_linears(layer)[p] for p in paths}
+            full = {f"layers/{i}/{p}": linears[p] for p in paths}
             last = max(paths, key=llama.LINEARS.index)  # the block is only run up to this input
             stats = recipe.init(full)
             first_inputs = None
-            batches = range(0, X.shape[0], batch_size) if _needs_data(stats) else range(0, min(batch_size, X.shape[0]), batch_size)
+            batches = range(0, X.shape[0], batch_size) if _needs_data(stats) else (0,)  # (0,): report only
             for b in batches:
                 _, captured = llama.block_jit(layer, X[b:b + batch_size], cfg, capture=True,
                                               capture_upto=last)

@@ -578,8 +578,7 @@ class _RReader:
         return self.item_from_flags(self.int())
 
     def item_from_flags(self, flags: int) -> Any:
-        t, levels = flags & 0xFF, flags >> 12
-        has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
+        t, has_attr = flags & 0xFF, bool(flags & (1 << 9))  # CHARSXP levels / tags: char_item, cons
         if t == 254:
             return _NULL
         if t in _SPECIAL:

@@ -364,18 +364,18 @@ def _mlp_and_residual(layer, x, attn, cfg: LlamaConfig, inputs, stop: int = len(
     a, m = layer["self_attn"], layer["mlp"]
     if inputs is not None:
         inputs["self_attn/o_proj"] = attn
-    if stop == 3:
+    if stop == LINEARS.index("self_attn/o_proj"):
         return None
     x = x + ops.linear(attn, a["o_proj"], a.get("o_bias")).astype(x.dtype)
     h2 = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
     if inputs is not None:
         inputs.update({"mlp/gate_proj": h2, "mlp/up_proj": h2})
-    if stop in (4, 5):
+    if stop in (LINEARS.index("mlp/gate_proj"), LINEARS.index("mlp/up_proj")):
         return None
     act = jax.nn.silu(ops.linear(h2, m["gate_proj"])) * ops.linear(h2, m["up_proj"])
     if inputs is not None:
         inputs["mlp/down_proj"] = act
-    if stop == 6:
+    if stop == LINEARS.index("mlp/down_proj"):
         return None
     return x + ops.linear(act, m["down_proj"]).astype(x.dtype)
 
@@ -410,7 +410,7 @@ def block(layer, x, cfg: LlamaConfig, *, capture: bool = False, positions=None, 
     positions = jnp.arange(T) if positions is None else jnp.asarray(positions)
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
     inputs = {"self_attn/q_proj": h, "self_attn/k_proj": h, "self_attn/v_proj": h} if capture else None
-    if stop <= 2:
+    if stop <= LINEARS.index("self_attn/v_proj"):
         return None, inputs
     cos, sin = _rope_tables(positions, cfg)
     q, k, v = _qkv(layer, h, cfg, cos, sin)
