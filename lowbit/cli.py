@@ -141,7 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t_tok = time.perf_counter() - t1
     windows = data.eval_windows(tokens, args.seqlen, args.max_windows)
     res = perplexity(params, cfg, windows, batch_size=args.batch_size, progress=not args.no_progress,
-                     desc=f"{os.path.basename(str(args.model))} {args.data}/{args.split}")
+                     desc=f"{os.path.basename(str(args.model))} {args.data}/{args.split}",
+                     token_bytes=tok.token_bytes())
     record = {
         "command": "eval", "argv": sys.argv[1:],
         "model": {"name_or_path": args.model, "kind": fp["kind"], "path": fp["path"],
@@ -152,7 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "protocol": {"name": "gptq", "bos": False, "seqlen": res["seqlen"], "n_windows": res["n_windows"],
                      "max_windows": args.max_windows, "batch_size": args.batch_size,
                      "predicted_per_window": res["seqlen"] - 1},
-        "ppl": res["ppl"], "nll": res["nll"], "n_tokens": res["n_tokens"], "top1_acc": res["top1_acc"],
+        "ppl": res["ppl"], "nll": res["nll"], "bits_per_byte": res["bits_per_byte"], "n_bytes": res["n_bytes"],
+        "n_tokens": res["n_tokens"], "top1_acc": res["top1_acc"],
         "timing": {"load_s": t_load, "tokenize_s": t_tok, "eval_wall_s": res["wall_s"],
                    "first_batch_s": res["first_batch_s"], "tokens_per_s": res["tokens_per_s"],
                    "tokens_per_s_steady": res["tokens_per_s_steady"],
@@ -161,7 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "env": environment_info(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    print(f"{args.model} on {args.data}/{args.split}: ppl {res['ppl']:.4f} (nll {res['nll']:.5f}) over "
+    print(f"{args.model} on {args.data}/{args.split}: ppl {res['ppl']:.4f} (nll {res['nll']:.5f}, "
+          f"{res['bits_per_byte']:.4f} bits/byte) over "
           f"{res['n_windows']} windows x {res['seqlen']} tokens ({res['n_tokens']} predicted); "
           f"{res['tokens_per_s']:.0f} tok/s, {res['wall_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB")
     if args.out:

@@ -145,7 +145,7 @@ def _windows(tokens, cfg: LlamaConfig, seqlen: int, max_windows, batch_size: int
 
 def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1,
                max_windows: int | None = None, progress: bool = True, desc: str = "perplexity",
-               return_nlls: bool = False) -> dict:
+               return_nlls: bool = False, token_bytes=None) -> dict:
     """Perplexity of ``tokens`` (a 1-D stream, windowed here, or pre-cut ``(n, seqlen)`` windows).
 
     Returns ``{"ppl", "nll", "n_tokens" (predicted), "n_windows", "seqlen", "batch_size",
@@ -153,6 +153,10 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
     ``return_nlls`` also ``"nlls"``, the ``(n, seqlen-1)`` per-token NLLs. ``tokens_per_s`` counts
     every evaluated token (``n * seqlen``) over the whole loop, compilation included;
     ``tokens_per_s_steady`` excludes the first batch (which compiles), None with one batch.
+
+    With ``token_bytes`` (``(vocab,)`` UTF-8 bytes per id, :meth:`lowbit.tokenizer.Tokenizer.token_bytes`)
+    also ``"n_bytes"`` (bytes of the predicted tokens' text) and ``"bits_per_byte"`` = total NLL in
+    bits / ``n_bytes``: a tokenizer-independent number that compares across tokenizers and tools.
     """
     windows = _windows(tokens, cfg, seqlen, max_windows, batch_size)
     n, seqlen = windows.shape
@@ -185,6 +189,10 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
         "tokens_per_s": n * seqlen / wall, "wall_s": wall, "first_batch_s": first_s,
         "tokens_per_s_steady": (steady_windows * seqlen / (wall - first_s)) if steady_windows else None,
     }
+    if token_bytes is not None:
+        n_bytes = int(np.asarray(token_bytes, np.int64)[windows[:, 1:]].sum())
+        out["n_bytes"] = n_bytes
+        out["bits_per_byte"] = total_nll / math.log(2) / n_bytes if n_bytes else float("nan")
     if nlls is not None:
         out["nlls"] = nlls
     return out

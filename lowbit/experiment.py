@@ -189,7 +189,8 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         runs.append({"name": m["name"], "method": m["method"], "bits": m.get("bits"),
                      "group_size": m.get("group_size"), "linear_bits_per_param": m["size"]["linear_bits_per_param"],
                      "size_mb": m["size"]["size_mb"], "quantize_s": m["timings"].get("quantize_s"),
-                     "ppl": {d: v["ppl"] for d, v in m["eval"].items()}})
+                     "ppl": {d: v["ppl"] for d, v in m["eval"].items()},
+                     "bpb": {d: v["bits_per_byte"] for d, v in m["eval"].items() if "bits_per_byte" in v}})
     if cfg is not None:  # table order = config order
         order = {mm.name: i for i, mm in enumerate(cfg.methods)}
         runs.sort(key=lambda r: order.get(r["name"], len(order)))
@@ -197,6 +198,8 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
     fp = next((r for r in runs if r["method"] == "fp"), None)
     header = ["method", "bits", "group", "bits/param", "size MB"] + [f"ppl {d}" for d in datasets]
     header += [f"Δ vs fp {d}" for d in datasets] if fp else []
+    bpb_sets = [d for d in datasets if any(d in r["bpb"] for r in runs)]
+    header += [f"bits/byte {d}" for d in bpb_sets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = []
     for r in runs:
@@ -206,6 +209,7 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         if fp:
             row += [("+" + _fmt(r["ppl"][d] - fp["ppl"][d])) if d in r["ppl"] and d in fp["ppl"] else "-"
                     for d in datasets]
+        row += [f"{r['bpb'][d]:.4f}" if d in r["bpb"] else "-" for d in bpb_sets]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
         table.append(dict(zip(header, row)))
     md = "\n".join(lines) + "\n"
@@ -335,10 +339,10 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         results = {}
         for d, windows in evals.items():
             r = perplexity(qparams, mcfg, windows, batch_size=cfg.eval.batch_size, progress=progress,
-                           desc=f"{m.name} {d}")
-            results[d] = {k: r[k] for k in ("ppl", "nll", "n_tokens", "n_windows", "seqlen", "top1_acc",
-                                            "tokens_per_s", "wall_s")}
-            _log(f"{m.name} {d}: ppl {r['ppl']:.3f} ({r['n_windows']} windows, {r['tokens_per_s']:.0f} tok/s)")
+                           desc=f"{m.name} {d}", token_bytes=tok.token_bytes())
+            results[d] = {k: r[k] for k in ("ppl", "nll", "bits_per_byte", "n_bytes", "n_tokens", "n_windows",
+                                            "seqlen", "top1_acc", "tokens_per_s", "wall_s")}
+            _log(f"{m.name} {d}: ppl {r['ppl']:.3f}, {r['bits_per_byte']:.4f} bits/byte ({r['n_windows']} windows, {r['tokens_per_s']:.0f} tok/s)")
         timings["eval_s"] = sum(v["wall_s"] for v in results.values())
 
         metrics = {"name": m.name, "method": m.method, "config_hash": h,

@@ -35,6 +35,7 @@ _FORMAT = "lowbit-tokenizer"
 # GGUF `tokenizer.ggml.pre` values this module can rebuild (llama.cpp names), and the digit rule.
 _GGUF_PRE = {"smollm": True, "default": False, "gpt-2": False, "gpt2": False}
 _SAFE_SPLIT = re.compile(r"\s(?=[A-Za-z])")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -174,6 +175,33 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
+
+    def token_bytes(self) -> np.ndarray:
+        """``(vocab_size,) int32``: how many UTF-8 bytes of text each id stands for.
+
+        Byte-level BPE vocabularies map each character of a token back to one byte (the inverse of
+        :func:`bytes_to_unicode`); SentencePiece-style vocabularies count ``\u2581`` as a space
+        and byte-fallback tokens ``<0xNN>`` as one byte. Special (control) tokens count 0 bytes:
+        they are not text. Used for tokenizer-free bits per byte (:func:`lowbit.eval.perplexity`).
+        """
+        if getattr(self, "_token_bytes", None) is not None:
+            return self._token_bytes
+        spec = json.loads(self.tk.to_str())
+        byte_level = "ByteLevel" in _types(spec.get("decoder"))
+        inverse = {c: b for b, c in bytes_to_unicode().items()}
+        special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+        out = np.zeros((self.vocab_size,), np.int32)
+        for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= out.shape[0]:
+                continue
+            if byte_level and all(c in inverse for c in tok):
+                out[i] = len(tok)
+            elif _BYTE_TOKEN.fullmatch(tok):
+                out[i] = 1
+            else:
+                out[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
+        self._token_bytes = out
+        return out
 
     # ------------------------------------------------------------------ serialization
     def to_json(self) -> str:
