@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from lowbit import data
     from lowbit.cli import environment_info
     from lowbit.models.loaders import load_model
-    from lowbit.checkpoint import atomic_directory
+    from lowbit.io.checkpoint import atomic_directory
 
     params, cfg, tok = load_model(args.model)
     windows, starts = data.calibration_windows(tok.encode(data.corpus_text(args.data, "calib")),

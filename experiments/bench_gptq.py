@@ -101,7 +101,7 @@ def main(argv=None):
     import torch
 
     from lowbit import QuantSpec, dequantize
-    from lowbit.gptq import quantize_weight
+    from lowbit.methods.gptq import quantize_weight
 
     os.makedirs(args.out, exist_ok=True)
     spec = QuantSpec(bits=args.bits, group_size=args.group_size)

@@ -84,14 +84,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lowbit import kernel_layout, numerics  # noqa: E402
+from lowbit.ops import kernel_format as kernel_layout
+from lowbit.core import numerics  # noqa: E402
 from lowbit.kernels import _compat  # noqa: E402
 from lowbit.kernels import onebit_matmul as ob  # noqa: E402
 from lowbit.kernels import quant_matmul as qm  # noqa: E402
 from lowbit.kernels import quant_matmul_tpu as qt  # noqa: E402
-from lowbit.pack import pack  # noqa: E402
-from lowbit.qtensor import QuantizedTensor  # noqa: E402
-from lowbit.quantizers import dequantize  # noqa: E402
+from lowbit.core.pack import pack  # noqa: E402
+from lowbit.core.qtensor import QuantizedTensor  # noqa: E402
+from lowbit.core.quantizers import dequantize  # noqa: E402
 
 LLAMA3_8B = {"8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 28672), "8b.down": (14336, 4096)}
 LLAMA3_70B = {"70b.qkv": (8192, 10240), "70b.o": (8192, 8192), "70b.gate_up": (8192, 57344),

@@ -2,12 +2,12 @@
 
 The public surface: :class:`QuantSpec`, :class:`QuantizedTensor`, :func:`quantize`,
 :func:`dequantize`, :func:`fake_quant`, :func:`bits_per_param`, the transforms in
-:mod:`lowbit.transforms`, and :func:`lowbit.ops.linear`.
+:mod:`lowbit.core.transforms`, and :func:`lowbit.ops.linear`.
 """
 
 from lowbit import ops
-from lowbit.qtensor import FORMATS, QuantizedTensor, QuantSpec
-from lowbit.quantizers import bits_per_param, dequantize, fake_quant, quantize
+from lowbit.core.qtensor import FORMATS, QuantizedTensor, QuantSpec
+from lowbit.core.quantizers import bits_per_param, dequantize, fake_quant, quantize
 
 __version__ = "0.1.0"
 __all__ = ["FORMATS", "QuantSpec", "QuantizedTensor", "quantize", "dequantize", "fake_quant",

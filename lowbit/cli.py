@@ -9,15 +9,15 @@ to an argparse sub-parser and a function running it (returns the exit code). To 
 
 Implemented::
 
-    lowbit run CONFIG [--variant smoke] [--set key=value ...]      experiment -> results/ (lowbit.experiment)
-    lowbit quantize --model M --method {rtn,gptq} --bits B --group-size G [--act-order] [--calib DATA
+    lowbit run CONFIG [--variant smoke] [--set key=value ...]      experiment -> results/ (lowbit.runner.experiment)
+    lowbit quantize --model M --method METHOD --bits B --group-size G [--act-order ...] [--calib DATA
                     --nsamples N --seqlen L --seed S] --out DIR         a lowbit checkpoint (orbax)
-    lowbit export DIR --format gptq --out HFDIR                      HF GPTQ safetensors (lowbit.export)
+    lowbit export DIR --format gptq --out HFDIR                      HF GPTQ safetensors (lowbit.io.export)
     lowbit paper                                                     regenerate paper/report.md
     lowbit eval --model NAME_OR_PATH --data NAME_OR_FILE [--split eval] [--seqlen 2048]
                 [--max-windows K] [--batch-size B] [--dtype float32] [--out FILE.json]
 
-prints the perplexity (GPTQ protocol, :mod:`lowbit.eval`) and writes a JSON record of everything
+prints the perplexity (GPTQ protocol, :mod:`lowbit.eval.likelihood`) and writes a JSON record of everything
 needed to reproduce it (model path + sha256, data name + split + sha256 of the evaluated text,
 seqlen, windows, tokens, ppl, nll, versions, git SHA, device, timings, peak RSS).
 """
@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 from typing import Callable
 
-__all__ = ["main", "register", "COMMANDS", "Command", "environment_info"]
+from lowbit.runner.records import environment_info, peak_rss_mb, sha256_text, write_json
+
+__all__ = ["main", "register", "COMMANDS", "Command"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,51 +56,6 @@ def register(name: str, help: str, add_arguments, run) -> None:
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def _git_info() -> dict:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
-    return {"git_sha": sha, "git_dirty": dirty if sha else None}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (``getrusage``; Linux reports KiB) in MiB."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
-
-
-def environment_info() -> dict:
-    """Versions, device and git state, for results records."""
-    import jax
-    import jaxlib
-
-    import lowbit
-
-    dev = jax.devices()[0]
-    return {"lowbit": lowbit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "device_kind": dev.device_kind, "platform_backend": dev.platform,
-            "n_devices": jax.device_count(), "cpu_count": os.cpu_count(), **_git_info()}
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _write_json(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- eval
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +63,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="smollm2-135m (default), a .gguf file, an HF directory, a lowbit checkpoint "
                         "directory or a hub id")
     p.add_argument("--data", required=True, help="corpus name (brown, austen, wikitext2, ...) or a "
-                                                 "local text file / directory (see lowbit.data)")
+                                                 "local text file / directory (see lowbit.data.corpora)")
     p.add_argument("--split", default="eval", help="calib | eval | all (default: eval)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
@@ -123,7 +76,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit import data
-    from lowbit.eval import perplexity
+    from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
 
     t0 = time.perf_counter()
@@ -147,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "command": "eval", "argv": sys.argv[1:],
         "model": {"name_or_path": args.model, "kind": fp["kind"], "path": fp["path"],
                   "sha256": fp["sha256"], "dtype": args.dtype, "config": cfg.to_dict()},
-        "data": {"name_or_path": args.data, "split": args.split, "text_sha256": _sha256_text(text),
+        "data": {"name_or_path": args.data, "split": args.split, "text_sha256": sha256_text(text),
                  "n_chars": len(text), "n_tokens_total": int(len(tokens)),
                  "tokens_sha256": hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()},
         "protocol": {"name": "gptq", "bos": False, "seqlen": res["seqlen"], "n_windows": res["n_windows"],
@@ -168,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{res['n_windows']} windows x {res['seqlen']} tokens ({res['n_tokens']} predicted); "
           f"{res['tokens_per_s']:.0f} tok/s, {res['wall_s']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB")
     if args.out:
-        _write_json(args.out, record)
+        write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0
 
@@ -179,19 +132,42 @@ register("eval", "perplexity of a model on a text corpus (GPTQ protocol)", _eval
 # ----------------------------------------------------------------------------- quantize
 
 
+def _method_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of every registered method's options dataclass (derived, not listed)."""
+    import typing
+
+    from lowbit import methods
+
+    seen: dict[str, list[str]] = {}
+    fields = {}
+    for m in methods.METHODS.values():
+        hints = typing.get_type_hints(m.options)
+        for f in dataclasses.fields(m.options):
+            seen.setdefault(f.name, []).append(m.name)
+            fields[f.name] = (hints[f.name], f.default)
+    for name, (tp, default) in fields.items():
+        flag = "--" + name.replace("_", "-")
+        owners = "/".join(seen[name])
+        if tp is bool:
+            p.add_argument(flag, action="store_true", default=None, help=f"{owners} option (default {default})")
+        else:
+            p.add_argument(flag, type=tp, default=None, help=f"{owners} option (default {default})")
+
+
 def _quantize_args(p: argparse.ArgumentParser) -> None:
+    from lowbit import methods
+
+    quantizing = [n for n, m in methods.METHODS.items() if m.quantizes]
     p.add_argument("--model", default="smollm2-135m", help="model to quantize (as for eval)")
-    p.add_argument("--method", choices=["rtn", "gptq"], required=True)
+    p.add_argument("--method", choices=quantizing, required=True,
+                   help="; ".join(f"{n}: {methods.get(n).help}" for n in quantizing))
     p.add_argument("--bits", type=int, required=True, help="1..8")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = per output channel")
     p.add_argument("--symmetric", action="store_true", help="absmax scales (no zero points)")
     p.add_argument("--format", default="int", help="int | nf4 | fp4 | sign (see lowbit.QuantSpec)")
     p.add_argument("--no-partial-groups", action="store_true",
                    help="refuse group sizes that do not divide in_features (default: shorter last group)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending diag(H)")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ: group parameters fixed up front")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean diag(H)")
-    p.add_argument("--blocksize", type=int, default=128, help="GPTQ lazy-update block")
+    _method_option_flags(p)
     p.add_argument("--no-true-sequential", action="store_true", help="calibrate a block's linears at once")
     p.add_argument("--skip", default=r"^(embed_tokens|lm_head)$", help="regex of weights kept dense")
     p.add_argument("--calib", default="brown", help="calibration corpus (name or local text)")
@@ -211,36 +187,32 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import csv
 
-    import jax
-
-    from lowbit import data
-    from lowbit.calibrate import quantize_model
-    from lowbit.config import GPTQCfg, MethodCfg, QuantCfg
-    from lowbit.experiment import PURPOSE_CALIB, purpose_seed, build_recipe, model_size
+    from lowbit import methods
     from lowbit.models.loaders import load_model, model_fingerprint, save_model
+    from lowbit.runner.config import CalibCfg, MethodCfg, QuantCfg, to_dict
+    from lowbit.runner.experiment import calibration_data, model_size, quantize
 
     t0 = time.perf_counter()
-    method = MethodCfg(name=args.method, method=args.method, skip=args.skip,
+    opts_cls = methods.get(args.method).options
+    opts = opts_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(opts_cls)
+                       if getattr(args, f.name, None) is not None})
+    method = MethodCfg(name=args.method, method=args.method, skip=args.skip, options=opts,
                        quant=QuantCfg(bits=args.bits, group_size=args.group_size or None, symmetric=args.symmetric,
-                                      format=args.format, partial_groups=not args.no_partial_groups),
-                       gptq=GPTQCfg(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
-                                    blocksize=args.blocksize, true_sequential=not args.no_true_sequential))
-    recipe = build_recipe(method)
+                                      format=args.format, partial_groups=not args.no_partial_groups))
+    calib = CalibCfg(data=args.calib, split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                     batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
+                     skip_first=args.skip_first, token_cap=args.token_cap)
     params, cfg, tok = load_model(args.model)
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; cannot tokenize the calibration text")
-    stream = tok.encode(data.corpus_text(args.calib, args.calib_split))
-    calib, starts = data.calibration_windows(stream, args.nsamples, args.seqlen,
-                                             purpose_seed(jax.random.key(args.seed), PURPOSE_CALIB))
+    windows, calib_record = calibration_data(calib, params, cfg, tok, args.seed, progress=not args.no_progress)
     t1 = time.perf_counter()
-    qparams, rows = quantize_model(params, cfg, recipe, calib, batch_size=args.batch_size,
-                                   true_sequential=method.gptq.true_sequential, skip_first=args.skip_first,
-                                   token_cap=args.token_cap, progress=not args.no_progress)
+    qparams, rows = quantize(params, cfg, method, windows, calib, progress=not args.no_progress)
     seconds = time.perf_counter() - t1
     fp = model_fingerprint(args.model)
-    extra = {"quantize": {"argv": sys.argv[1:], "method": dataclasses.asdict(method), "seconds": seconds,
-                          "calib": {"data": args.calib, "split": args.calib_split, "nsamples": args.nsamples,
-                                    "seqlen": args.seqlen, "seed": args.seed, "skip_first": args.skip_first, "token_cap": args.token_cap, "starts": [int(s) for s in starts]},
+    extra = {"quantize": {"argv": sys.argv[1:], "method": to_dict(method), "seconds": seconds,
+                          "calib": {**to_dict(calib), "seed": args.seed,
+                                    **{k: v for k, v in calib_record.items() if k == "starts"}},
                           "source_model": {"name_or_path": args.model, "sha256": fp["sha256"]},
                           "size": model_size(qparams), "env": environment_info()}}
     save_model(args.out, qparams, cfg, tok, extra=extra)
@@ -257,7 +229,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-register("quantize", "quantize a model (RTN or GPTQ) into a lowbit checkpoint", _quantize_args, cmd_quantize)
+register("quantize", "quantize a model with a registered method into a lowbit checkpoint", _quantize_args,
+         cmd_quantize)
 
 
 # ----------------------------------------------------------------------------- export
@@ -272,17 +245,17 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lowbit import checkpoint
-    from lowbit.export import export_gptq
+    from lowbit.io import checkpoint
+    from lowbit.io.export import export_gptq
     from lowbit.models.loaders import load_checkpoint
 
     params, cfg, tok = load_checkpoint(args.checkpoint)
     q = checkpoint.read_extra(args.checkpoint).get("quantize", {})
     extra = {}
     if q.get("method", {}).get("method") == "gptq":
-        g = q["method"]["gptq"]
-        extra = {"damp_percent": g["damp"], "true_sequential": g["true_sequential"],
-                 "static_groups": g["static_groups"]}
+        g = q["method"].get("gptq", {})
+        extra = {"damp_percent": g.get("damp", 0.01), "static_groups": g.get("static_groups", False),
+                 "true_sequential": q.get("calib", {}).get("true_sequential", True)}
     out = export_gptq(args.out, params, cfg, tok, checkpoint_format=args.checkpoint_format, extra_config=extra)
     print(f"wrote {out} ({args.format}, checkpoint_format={args.checkpoint_format})")
     return 0
@@ -305,8 +278,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lowbit.config import load_config
-    from lowbit.experiment import experiment_dir, run_experiment
+    from lowbit.runner.config import load_config
+    from lowbit.runner.experiment import experiment_dir, run_experiment
 
     cfg = load_config(args.config, variant=args.variant, overrides=args.overrides)
     run_experiment(cfg, results_dir=args.results, force=args.force, progress=not args.no_progress)
@@ -323,7 +296,7 @@ def _paper_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
-    from lowbit.paper import render
+    from lowbit.runner.paper import render
 
     blocks = render(args.report, results=args.results)
     print(f"regenerated {len(blocks)} blocks of {args.report} from {args.results}/")

@@ -40,7 +40,7 @@ def tiny_bpe():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_bpe):
-    from lowbit.tokenizer import Tokenizer
+    from lowbit.data.tokenizer import Tokenizer
 
     tokens, merges, types = tiny_bpe
     return Tokenizer.from_gguf_vocab(tokens, merges, token_types=types, model="gpt2", pre="smollm",
@@ -49,7 +49,7 @@ def tiny_tokenizer(tiny_bpe):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from lowbit import assets
+    from lowbit.io import assets
 
     return assets.smollm2_gguf()
 

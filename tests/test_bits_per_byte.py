@@ -23,7 +23,7 @@ def test_token_bytes_sum_to_the_utf8_length_of_the_text(tiny_tokenizer):
 def test_sentencepiece_style_vocab_counts_metaspace_and_byte_tokens():
     from tokenizers import Tokenizer as Tk, models
 
-    from lowbit.tokenizer import Tokenizer
+    from lowbit.data.tokenizer import Tokenizer
 
     vocab = {"<unk>": 0, "\u2581the": 1, "<0xE2>": 2, "caf\u00e9": 3, "\u2581": 4}
     tk = Tokenizer(Tk(models.WordLevel(vocab=vocab, unk_token="<unk>")))
@@ -34,7 +34,7 @@ def test_sentencepiece_style_vocab_counts_metaspace_and_byte_tokens():
 def test_perplexity_reports_bits_per_byte(tiny_tokenizer):
     import jax
 
-    from lowbit.eval import perplexity
+    from lowbit.eval.likelihood import perplexity
     from lowbit.models.llama import LlamaConfig, init_params
 
     cfg = LlamaConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from lowbit import QuantizedTensor, QuantSpec, dequantize
-from lowbit.calibrate import default_recipe, layer_inputs, quantize_model
-from lowbit.gptq import gptq
+from lowbit.calib.driver import default_recipe, layer_inputs, quantize_model
+from lowbit.methods.gptq import gptq
 from lowbit.models import llama
-from lowbit.transforms import flatten, partition, quantize_params, rtn
+from lowbit.core.transforms import flatten, partition, quantize_params, rtn
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=64)
@@ -118,7 +118,7 @@ def test_capture_upto_stops_early_with_the_same_inputs(model):
 
 
 def test_token_cap_and_skip_first_shape_the_statistics(model):
-    from lowbit.calibrate import _cap_rows
+    from lowbit.calib.driver import _cap_rows
 
     x = jnp.ones((2, 8, 4)).at[0, 0].set(1000.0)
     capped = _cap_rows(x, jnp.float32(10.0))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit import QuantSpec, checkpoint, dequantize, quantize
+from lowbit import QuantSpec, dequantize, quantize
+from lowbit.io import checkpoint
 
 
 def _tree():

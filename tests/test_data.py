@@ -1,4 +1,4 @@
-"""Tests for lowbit.data: offline corpora, splits, token windows, local files, the HF offline error,
+"""Tests for lowbit.data.corpora: offline corpora, splits, token windows, local files, the HF offline error,
 and the R unserializer behind the Austen corpus."""
 
 import gzip
@@ -14,7 +14,8 @@ import zlib
 import numpy as np
 import pytest
 
-from lowbit import assets, data
+from lowbit import data
+from lowbit.io import assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit.eval import compare_logits, make_windows, perplexity
+from lowbit.eval.likelihood import compare_logits, make_windows, perplexity
 from lowbit.models.llama import LlamaConfig, forward_jit, init_params
 
 V = 97
@@ -98,7 +98,7 @@ def test_compare_logits_self_is_zero_and_differs_for_other_model(tiny):
 
 
 def test_cli_eval_writes_a_reproducible_record(tmp_path, tiny_tokenizer, capsys):
-    data = pytest.importorskip("lowbit.data")
+    data = pytest.importorskip("lowbit.data.corpora")
     from lowbit import cli
     from lowbit.models.loaders import save_model
 

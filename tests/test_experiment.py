@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from lowbit import paper
-from lowbit.config import load_config
-from lowbit.experiment import experiment_dir, run_experiment
+from lowbit.runner import paper
+from lowbit.runner.config import load_config
+from lowbit.runner.experiment import experiment_dir, run_experiment
 from lowbit.models import llama
 from lowbit.models.loaders import save_model
-from lowbit.tokenizer import Tokenizer
+from lowbit.data.tokenizer import Tokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
          "boxing matches and jovial kings pack my box with five dozen liquor jugs").split()

@@ -8,11 +8,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from lowbit import QuantSpec, dequantize, quantize
-from lowbit.calibrate import default_recipe
-from lowbit.export import export_gptq
-from lowbit.gptq import gptq
+from lowbit.calib.driver import default_recipe
+from lowbit.io.export import export_gptq
+from lowbit.methods.gptq import gptq
 from lowbit.models import llama
-from lowbit.transforms import calibrate, flatten, quantize_params, rtn
+from lowbit.core.transforms import calibrate, flatten, quantize_params, rtn
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=64)
@@ -89,7 +89,7 @@ def test_export_errors(tmp_path):
     q = quantize_params(params, default_recipe(rtn(QuantSpec(bits=4, format="nf4", group_size=32))))
     with pytest.raises(ValueError, match="cannot be exported as GPTQ"):
         export_gptq(str(tmp_path / "a"), q, CFG)
-    from lowbit.transforms import partition, identity
+    from lowbit.core.transforms import partition, identity
     mixed = quantize_params(params, partition([(r"q_proj", identity()), (r"_proj$", rtn(QuantSpec(bits=4, group_size=32)))]))
     with pytest.raises(ValueError, match="dense"):
         export_gptq(str(tmp_path / "a"), mixed, CFG)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 import lowbit
-from lowbit import QuantSpec, dequantize, numerics, quantize
-from lowbit.gptq import HessianStat, gptq, hessian_update, inverse_hessian_upper, quantize_weight
-from lowbit.pack import unpack
-from lowbit.transforms import calibrate, collect, partition
+from lowbit import QuantSpec, dequantize, quantize
+from lowbit.core import numerics
+from lowbit.methods.gptq import HessianStat, gptq, hessian_update, inverse_hessian_upper, quantize_weight
+from lowbit.core.pack import unpack
+from lowbit.core.transforms import calibrate, collect, partition
 
 
 def _problem(rows=64, cols=256, n=1024, rank=32, seed=0):

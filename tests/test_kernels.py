@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit import QuantSpec, dequantize, kernel_layout, numerics, ops, quantize
+from lowbit import QuantSpec, dequantize, ops, quantize
+from lowbit.ops import kernel_format as kernel_layout
+from lowbit.core import numerics
 from lowbit.kernels import layout, onebit_matmul as ob, quant_matmul as qm, quant_matmul_tpu as qt
-from lowbit.quantizers import qlinear
+from lowbit.core.quantizers import qlinear
 
 ON_GPU = jax.default_backend() == "gpu"
 TOL = 1e-2  # relative Frobenius error allowed for bf16 in / bf16 out

@@ -13,9 +13,9 @@ import pytest
 
 from lowbit import QuantizedTensor, QuantSpec, ops
 from lowbit.models import llama
-from lowbit.models.llama import (LINEARS, LlamaConfig, block, embed, forward, forward_jit,
-                                 forward_layerwise, head, init_params)
-from lowbit.transforms import flatten, identity, partition, quantize_params, rtn
+from lowbit.models.llama import LINEARS, LlamaConfig, block, embed, forward, forward_jit, head, init_params
+from lowbit.models.protocol import forward_layerwise
+from lowbit.core.transforms import flatten, identity, partition, quantize_params, rtn
 
 V = 320
 
@@ -316,7 +316,7 @@ def _greedy_by_full_forward(p, cfg, prompt, n):
 
 
 def test_generate_greedy_matches_repeated_full_forward():
-    from lowbit.generate import generate
+    from lowbit.eval.generate import generate
 
     cfg = _cfg(num_layers=1)
     p = init_params(jax.random.key(9), cfg)
@@ -331,7 +331,7 @@ def test_generate_greedy_matches_repeated_full_forward():
 
 
 def test_generate_sampling_and_self_generated_calibration():
-    from lowbit.generate import generate, self_generated_calibration
+    from lowbit.eval.generate import generate, self_generated_calibration
 
     cfg = _cfg(num_layers=1)
     p = init_params(jax.random.key(10), cfg)
@@ -378,7 +378,7 @@ def test_tokenizer_chunked_encoding_equals_whole_text(tiny_tokenizer):
 
 
 def test_tokenizer_bos_eos_and_json_round_trip(tiny_tokenizer):
-    from lowbit.tokenizer import Tokenizer
+    from lowbit.data.tokenizer import Tokenizer
 
     tk = tiny_tokenizer
     ids = tk.encode("hello world", add_bos=True, add_eos=True)
@@ -623,7 +623,7 @@ def test_save_model_load_model_round_trip_quantized(tmp_path, tiny_tokenizer):
     q = quantize_params(p, partition([(r"self_attn/.*_proj$", rtn(QuantSpec(bits=4, group_size=16))),
                                       (r"mlp", rtn(QuantSpec(bits=8, group_size=None)))]))
     d = save_model(str(tmp_path / "ck"), q, cfg, tiny_tokenizer, extra={"recipe": "test"})
-    from lowbit.checkpoint import read_extra
+    from lowbit.io.checkpoint import read_extra
     extra = read_extra(d)
     assert extra["recipe"] == "test" and extra["model_config"] == cfg.to_dict()
     q2, cfg2, tok2 = load_model(d)

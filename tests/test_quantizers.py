@@ -5,9 +5,9 @@ import pytest
 
 import lowbit
 from lowbit import QuantizedTensor, QuantSpec, bits_per_param, dequantize, fake_quant, quantize
-from lowbit import numerics
-from lowbit.pack import unpack
-from lowbit.quantizers import _scale_table
+from lowbit.core import numerics
+from lowbit.core.pack import unpack
+from lowbit.core.quantizers import _scale_table
 
 
 def _w(shape=(48, 256), seed=0, heavy=False):

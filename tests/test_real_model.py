@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lowbit import QuantSpec, data
-from lowbit.calibrate import default_recipe, quantize_model
-from lowbit.gptq import gptq
-from lowbit.models import llama
-from lowbit.transforms import rtn
+from lowbit.calib.driver import default_recipe, quantize_model
+from lowbit.methods.gptq import gptq
+from lowbit.models.protocol import hidden_layerwise
+from lowbit.core.transforms import rtn
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_gptq_beats_rtn_on_held_out_text(smollm2):
     spec = QuantSpec(bits=3, group_size=64)
 
     def hidden(p):
-        return llama.hidden_layerwise(p, held_out, c)[:, 1:]  # position 0 is the attention sink
+        return hidden_layerwise(p, held_out, c)[:, 1:]  # position 0 is the attention sink
 
     ref = hidden(small)
     errs = {}

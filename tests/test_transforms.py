@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lowbit import QuantizedTensor, QuantSpec, dequantize
-from lowbit.transforms import Transform, calibrate, chain, flatten, identity, partition, quantize_params, rtn, unflatten
+from lowbit.core.transforms import Transform, calibrate, chain, flatten, identity, partition, quantize_params, rtn, unflatten
 
 
 def _params():

@@ -1,6 +1,6 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) as pure JAX functions over a dict pytree.
 
-Parameters are a plain nested dict with HF-like names; ``lowbit.transforms.flatten(params)`` gives::
+Parameters are a plain nested dict with HF-like names; ``lowbit.core.transforms.flatten(params)`` gives::
 
     embed_tokens                              (vocab, hidden)
     layers/{i}/input_layernorm                (hidden,)
@@ -13,7 +13,7 @@ Parameters are a plain nested dict with HF-like names; ``lowbit.transforms.flatt
 
 ``params["layers"]`` is a Python list (layers may hold different quantization formats, so they are
 never stacked). Every linear goes through :func:`lowbit.ops.linear`, so any weight may be a dense
-array or a :class:`~lowbit.qtensor.QuantizedTensor` and the same functions run the quantized model.
+array or a :class:`~lowbit.core.qtensor.QuantizedTensor` and the same functions run the quantized model.
 Biases are separate leaves named ``*_bias`` (not ``*_proj_bias``) so that a recipe regex such as
 ``q_proj`` only ever matches the weight matrix.
 
@@ -46,12 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import ops
-from lowbit.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedTensor
 
 __all__ = ["LlamaConfig", "LINEARS", "embed", "block", "block_with_cache", "head", "forward",
            "forward_jit", "init_params", "rms_norm", "rope_inv_freq", "apply_rope", "check_params",
            "permute_qk_half_to_interleaved", "permute_qk_interleaved_to_half", "param_count",
-           "block_jit", "embed_jit", "hidden_layerwise", "forward_layerwise", "ATTN_CHUNK"]
+           "block_jit", "embed_jit", "head_jit", "head_params", "head_inputs", "ATTN_CHUNK", "SEQUENTIAL_GROUPS", "PRODUCERS", "FAMILY", "shapes", "nest"]
 
 #: Paths (relative to a layer) of the linear weights of a block, in execution order.
 LINEARS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
@@ -289,7 +289,7 @@ def permute_qk_interleaved_to_half(w, n_heads: int):
 
 def _dense(w):
     if isinstance(w, QuantizedTensor):
-        from lowbit.quantizers import dequantize
+        from lowbit.core.quantizers import dequantize
 
         return dequantize(w, jnp.float32)
     return w
@@ -468,7 +468,7 @@ forward_jit = jax.jit(forward, static_argnames=("cfg",))
 
 # ----------------------------------------------------------------------------- params
 
-def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,),
@@ -489,12 +489,12 @@ def _shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_params(params, cfg: LlamaConfig) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped parameter."""
-    from lowbit.transforms import flatten
+    from lowbit.core.transforms import flatten
 
     if not isinstance(params, dict) or not isinstance(params.get("layers"), list):
         raise ValueError("params: expected a dict with a 'layers' list (see lowbit.models.llama)")
     flat = flatten(params)
-    want = _shapes(cfg)
+    want = shapes(cfg)
     problems = [f"missing {p} {s}" for p, s in want.items() if p not in flat]
     problems += [f"unexpected {p}" for p in flat if p not in want]
     problems += [f"{p}: shape {tuple(flat[p].shape)} != expected {s}" for p, s in want.items()
@@ -504,7 +504,7 @@ def check_params(params, cfg: LlamaConfig) -> None:
                          + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
 
 
-def _nest(flat: dict[str, Any], num_layers: int) -> dict:
+def nest(flat: dict[str, Any], num_layers: int) -> dict:
     out: dict[str, Any] = {"layers": [{} for _ in range(num_layers)]}
     for path, v in flat.items():
         parts = path.split("/")
@@ -522,10 +522,10 @@ def _nest(flat: dict[str, Any], num_layers: int) -> dict:
 def init_params(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     """Random parameters for tests: linears ~ N(0, 1/in_features), embeddings ~ N(0, 1),
     norm weights ~ 1 + N(0, 0.1) and biases ~ N(0, 0.1) (non-trivial so tests catch mix-ups)."""
-    shapes = _shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
+    want = shapes(cfg)
+    keys = jax.random.split(key, len(want))
     flat = {}
-    for k, (path, shape) in zip(keys, sorted(shapes.items())):
+    for k, (path, shape) in zip(keys, sorted(want.items())):
         z = jax.random.normal(k, shape, jnp.float32)
         if path.endswith(("layernorm", "norm")):
             v = 1.0 + 0.1 * z
@@ -536,12 +536,12 @@ def init_params(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
         else:
             v = z / math.sqrt(shape[1])
         flat[path] = v.astype(dtype)
-    return _nest(flat, cfg.num_layers)
+    return nest(flat, cfg.num_layers)
 
 
 def param_count(params) -> int:
     """Number of (logical) parameters; QuantizedTensors count their matrix size."""
-    from lowbit.transforms import flatten
+    from lowbit.core.transforms import flatten
 
     return int(sum(int(np.prod(v.shape)) for v in flatten(params).values()))
 
@@ -552,42 +552,49 @@ def param_count(params) -> int:
 #: (all dense layers share one; so do layers quantized with the same format and shapes).
 block_jit = jax.jit(block, static_argnames=("cfg", "capture", "capture_upto"))
 
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _embed_jit(embed_tokens, tokens, cfg: LlamaConfig):
-    return embed({"embed_tokens": embed_tokens}, tokens, cfg)
+#: ``embed_jit({"embed_tokens": table}, tokens, cfg)``: :func:`embed` compiled.
+embed_jit = jax.jit(embed, static_argnames=("cfg",))
 
 
-#: ``embed_jit(params["embed_tokens"], tokens, cfg)``: :func:`embed` compiled, taking only the table.
-embed_jit = _embed_jit
-
-
-def _head_params(params, cfg: LlamaConfig) -> dict:
+def head_params(params, cfg: LlamaConfig) -> dict:
+    """The parameters :func:`head` reads (final norm and lm_head, or the tied embedding)."""
     keys = ("norm", "embed_tokens") if cfg.tie_word_embeddings else ("norm", "lm_head")
     return {k: params[k] for k in keys}
 
 
-def hidden_layerwise(params, tokens, cfg: LlamaConfig):
-    """Final hidden states ``(B, T, D)`` (before the final norm), computed with one jitted call per
-    layer (:data:`block_jit`) instead of one program for the whole model: the same numbers as
-    :func:`forward`, but compiling a 30-layer model costs one layer's compilation."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected shape (batch, seq), got {tokens.shape}")
-    if tokens.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds the model's context "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
-    x = _embed_jit(params["embed_tokens"], tokens, cfg)
-    for layer in params["layers"]:
-        x = block_jit(layer, x, cfg)
-    return x
+def head_inputs(params, x, cfg: LlamaConfig):
+    """The inputs of ``lm_head``: the final RMSNorm of ``x`` in float32."""
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps, dtype=jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _head_jit(hp, x, cfg: LlamaConfig):
-    return head(hp, x, cfg)
+head_jit = jax.jit(head, static_argnames=("cfg",))
 
 
-def forward_layerwise(params, tokens, cfg: LlamaConfig):
-    """:func:`forward` executed layer by layer (see :func:`hidden_layerwise`)."""
-    return _head_jit(_head_params(params, cfg), hidden_layerwise(params, tokens, cfg), cfg)
+# ----------------------------------------------------------------------------- the family
+
+#: true-sequential order of a block's linears (the GPTQ reference's ``sequential`` groups)
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    ("self_attn/o_proj",),
+    ("mlp/gate_proj", "mlp/up_proj"),
+    ("mlp/down_proj",),
+)
+
+#: what produces each linear's input: a norm (scale folds into its weight) or a linear (into its rows)
+PRODUCERS = {"self_attn/q_proj": "input_layernorm", "self_attn/k_proj": "input_layernorm",
+             "self_attn/v_proj": "input_layernorm", "self_attn/o_proj": "self_attn/v_proj",
+             "mlp/gate_proj": "post_attention_layernorm", "mlp/up_proj": "post_attention_layernorm",
+             "mlp/down_proj": "mlp/up_proj"}
+
+
+def _register():
+    from lowbit.models.protocol import Family, register_family
+
+    return register_family(Family(
+        name="llama", config_cls=LlamaConfig, linears=lambda cfg: LINEARS,
+        sequential_groups=lambda cfg: SEQUENTIAL_GROUPS, producers=lambda cfg: PRODUCERS,
+        outside=("embed_tokens", "lm_head"), embed_jit=embed_jit, block_jit=block_jit, head_jit=head_jit,
+        head_inputs=head_inputs, head_params=head_params, block_with_cache=block_with_cache))
+
+
+FAMILY = _register()

@@ -4,7 +4,7 @@ directories, lowbit checkpoints, hub names. Every loader returns ``(params, cfg,
 ``load_model(name_or_path)`` accepts, in this order:
 
 * ``"smollm2-135m"`` -- the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF (fetched and cached by
-  :func:`lowbit.assets.smollm2_gguf`), dequantized to float: lowbit's float baseline;
+  :func:`lowbit.io.assets.smollm2_gguf`), dequantized to float: lowbit's float baseline;
 * a ``.gguf`` file (architecture ``llama``);
 * a lowbit model checkpoint directory (``manifest.json``, written by :func:`save_model`);
 * an HF model directory (``config.json`` + ``*.safetensors``; model_type llama / mistral / qwen2);
@@ -12,7 +12,7 @@ directories, lowbit checkpoints, hub names. Every loader returns ``(params, cfg,
   reachable (offline it fails at once with the list of offline options).
 
 lowbit model checkpoint convention (:func:`save_model` / :func:`load_model`): a
-:func:`lowbit.checkpoint.save` directory of the params tree (QuantizedTensors allowed) whose
+:func:`lowbit.io.checkpoint.save` directory of the params tree (QuantizedTensors allowed) whose
 ``extra.json`` holds::
 
     {"lowbit_model": 1,
@@ -41,8 +41,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.models.llama import LlamaConfig, _nest, check_params, permute_qk_interleaved_to_half
-from lowbit.tokenizer import Tokenizer
+from lowbit.models.llama import LlamaConfig, check_params, nest, permute_qk_interleaved_to_half
+from lowbit.data.tokenizer import Tokenizer
 
 __all__ = ["load_model", "save_model", "load_gguf", "load_hf_dir", "load_checkpoint",
            "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GGUF_ARCHITECTURES"]
@@ -159,7 +159,7 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
         flat[path_] = a
     if unknown:
         raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a llama model")
-    params = _nest(_to_jnp(flat, dtype), cfg.num_layers)
+    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
     check_params(params, cfg)
     return params, cfg, _gguf_tokenizer(reader, path, tokens)
 
@@ -264,13 +264,13 @@ def load_hf_dir(path: str, *, dtype="float32"):
             unused.append(name)
     if unused:
         warnings.warn(f"{path}: ignoring {len(unused)} unexpected tensors, e.g. {unused[:3]}")
-    from lowbit.models.llama import _shapes
+    from lowbit.models.llama import shapes
 
-    missing = [p for p in _shapes(cfg) if p not in flat]
+    missing = [p for p in shapes(cfg) if p not in flat]
     if missing:
         raise ValueError(f"{path}: missing tensors for {cfg.model_type} (lowbit paths): {missing[:6]}"
                          + (f" ... ({len(missing)} in all)" if len(missing) > 6 else ""))
-    params = _nest(_to_jnp(flat, dtype), cfg.num_layers)
+    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
     check_params(params, cfg)
     return params, cfg, _hf_tokenizer(path, cfg)
 
@@ -287,7 +287,7 @@ def _hf_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer | None:
 
 def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None) -> str:
     """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention)."""
-    from lowbit import checkpoint
+    from lowbit.io import checkpoint
 
     check_params(params, cfg)
     meta = dict(extra or {})
@@ -301,7 +301,7 @@ def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None,
 
 def load_checkpoint(path: str, *, dtype=None):
     """Read a directory written by :func:`save_model` -> ``(params, cfg, tokenizer)``."""
-    from lowbit import checkpoint
+    from lowbit.io import checkpoint
 
     extra = checkpoint.read_extra(path)
     if "model_config" not in extra:
@@ -312,7 +312,7 @@ def load_checkpoint(path: str, *, dtype=None):
     if dtype is not None:
         import jax
 
-        from lowbit.qtensor import QuantizedTensor
+        from lowbit.core.qtensor import QuantizedTensor
 
         dt = jnp.dtype(dtype)
         params = jax.tree_util.tree_map(
@@ -343,7 +343,7 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"model: expected a name or path, got {name_or_path!r}")
     if name_or_path.lower() in (DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"):
-        from lowbit import assets
+        from lowbit.io import assets
 
         return "gguf", assets.smollm2_gguf()
     p = os.path.expanduser(name_or_path)

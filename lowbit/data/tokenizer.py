@@ -1,7 +1,7 @@
 """A thin wrapper over the HF ``tokenizers`` package: from ``tokenizer.json`` or from GGUF metadata.
 
 ``Tokenizer.encode(text)`` returns ``np.int32`` ids and never inserts BOS/EOS unless asked
-(``add_bos=True``); the perplexity protocol of :mod:`lowbit.eval` tokenizes raw text without BOS.
+(``add_bos=True``); the perplexity protocol of :mod:`lowbit.eval.likelihood` tokenizes raw text without BOS.
 
 Fast encoding of multi-MB text: for byte-level BPE tokenizers (the GPT-2 family: ByteLevel
 pre-tokenizer, no normalizer) the text is cut into chunks of about ``chunk_chars`` characters at
@@ -182,7 +182,7 @@ class Tokenizer:
         Byte-level BPE vocabularies map each character of a token back to one byte (the inverse of
         :func:`bytes_to_unicode`); SentencePiece-style vocabularies count ``\u2581`` as a space
         and byte-fallback tokens ``<0xNN>`` as one byte. Special (control) tokens count 0 bytes:
-        they are not text. Used for tokenizer-free bits per byte (:func:`lowbit.eval.perplexity`).
+        they are not text. Used for tokenizer-free bits per byte (:func:`lowbit.eval.likelihood.perplexity`).
         """
         if getattr(self, "_token_bytes", None) is not None:
             return self._token_bytes

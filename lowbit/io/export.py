@@ -9,7 +9,7 @@ For every quantized linear ``model.layers.{i}.{self_attn|mlp}.{name}`` the direc
     scales   float16 (n_groups, out_features)
     g_idx    int32 (in_features,)                            group of each input feature
 
-Packing is lowbit's own little-endian bitstream (:mod:`lowbit.pack`) applied to each *column* of
+Packing is lowbit's own little-endian bitstream (:mod:`lowbit.core.pack`) applied to each *column* of
 the code matrix: code ``j`` of a column occupies stream bits ``[j*bits, (j+1)*bits)``, which for 2,
 4 and 8 bits is the usual "value j in bits ``bits*(j % (32/bits))``" and for 3 bits is AutoGPTQ's
 32-codes-in-3-words layout. Codes are in the original input-feature order; with act-order
@@ -32,11 +32,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.checkpoint import atomic_directory
-from lowbit.pack import pack, unpack
-from lowbit.qtensor import QuantizedTensor
-from lowbit.quantizers import _scale_table
-from lowbit.transforms import flatten
+from lowbit.io.checkpoint import atomic_directory
+from lowbit.core.pack import pack, unpack
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.quantizers import _scale_table
+from lowbit.core.transforms import flatten
 
 __all__ = ["export_gptq", "hf_config", "EXPORTABLE_BITS"]
 

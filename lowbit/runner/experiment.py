@@ -1,9 +1,9 @@
-"""Turn an experiment config (:mod:`lowbit.config`) into results: ``lowbit run CONFIG``.
+"""Turn an experiment config (:mod:`lowbit.runner.config`) into results: ``lowbit run CONFIG``.
 
 For each method (table row) of the config::
 
     load model (once) -> calibration windows (seeded, indices saved) -> recipe through the
-    layer-sequential driver (:mod:`lowbit.calibrate`) -> perplexity on every eval dataset
+    layer-sequential driver (:mod:`lowbit.calib.driver`) -> perplexity on every eval dataset
 
 and write ``results/<experiment>[-<variant>]/<method>/``::
 
@@ -38,32 +38,65 @@ import jax
 import numpy as np
 import yaml
 
-from lowbit import checkpoint
-from lowbit.config import ExperimentCfg, MethodCfg, config_hash, to_dict
-from lowbit.qtensor import QuantizedTensor, QuantSpec
-from lowbit.transforms import Transform, flatten, identity, partition, rtn
+from lowbit import methods as method_registry
+from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.transforms import Transform, flatten, identity, partition
+from lowbit.io import checkpoint
+from lowbit.runner.config import CalibCfg, ExperimentCfg, MethodCfg, config_hash, to_dict
+from lowbit.runner.records import environment_info, peak_rss_mb
 
-__all__ = ["build_recipe", "run_experiment", "write_summary", "experiment_dir", "model_size"]
+__all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
+           "experiment_dir", "model_size", "check_expectations"]
 
 PURPOSE_CALIB, PURPOSE_SELF_GENERATED = 1, 2
 
 
 def build_recipe(m: MethodCfg) -> Transform | None:
-    """The transform of a method row (``None`` for ``fp``)."""
-    if m.method == "fp":
+    """The transform of a method row: the registered method on every ``*_proj`` linear whose path
+    does not match ``m.skip`` (``None`` for rows that do not quantize, e.g. ``fp``)."""
+    if not m.quantizes:
         return None
     q = m.quant
     spec = QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format,
-                     clip=q.clip, double_quant=q.double_quant,
-                     partial_groups=q.partial_groups)
-    if m.method == "rtn":
-        t = rtn(spec)
-    else:
-        from lowbit.gptq import gptq
+                     clip=q.clip, double_quant=q.double_quant, partial_groups=q.partial_groups)
+    t = method_registry.build(m.method, spec, m.options)
+    return None if t is None else partition([(m.skip, identity()), (r"_proj$", t)])
 
-        g = m.gptq
-        t = gptq(spec, act_order=g.act_order, static_groups=g.static_groups, damp=g.damp, blocksize=g.blocksize)
-    return partition([(m.skip, identity()), (r"_proj$", t)])
+
+def calibration_data(calib: CalibCfg, params, mcfg, tok, seed: int, *, progress: bool = True):
+    """The calibration windows of ``calib`` and a record that reproduces them: random windows of
+    a corpus split (their start indices) or sequences sampled from the model (the tokens)."""
+    from lowbit import data
+
+    key = jax.random.key(seed)
+    if calib.source == "corpus":
+        stream = tok.encode(data.corpus_text(calib.data, calib.split))
+        windows, starts = data.calibration_windows(stream, calib.nsamples, calib.seqlen,
+                                                   purpose_seed(key, PURPOSE_CALIB))
+        return windows, {"source": "corpus", "data": calib.data, "split": calib.split,
+                         "stream_tokens": int(len(stream)), "seqlen": calib.seqlen,
+                         "starts": [int(s) for s in starts]}
+    from lowbit.eval.generate import self_generated_calibration
+
+    windows = self_generated_calibration(params, mcfg, calib.nsamples, calib.seqlen,
+                                         jax.random.fold_in(key, PURPOSE_SELF_GENERATED),
+                                         batch_size=calib.batch_size, progress=progress)
+    return windows, {"source": "self", "seqlen": calib.seqlen, "tokens": windows.tolist()}
+
+
+def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_layer: int = 0,
+             on_layer=None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Quantize a loaded model with a method row on calibration ``windows``: the one pipeline
+    behind ``lowbit run`` and ``lowbit quantize`` (returns params and per-weight report rows)."""
+    from lowbit.calib.driver import quantize_model
+
+    recipe = build_recipe(m)
+    if recipe is None:
+        return params, []
+    return quantize_model(params, mcfg, recipe, windows, batch_size=calib.batch_size,
+                          true_sequential=calib.true_sequential, skip_first=calib.skip_first,
+                          token_cap=calib.token_cap, start_layer=start_layer, on_layer=on_layer,
+                          progress=progress)
 
 
 def model_size(params) -> dict:
@@ -243,16 +276,15 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     has been checkpointed.
     """
     from lowbit import data
-    from lowbit.calibrate import quantize_model
+    from lowbit.calib.driver import quantize_model
     from lowbit.cli import environment_info, peak_rss_mb
-    from lowbit.eval import perplexity
+    from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
 
     exp_dir = experiment_dir(cfg, results_dir)
     os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    key = jax.random.key(cfg.seed)
     env = environment_info()
 
     pending = []
@@ -276,22 +308,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         load_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if any(m.method != "fp" for m, _ in pending):
-            if cfg.calib.source == "corpus":
-                text = data.corpus_text(cfg.calib.data, cfg.calib.split)
-                stream = tok.encode(text)
-                calib, starts = data.calibration_windows(stream, cfg.calib.nsamples, cfg.calib.seqlen,
-                                                         purpose_seed(key, PURPOSE_CALIB))
-                calib_record = {"source": "corpus", "data": cfg.calib.data, "split": cfg.calib.split,
-                                "stream_tokens": int(len(stream)), "seqlen": cfg.calib.seqlen,
-                                "starts": [int(s) for s in starts]}
-            else:
-                from lowbit.generate import self_generated_calibration
-
-                calib = self_generated_calibration(params, mcfg, cfg.calib.nsamples, cfg.calib.seqlen,
-                                                   jax.random.fold_in(key, PURPOSE_SELF_GENERATED),
-                                                   batch_size=cfg.calib.batch_size, progress=progress)
-                calib_record = {"source": "self", "seqlen": cfg.calib.seqlen, "tokens": calib.tolist()}
+        if any(m.quantizes for m, _ in pending):
+            calib, calib_record = calibration_data(cfg.calib, params, mcfg, tok, cfg.seed, progress=progress)
         calib_s = time.perf_counter() - t0
 
         evals = {}
@@ -328,11 +346,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
                     raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 
             done_rows = list(rows)
-            qparams, new_rows = quantize_model(start_params, mcfg, recipe, calib, batch_size=cfg.calib.batch_size,
-                                               true_sequential=m.gptq.true_sequential,
-                                               skip_first=cfg.calib.skip_first, token_cap=cfg.calib.token_cap,
-                                               start_layer=start,
-                                               on_layer=on_layer, progress=progress)
+            qparams, new_rows = quantize(start_params, mcfg, m, calib, cfg.calib, start_layer=start,
+                                         on_layer=on_layer, progress=progress)
             rows = [r for r in rows if r["layer"] < start] + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
 
@@ -346,8 +361,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         timings["eval_s"] = sum(v["wall_s"] for v in results.values())
 
         metrics = {"name": m.name, "method": m.method, "config_hash": h,
-                   "bits": m.quant.bits if m.method != "fp" else None,
-                   "group_size": m.quant.group_size if m.method != "fp" else None,
+                   "bits": m.quant.bits if m.quantizes else None,
+                   "group_size": m.quant.group_size if m.quantizes else None,
                    "eval": results, "size": model_size(qparams), "timings": timings,
                    "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
                    "peak_rss_mb": peak_rss_mb(), "environment": env}
@@ -371,7 +386,29 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
 
     summary = write_summary(exp_dir, cfg)
     _print_table(summary)
+    summary["expectations"] = check_expectations(cfg, summary)
     return summary
+
+
+def check_expectations(cfg: ExperimentCfg, summary: dict) -> list[dict]:
+    """Compare each row's perplexities with the config's ``expect`` block; prints one line per
+    expectation (``ok`` / ``DEPARTS``) and returns them. Rows evaluated under another protocol
+    than the config's (e.g. a ``smoke`` variant) are not compared."""
+    rows = (cfg.expect.rows or {}) if cfg.variant is None else {}
+    out = []
+    by_name = {r["name"]: r for r in summary["runs"]}
+    for name, want in rows.items():
+        for ds, ppl in want.items():
+            got = by_name.get(name, {}).get("ppl", {}).get(ds)
+            rel = None if got is None else got / ppl - 1
+            ok = rel is not None and abs(rel) <= cfg.expect.tolerance
+            out.append({"name": name, "data": ds, "expected": ppl, "got": got, "rel": rel, "ok": ok})
+            status = "ok" if ok else "DEPARTS"
+            got_s = "missing" if got is None else f"{got:.3f} ({rel:+.2%})"
+            _log(f"expect {name} {ds}: {ppl:.3f} +-{cfg.expect.tolerance:.0%}, got {got_s}: {status}")
+    if out and not all(e["ok"] for e in out):
+        _log(f"{sum(not e['ok'] for e in out)} of {len(out)} rows depart from the config's expectations")
+    return out
 
 
 def _print_table(summary: dict) -> None:

@@ -3,7 +3,7 @@
 Protocol (IST-DASLab/gptq ``llama_eval``, also used by AWQ and most quantization papers):
 
 1. the whole evaluation text is tokenized in one go, *without* inserting BOS (or EOS) anywhere
-   (:meth:`lowbit.tokenizer.Tokenizer.encode`; GPTQ's Llama tokenizer call adds a single BOS at the
+   (:meth:`lowbit.data.tokenizer.Tokenizer.encode`; GPTQ's Llama tokenizer call adds a single BOS at the
    very start of the text -- we add none, which only changes the first window's context);
 2. the token stream is cut into ``n = len(tokens) // seqlen`` non-overlapping windows of ``seqlen``
    tokens (the tail shorter than a window is dropped; ``max_windows`` keeps the first K);
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.models.llama import LlamaConfig, _head_params, head, hidden_layerwise
+from lowbit.models.protocol import family_of, hidden_layerwise
+from lowbit.progress import Bar
 
 __all__ = ["perplexity", "window_nll", "make_windows", "compare_logits", "DEFAULT_SEQLEN", "HEAD_ROWS"]
 
@@ -37,8 +38,8 @@ DEFAULT_SEQLEN = 2048
 
 def make_windows(tokens, seqlen: int, max_windows: int | None = None) -> np.ndarray:
     """``(n, seqlen)`` non-overlapping windows from a 1-D token stream (tail dropped): the
-    evaluation windowing of :func:`lowbit.data.eval_windows`, which defines it."""
-    from lowbit.data import eval_windows
+    evaluation windowing of :func:`lowbit.data.corpora.eval_windows`, which defines it."""
+    from lowbit.data.corpora import eval_windows
 
     if not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
         raise ValueError(f"seqlen={seqlen!r}: expected an integer >= 2 (one token predicts the next)")
@@ -51,7 +52,7 @@ HEAD_ROWS = 256
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _head_nll(hp, x, windows, cfg: LlamaConfig):
+def _head_nll(hp, x, windows, cfg):
     B, T, D = x.shape
     h = x[:, :-1].reshape(-1, D)
     targets = windows[:, 1:].reshape(-1)
@@ -63,7 +64,7 @@ def _head_nll(hp, x, windows, cfg: LlamaConfig):
 
     def tile(args):
         hh, tt = args
-        logits = head(hp, hh, cfg)                                 # float32 (rows, V)
+        logits = family_of(cfg).head_jit(hp, hh, cfg)              # float32 (rows, V)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
         return lse - tgt, jnp.argmax(logits, axis=-1) == tt
@@ -72,18 +73,18 @@ def _head_nll(hp, x, windows, cfg: LlamaConfig):
     return nll.reshape(-1)[:n].reshape(B, T - 1), hits.reshape(-1)[:n].reshape(B, T - 1)
 
 
-def window_nll(params, windows, cfg: LlamaConfig):
+def window_nll(params, windows, cfg):
     """Per-token NLL ``(B, T-1)`` (float32) and top-1 hits of predicting ``windows[:, 1:]``.
 
-    Runs layer by layer with jitted pieces (:func:`lowbit.models.llama.hidden_layerwise`): one
+    Runs layer by layer with jitted pieces (:func:`lowbit.models.protocol.hidden_layerwise`): one
     compilation per distinct layer structure and window shape, asynchronous dispatch.
     """
     windows = jnp.asarray(windows, jnp.int32)
     x = hidden_layerwise(params, windows, cfg)
-    return _head_nll(_head_params(params, cfg), x, windows, cfg)
+    return _head_nll(family_of(cfg).head_params(params, cfg), x, windows, cfg)
 
 
-def _check(windows, cfg: LlamaConfig, batch_size: int):
+def _check(windows, cfg, batch_size: int):
     if windows.ndim != 2 or windows.shape[0] < 1:
         raise ValueError(f"windows: expected a non-empty (n, seqlen) array, got shape {windows.shape}")
     seqlen = windows.shape[1]
@@ -111,28 +112,7 @@ def _batches(windows: np.ndarray, batch_size: int):
         yield s, k, b
 
 
-class _Bar:
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.p = None
-        if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-            self.p.start()
-            self.t = self.p.add_task(desc, total=total, info="")
-
-    def update(self, n: int, info: str):
-        if self.p is not None:
-            self.p.update(self.t, advance=n, info=info)
-
-    def close(self):
-        if self.p is not None:
-            self.p.stop()
-
-
-def _windows(tokens, cfg: LlamaConfig, seqlen: int, max_windows, batch_size: int) -> np.ndarray:
+def _windows(tokens, cfg, seqlen: int, max_windows, batch_size: int) -> np.ndarray:
     """A 1-D stream cut into windows, or pre-cut ``(n, seqlen)`` windows, checked against ``cfg``."""
     windows = np.asarray(tokens)
     if windows.ndim == 1:
@@ -143,7 +123,7 @@ def _windows(tokens, cfg: LlamaConfig, seqlen: int, max_windows, batch_size: int
     return windows
 
 
-def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1,
+def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1,
                max_windows: int | None = None, progress: bool = True, desc: str = "perplexity",
                return_nlls: bool = False, token_bytes=None) -> dict:
     """Perplexity of ``tokens`` (a 1-D stream, windowed here, or pre-cut ``(n, seqlen)`` windows).
@@ -154,7 +134,7 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
     every evaluated token (``n * seqlen``) over the whole loop, compilation included;
     ``tokens_per_s_steady`` excludes the first batch (which compiles), None with one batch.
 
-    With ``token_bytes`` (``(vocab,)`` UTF-8 bytes per id, :meth:`lowbit.tokenizer.Tokenizer.token_bytes`)
+    With ``token_bytes`` (``(vocab,)`` UTF-8 bytes per id, :meth:`lowbit.data.tokenizer.Tokenizer.token_bytes`)
     also ``"n_bytes"`` (bytes of the predicted tokens' text) and ``"bits_per_byte"`` = total NLL in
     bits / ``n_bytes``: a tokenizer-independent number that compares across tokenizers and tools.
     """
@@ -163,7 +143,7 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
     t0 = time.perf_counter()
     total_nll, total_hits, first_s = 0.0, 0, None
     nlls = np.zeros((n, seqlen - 1), np.float32) if return_nlls else None
-    bar = _Bar(math.ceil(n / batch_size), desc, progress)
+    bar = Bar(math.ceil(n / batch_size), desc, progress)
     try:
         for s, k, b in _batches(windows, batch_size):
             nll, hits = window_nll(params, jnp.asarray(b), cfg)
@@ -177,7 +157,7 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
             if first_s is None:
                 first_s = time.perf_counter() - t0
             done = s + k
-            bar.update(1, f"ppl {math.exp(total_nll / (done * (seqlen - 1))):.3f}")
+            bar.advance(1, f"ppl {math.exp(total_nll / (done * (seqlen - 1))):.3f}")
     finally:
         bar.close()
     wall = time.perf_counter() - t0
@@ -199,9 +179,9 @@ def perplexity(params, cfg: LlamaConfig, tokens, *, seqlen: int = DEFAULT_SEQLEN
 
 
 @functools.partial(jax.jit, static_argnames=("cfg_a", "cfg_b"))
-def _kl(hp_a, xa, hp_b, xb, cfg_a: LlamaConfig, cfg_b: LlamaConfig):
-    la = jax.nn.log_softmax(head(hp_a, xa, cfg_a), axis=-1)
-    lb = jax.nn.log_softmax(head(hp_b, xb, cfg_b), axis=-1)
+def _kl(hp_a, xa, hp_b, xb, cfg_a, cfg_b):
+    la = jax.nn.log_softmax(family_of(cfg_a).head_jit(hp_a, xa, cfg_a), axis=-1)
+    lb = jax.nn.log_softmax(family_of(cfg_b).head_jit(hp_b, xb, cfg_b), axis=-1)
     kl = jnp.sum(jnp.exp(la) * (la - lb), axis=-1)               # KL(a || b) per position
     agree = jnp.argmax(la, -1) == jnp.argmax(lb, -1)
     return kl, agree
@@ -210,10 +190,11 @@ def _kl(hp_a, xa, hp_b, xb, cfg_a: LlamaConfig, cfg_b: LlamaConfig):
 def _compare(params_a, params_b, windows, cfg_a, cfg_b):
     xa = hidden_layerwise(params_a, windows, cfg_a)
     xb = hidden_layerwise(params_b, windows, cfg_b)
-    return _kl(_head_params(params_a, cfg_a), xa, _head_params(params_b, cfg_b), xb, cfg_a, cfg_b)
+    return _kl(family_of(cfg_a).head_params(params_a, cfg_a), xa, family_of(cfg_b).head_params(params_b, cfg_b), xb,
+               cfg_a, cfg_b)
 
 
-def compare_logits(params_ref, params, cfg: LlamaConfig, tokens, *, cfg_other: LlamaConfig | None = None,
+def compare_logits(params_ref, params, cfg, tokens, *, cfg_other = None,
                    seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1, max_windows: int | None = None,
                    progress: bool = True) -> dict:
     """Mean KL(ref || model) and top-1 agreement of next-token distributions, over every position
@@ -224,7 +205,7 @@ def compare_logits(params_ref, params, cfg: LlamaConfig, tokens, *, cfg_other: L
     _check(windows, cfg_other, batch_size)
     n, seqlen = windows.shape
     kl_sum, agree_sum, kl_win = 0.0, 0, []
-    bar = _Bar(math.ceil(n / batch_size), "KL", progress)
+    bar = Bar(math.ceil(n / batch_size), "KL", progress)
     try:
         for s, k, b in _batches(windows, batch_size):
             kl, agree = _compare(params_ref, params, jnp.asarray(b), cfg, cfg_other)
@@ -232,7 +213,7 @@ def compare_logits(params_ref, params, cfg: LlamaConfig, tokens, *, cfg_other: L
             kl_sum += float(kl.sum())
             agree_sum += int(agree.sum())
             kl_win += list(kl.mean(axis=1))
-            bar.update(1, f"KL {kl_sum / ((s + k) * seqlen):.4f}")
+            bar.advance(1, f"KL {kl_sum / ((s + k) * seqlen):.4f}")
     finally:
         bar.close()
     npos = n * seqlen

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit import numerics
-from lowbit.pack import pack, unpack
-from lowbit.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core import numerics
+from lowbit.core.pack import pack, unpack
+from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 
 __all__ = ["quantize", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
            "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
@@ -262,7 +262,7 @@ def quantize(w, spec: QuantSpec) -> QuantizedTensor:
 
 
 def dequantize(q: QuantizedTensor, dtype=jnp.float32, *, unpermute: bool = True):
-    """Reconstruct the matrix (see the invariant in :mod:`lowbit.qtensor`)."""
+    """Reconstruct the matrix (see the invariant in :mod:`lowbit.core.qtensor`)."""
     if not isinstance(q, QuantizedTensor):
         raise ValueError(f"q: expected a QuantizedTensor, got {type(q).__name__}")
     return _dequantize_impl(q, jnp.dtype(dtype), unpermute)

@@ -1,11 +1,11 @@
-"""Convert a :class:`~lowbit.qtensor.QuantizedTensor` into the Pallas kernels' operands, once.
+"""Convert a :class:`~lowbit.core.qtensor.QuantizedTensor` into the Pallas kernels' operands, once.
 
 lowbit's layout (``lowbit/pack.py``) packs ``W[out, in]`` along ``in`` per row, with 3-bit codes
 spanning words. The kernels (``kernels/``, installed as ``lowbit.kernels``) read the K-major
 "blocked planes" layout documented in ``kernels/layout.py`` instead. Converting costs an unpack and a
 repack of the whole weight, so do it at load time::
 
-    params = lowbit.kernel_layout.prepare(params)      # QuantizedTensor -> KernelWeight where possible
+    params = lowbit.ops.kernel_format.prepare(params)      # QuantizedTensor -> KernelWeight where possible
     y = lowbit.ops.linear(x, params["w"])               # kernel on GPU/TPU, jnp reference elsewhere
 
 Invariant (tested): ``quant_matmul_reference(x, to_kernel_layout(q)) == x @ dequantize(q).T``.
@@ -14,45 +14,16 @@ Invariant (tested): ``quant_matmul_reference(x, to_kernel_layout(q)) == x @ dequ
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 
-def _ensure_kernels_package() -> None:
-    """Make ``lowbit.kernels`` importable from a source checkout too.
-
-    Installed, setuptools' package-dir maps the top-level ``kernels/`` folder to ``lowbit.kernels``.
-    Run from a checkout with ``PYTHONPATH=.`` (no install), that mapping does not exist: register
-    ``kernels/`` under that name by hand (it imports jax only and uses relative imports).
-    """
-    try:
-        import lowbit.kernels  # noqa: F401
-        return
-    except ModuleNotFoundError:
-        init = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
-        if not init.exists():
-            raise
-    spec = importlib.util.spec_from_file_location("lowbit.kernels", init,
-                                                  submodule_search_locations=[str(init.parent)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lowbit.kernels"] = mod
-    spec.loader.exec_module(mod)
-    import lowbit
-
-    lowbit.kernels = mod
-
-
-_ensure_kernels_package()
-
 from lowbit.kernels.layout import (KernelWeight, MAX_TABLE, N_ALIGN, SUPPORTED_BITS, DEFAULT_TILE_ROWS,
-                                   pack_block, pack_planes)  # noqa: E402
-from lowbit.pack import unpack
-from lowbit.qtensor import QuantizedTensor
-from lowbit.quantizers import _scale_table
+                                   pack_block, pack_planes)
+from lowbit.core.pack import unpack
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.quantizers import _scale_table
 
 __all__ = ["check", "supports", "to_kernel_layout", "prepare", "KernelWeight"]
 

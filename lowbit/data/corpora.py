@@ -7,7 +7,7 @@ document, or per calibration/eval part of a document), and as one string joined 
 
 Corpora
 -------
-Offline (no model hub; the sources are pinned packages fetched by :mod:`lowbit.assets`):
+Offline (no model hub; the sources are pinned packages fetched by :mod:`lowbit.io.assets`):
 
 ``brown``   The Brown corpus (Francis & Kucera, 1961 texts), 500 samples ``ca01`` .. ``cr09`` in
             15 genres (letter after the ``c``: a = press reportage ... r = humor), from the npm
@@ -66,7 +66,7 @@ brown    5,355,920     1.17M      603,750       134k (65 windows)
 austen   3,628,984     0.90M      396,046        97k (47 windows)
 =======  ============  =========  ============  =========
 
-Parsed offline corpora are cached as JSON under ``lowbit.assets.cache_dir()/text/`` (keyed by the
+Parsed offline corpora are cached as JSON under ``lowbit.io.assets.cache_dir()/text/`` (keyed by the
 asset version and :data:`PARSER_VERSION`), so only the first call parses the sources.
 """
 
@@ -87,7 +87,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit import assets
+from lowbit.io import assets
 
 __all__ = [
     "CORPORA", "HF_NAMES", "SPLITS", "EVAL_FRACTION", "PARSER_VERSION", "load_text", "corpus_text",
@@ -466,7 +466,7 @@ def _load_hf(name: str, split: str):
                 raise
             raise RuntimeError(f"loading {name!r} ({kwargs}): the hub copy is a loading script, "
                                f"which datasets>=4 refuses ({e}); {_offline_hint(name)}, or "
-                               f"edit lowbit.data.HF_SPECS to point at a parquet copy") from e
+                               f"edit lowbit.data.corpora.HF_SPECS to point at a parquet copy") from e
         if part == "eval" and "eval_rows" in spec:
             ds = ds.select(range(min(spec["eval_rows"], len(ds))))
         ds = ds.select_columns([spec["column"]])

@@ -10,9 +10,22 @@ data, and a list of methods (the table's rows)::
     experiment: gptq_smollm2
     methods:
       - {name: fp, method: fp}
-      - {name: gptq-w4g128, method: gptq, quant: {bits: 4, group_size: 128}}
+      - {name: gptq-w4g128, method: gptq, quant: {bits: 4, group_size: 128}, gptq: {act_order: true}}
     variants:
       smoke: {calib: {nsamples: 4, seqlen: 128}, eval: {seqlen: 128, max_windows: 2}}
+
+Methods come from the registry (:mod:`lowbit.methods`): ``method`` names a registered method and
+the method's options live under the key named after it (``gptq: {act_order: true}``), checked
+against its options dataclass. Driver options (``true_sequential``, ``skip_first``, ``token_cap``)
+are calibration settings (``calib:``).
+
+A config may say what it reproduces (``expect:``, big_vision style): per row and dataset the
+expected perplexity and a relative tolerance; ``lowbit run`` prints each row against it and flags
+departures::
+
+    expect:
+      tolerance: 0.01                      # relative, default 1%
+      rows: {fp: {brown: 32.80}, rtn-w4g128: {brown: 43.40}}
 
 Top-level keys starting with ``_`` are ignored (use them to hold YAML anchors, e.g.
 ``_gptq: &gptq {act_order: true}`` then ``gptq: *gptq`` in several methods).
@@ -35,10 +48,10 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["QuantCfg", "GPTQCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExperimentCfg", "load_config",
-           "config_hash", "to_dict", "from_dict", "METHODS"]
+from lowbit import methods as method_registry
 
-METHODS = ("fp", "rtn", "gptq")
+__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "ExperimentCfg", "load_config",
+           "config_hash", "to_dict", "from_dict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +68,27 @@ class QuantCfg:
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQCfg:
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    blocksize: int = 128
-    true_sequential: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
 class MethodCfg:
-    """One row of the table: ``fp`` (no quantization), ``rtn`` or ``gptq`` on every linear whose
-    path does not match ``skip`` (regex, default: embeddings and lm_head stay dense)."""
+    """One row of the table: a registered ``method`` (``fp``, ``rtn``, ``gptq``, ...) with its
+    ``options`` (an instance of the method's options dataclass; YAML key: the method's name) on
+    every linear whose path does not match ``skip`` (regex, default: embeddings and lm_head stay dense)."""
     name: str
     method: str = "rtn"
     quant: QuantCfg = QuantCfg()
-    gptq: GPTQCfg = GPTQCfg()
+    options: Any = None
     skip: str = r"^(embed_tokens|lm_head)$"
+
+    def __post_init__(self):
+        m = method_registry.get(self.method)
+        if self.options is None:
+            object.__setattr__(self, "options", m.options())
+        elif not isinstance(self.options, m.options):
+            raise ValueError(f"methods.{self.name}.{self.method}: expected {m.options.__name__} options, "
+                             f"got {type(self.options).__name__}")
+
+    @property
+    def quantizes(self) -> bool:
+        return method_registry.get(self.method).quantizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +101,7 @@ class CalibCfg:
     seqlen: int = 2048
     source: str = "corpus"
     batch_size: int = 8
+    true_sequential: bool = True  # calibrate a block's linears group by group (else from one capture pass)
     skip_first: int = 0      # leading positions per window left out of the statistics (attention sinks)
     token_cap: float | None = None  # cap token input norms at this multiple of the median (massive activations)
 
@@ -99,6 +117,26 @@ class EvalCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpectCfg:
+    """What the config should reproduce: ``rows[method name][dataset] = expected perplexity``
+    (from the committed results, see ``paper/``), within a relative ``tolerance``."""
+    tolerance: float = 0.01
+    rows: Any = None
+
+    def __post_init__(self):
+        rows = self.rows or {}
+        if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
+            raise ValueError(f"expect.rows: expected {{method name: {{dataset: ppl}}}}, got {self.rows!r}")
+        for name, d in rows.items():
+            for ds, v in d.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                    raise ValueError(f"expect.rows.{name}.{ds}={v!r}: expected a positive perplexity")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"expect.tolerance={self.tolerance!r}: expected a relative tolerance in (0, 1)")
+        object.__setattr__(self, "rows", {k: dict(v) for k, v in rows.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentCfg:
     experiment: str
     methods: tuple[MethodCfg, ...]
@@ -107,6 +145,7 @@ class ExperimentCfg:
     seed: int = 0
     calib: CalibCfg = CalibCfg()
     eval: EvalCfg = EvalCfg()
+    expect: ExpectCfg = ExpectCfg()
     variant: str | None = None
 
     def __post_init__(self):
@@ -116,8 +155,6 @@ class ExperimentCfg:
         if len(set(names)) != len(names):
             raise ValueError(f"methods: names must be unique, got {names}")
         for i, m in enumerate(self.methods):
-            if m.method not in METHODS:
-                raise ValueError(f"methods.{i}.method={m.method!r}: expected one of {METHODS}")
             if not m.name or any(c in m.name for c in "/\\ ") or m.name.startswith("."):
                 raise ValueError(f"methods.{i}.name={m.name!r}: expected a non-empty file-name-safe string")
         if self.calib.source not in ("corpus", "self"):
@@ -158,10 +195,29 @@ def _convert(tp, value, where: str):
     return value
 
 
+def _method_from_dict(d: Any, where: str) -> MethodCfg:
+    """A table row: the options of method ``X`` live under key ``X`` (see the module docstring)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping, got {d!r}")
+    d = dict(d)
+    name = d.get("method", "rtn")
+    if name not in method_registry.METHODS:
+        raise ValueError(f"{where}.method={name!r}: expected one of {list(method_registry.METHODS)}")
+    m = method_registry.get(name)
+    opts = d.pop(name, None)
+    others = [k for k in d if k in method_registry.METHODS]
+    if others:
+        raise ValueError(f"{where}.{others[0]}: options of method {others[0]!r} on a {name!r} row")
+    row = from_dict(MethodCfg, {**d, "options": None}, where)
+    return dataclasses.replace(row, options=from_dict(m.options, opts or {}, f"{where}.{name}"))
+
+
 def from_dict(cls, d: Any, where: str = ""):
     """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise naming their path."""
     if isinstance(d, cls):
         return d
+    if cls is MethodCfg and "options" not in (d or {}):
+        return _method_from_dict(d, where or "method")
     if not isinstance(d, dict):
         raise ValueError(f"{where or cls.__name__}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
@@ -177,9 +233,26 @@ def from_dict(cls, d: Any, where: str = ""):
     return cls(**kw)
 
 
+def _plain(x):
+    if isinstance(x, MethodCfg):
+        d = {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "options"}
+        opts = _plain(x.options)
+        if opts:
+            d[x.method] = opts
+        return d
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
 def to_dict(cfg) -> dict:
-    """Plain, JSON/YAML-able dict of a config dataclass or dict (tuples become lists)."""
-    return json.loads(json.dumps(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)))
+    """Plain, JSON/YAML-able dict of a config dataclass or dict (tuples become lists; a method's
+    options under the key named after the method)."""
+    return json.loads(json.dumps(_plain(cfg)))
 
 
 def config_hash(cfg) -> str:

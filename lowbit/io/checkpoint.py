@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lowbit.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedTensor
 
 __all__ = ["save", "restore", "read_extra", "atomic_directory"]
 

@@ -22,34 +22,35 @@ The pure core :func:`quantize_weight` implements, inside one ``jax.jit``:
   (the reference reads the not-yet-updated weights for groups that start inside a block; here the
   block is widened to a multiple of the group size so every group sees all earlier corrections);
 - act-order (columns in order of descending ``diag(H)``) with the permutation stored in the
-  :class:`~lowbit.qtensor.QuantizedTensor` (``perm``) so dequantization and export stay correct;
+  :class:`~lowbit.core.qtensor.QuantizedTensor` (``perm``) so dequantization and export stay correct;
   ``static_groups=True`` computes every group's parameters up front from the original weights, so
   with act-order the codes are stored in the original column order and no permutation is needed;
 - every format whose parameters are per group: ``int`` symmetric/asymmetric at 1-8 bits, ``nf4``,
   ``fp4``, ``codebook`` and ``sign``, optional clipping search, double quantization (static groups or
   per-channel only, since it needs all scales at once). ``onebit`` (two vectors from an SVD) is not a
-  column-wise format: use :mod:`lowbit.onebit` for it.
+  column-wise format: use ``lowbit.quantize`` with ``format='onebit'`` for it.
 
-:func:`gptq` wraps the core as a :class:`~lowbit.transforms.Transform` whose statistics are the
+:func:`gptq` wraps the core as a :class:`~lowbit.core.transforms.Transform` whose statistics are the
 running-mean Hessians of the layer inputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit import transforms
-from lowbit.qtensor import QuantizedTensor, QuantSpec
-from lowbit.quantizers import (check_matrix, compute_params, dequantize_codes, group_params, pack_result,
+from lowbit.core import transforms
+from lowbit.methods.registry import register
+from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.quantizers import (check_matrix, compute_params, dequantize_codes, group_params, pack_result,
                                quantize_codes, resolve_group_size)
 
-__all__ = ["GPTQResult", "HessianStat", "quantize_weight", "gptq", "hessian_update", "inverse_hessian_upper"]
+__all__ = ["GPTQResult", "HessianStat", "GPTQOptions", "quantize_weight", "gptq", "hessian_update", "inverse_hessian_upper"]
 
 
 class GPTQResult(NamedTuple):
@@ -304,14 +305,29 @@ def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float 
 # ----------------------------------------------------------------------------- transform
 
 
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions:
+    """Options of the ``gptq`` method (the reference's defaults)."""
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+
+
+@register("gptq", options=GPTQOptions, help="GPTQ: Hessian-based error correction (Frantar et al. 2023)")
+def _gptq_method(spec: QuantSpec, opts: GPTQOptions) -> transforms.Transform:
+    return gptq(spec, **dataclasses.asdict(opts))
+
+
 def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
          static_groups: bool = False, zero_dead: bool = False) -> transforms.Transform:
-    """GPTQ as a :class:`~lowbit.transforms.Transform`.
+    """GPTQ as a :class:`~lowbit.core.transforms.Transform`.
 
     ``init`` allocates a zero :class:`HessianStat` per 2-D weight, ``update`` folds in each weight's
-    input activations (inputs shared by several weights, e.g. q/k/v, are reduced once), and
-    ``apply`` runs :func:`quantize_weight`. Each quantized weight is reported to
-    :func:`lowbit.transforms.record` (loss, dampening, seconds).
+    input activations (an input shared by several weights, e.g. q/k/v, is reduced once; sharing is
+    detected by the arrays' identity within one ``update`` call) and hands them on unchanged, and
+    ``apply`` runs :func:`quantize_weight`, returning per-weight metrics ``gptq_loss`` (the sum of
+    :attr:`GPTQResult.losses`) and ``damp`` (the dampening used). ``apply`` is traceable.
     """
     kw = dict(blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups,
               zero_dead=zero_dead)
@@ -325,35 +341,36 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
             stats[path] = HessianStat(jnp.zeros((w.shape[1], w.shape[1]), jnp.float32), jnp.float32(0))
         return stats
 
-    def update(stats, activations):
-        out, grams = dict(stats), {}
+    def update(stats, acts, context=None):
+        del context
+        out, grams = dict(stats), []
         for path, stat in stats.items():
-            if path not in activations:
+            if path not in acts:
                 continue
-            x = activations[path]
+            x = acts[path]
             if x.shape[-1] != stat.H.shape[0]:
                 raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features {stat.H.shape[0]}")
-            if id(x) not in grams:  # q/k/v (and gate/up) share one input: one X^T X for all of them
-                grams[id(x)] = _gram(x)
-            out[path] = _fold(stat, *grams[id(x)])
-        return out
+            # q/k/v (and gate/up) share one input array: one X^T X for all of them
+            gram = next((g for xx, g in grams if xx is x), None)
+            if gram is None:
+                gram = _gram(x)
+                grams.append((x, gram))
+            out[path] = _fold(stat, *gram)
+        return out, acts
 
     def apply(params, stats):
-        out = {}
+        out, metrics = {}, {}
         for path, w in params.items():
             stat = stats[path]
-            if float(stat.n) == 0:
+            if not isinstance(stat.n, jax.core.Tracer) and float(stat.n) == 0:
                 raise ValueError(f"params[{path!r}]: no calibration activations reached this weight; "
                                  "GPTQ needs update() with its inputs first")
-            t0 = time.perf_counter()
             try:
                 res = quantize_weight(w, stat.H, spec, **kw)
             except ValueError as e:
                 raise ValueError(f"params[{path!r}]: {e}") from None
-            jax.block_until_ready(res.q.data)
-            transforms.record(path, method="gptq", gptq_loss=float(jnp.sum(res.losses)),
-                              damp=float(res.damp), seconds=time.perf_counter() - t0)
             out[path] = res.q
-        return out
+            metrics[path] = {"gptq_loss": jnp.sum(res.losses), "damp": res.damp}
+        return out, metrics
 
     return transforms.Transform(init, update, apply)

@@ -5,7 +5,7 @@ paper convention) and ``linear(x, w) = x @ w.T``.
 
 Quantized weights go through the Pallas kernels (``kernels/``, installed as ``lowbit.kernels``) when
 the kernel mode allows it and the kernel's ``can_use`` guard holds, else through the jnp reference
-path (:func:`lowbit.quantizers.qlinear`). Kernel modes (:func:`set_kernel_mode`, the
+path (:func:`lowbit.core.quantizers.qlinear`). Kernel modes (:func:`set_kernel_mode`, the
 :func:`kernel_mode` context manager, or the environment variable ``LOWBIT_KERNELS``):
 
 * ``"auto"`` (default): the Triton kernels on GPU, the Mosaic kernel on TPU, the reference path on
@@ -16,7 +16,7 @@ path (:func:`lowbit.quantizers.qlinear`). Kernel modes (:func:`set_kernel_mode`,
 
 The mode is read when ``linear`` is traced: change it before jitting. A ``QuantizedTensor`` is
 converted to the kernel layout on every call (an unpack + repack of the weight); convert once at
-load time with :func:`lowbit.kernel_layout.prepare` and pass the resulting ``KernelWeight``.
+load time with :func:`lowbit.ops.kernel_format.prepare` and pass the resulting ``KernelWeight``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _target() -> tuple[str, bool] | None:
         return "gpu", True
     if mode == "interpret_tpu":
         return "tpu", True
-    import lowbit.kernel_layout  # noqa: F401  (makes lowbit.kernels importable without an install)
+    import lowbit.ops.kernel_format  # noqa: F401  (makes lowbit.kernels importable without an install)
     from lowbit.kernels import _compat
 
     backend = _compat.default_backend()
@@ -89,7 +89,7 @@ def select_kernel(x, kw, target: tuple[str, bool] | None = None):
     if target is None:
         return None, False
     platform, interpret = target
-    import lowbit.kernel_layout  # noqa: F401
+    import lowbit.ops.kernel_format  # noqa: F401
     if platform == "gpu":
         from lowbit.kernels import onebit_matmul, quant_matmul
 
@@ -106,11 +106,11 @@ def select_kernel(x, kw, target: tuple[str, bool] | None = None):
 
 def _quantized_linear(x, w):
     """``x @ dequantize(w).T`` for a QuantizedTensor: kernel when possible, else ``qlinear``."""
-    from lowbit.quantizers import qlinear
+    from lowbit.core.quantizers import qlinear
 
     target = _target()
     if target is not None:
-        from lowbit import kernel_layout
+        from lowbit.ops import kernel_format as kernel_layout
 
         if kernel_layout.supports(w) and x.shape[-1] == w.shape[1]:
             conv = functools.partial(kernel_layout.to_kernel_layout,
@@ -128,7 +128,7 @@ def _kernel_weight_linear(x, w):
     fn, interpret = select_kernel(x, w)
     if fn is not None:
         return fn(x, w, interpret=interpret)
-    import lowbit.kernel_layout  # noqa: F401
+    import lowbit.ops.kernel_format  # noqa: F401
     from lowbit.kernels.quant_matmul import quant_matmul_reference
 
     return quant_matmul_reference(x, w)
@@ -137,8 +137,8 @@ def _kernel_weight_linear(x, w):
 def linear(x, w, bias=None):
     """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor or
     KernelWeight (see the module docstring for when the Pallas kernels run)."""
-    from lowbit.kernel_layout import KernelWeight  # also makes lowbit.kernels importable
-    from lowbit.qtensor import QuantizedTensor  # local: qtensor imports numerics only
+    from lowbit.ops.kernel_format import KernelWeight  # also makes lowbit.kernels importable
+    from lowbit.core.qtensor import QuantizedTensor  # local: qtensor imports numerics only
 
     if isinstance(w, QuantizedTensor):
         y = _quantized_linear(x, w)

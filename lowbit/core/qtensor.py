@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit import numerics
+from lowbit.core import numerics
 
 __all__ = ["QuantSpec", "QuantizedTensor", "FORMATS"]
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.models.llama import LlamaConfig, block_with_cache, embed, head
+from lowbit.models.protocol import family_of
+from lowbit.progress import Bar
 
 __all__ = ["generate", "self_generated_calibration", "sample_logits"]
 
@@ -46,18 +47,19 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int | None = Non
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _forward_cached(params, tokens, cfg: LlamaConfig, caches, pos):
+def _forward_cached(params, tokens, cfg, caches, pos):
     """Run ``tokens (B, t)`` at positions ``pos..`` through the model; logits of the last position."""
-    x = embed(params, tokens, cfg)
+    fam = family_of(cfg)
+    x = fam.embed_jit(fam.embed_params(params), tokens, cfg)
     new = []
-    for layer, cache in zip(params["layers"], caches):
-        x, cache = block_with_cache(layer, x, cfg, cache, pos)
+    for i, (layer, cache) in enumerate(zip(fam.layers(params), caches)):
+        x, cache = fam.block_with_cache(layer, x, cfg, cache, pos, **fam.layer_kwargs(cfg, i))
         new.append(cache)
-    return head(params, x[:, -1:], cfg)[:, 0], new
+    return fam.head_jit(fam.head_params(params, cfg), x[:, -1:], cfg)[:, 0], new
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "n_greedy"))
-def _generate(params, prompt, key, cfg: LlamaConfig, max_new_tokens: int, temperature: float,
+def _generate(params, prompt, key, cfg, max_new_tokens: int, temperature: float,
               top_k: int | None, n_greedy: int):
     B, P = prompt.shape
     L = P + max_new_tokens
@@ -79,7 +81,7 @@ def _generate(params, prompt, key, cfg: LlamaConfig, max_new_tokens: int, temper
     return jnp.concatenate([prompt, toks.T.astype(prompt.dtype)], axis=1)
 
 
-def generate(params, cfg: LlamaConfig, prompt_tokens, max_new_tokens: int, key=None, temperature: float = 1.0,
+def generate(params, cfg, prompt_tokens, max_new_tokens: int, key=None, temperature: float = 1.0,
              top_k: int | None = None, *, n_greedy: int = 0):
     """Continue ``prompt_tokens`` (``(B, P)`` or ``(P,)`` int ids) by ``max_new_tokens`` tokens.
 
@@ -114,7 +116,7 @@ def generate(params, cfg: LlamaConfig, prompt_tokens, max_new_tokens: int, key=N
     return out[0] if squeeze else out
 
 
-def self_generated_calibration(params, cfg: LlamaConfig, nsamples: int, seqlen: int, key, *,
+def self_generated_calibration(params, cfg, nsamples: int, seqlen: int, key, *,
                                batch_size: int = 8, temperature: float = 1.0, top_k: int | None = None,
                                n_greedy: int = 4, first_token: str = "vocab", exclude_ids=None,
                                progress: bool = True) -> np.ndarray:
@@ -137,7 +139,7 @@ def self_generated_calibration(params, cfg: LlamaConfig, nsamples: int, seqlen: 
         raise ValueError(f"first_token={first_token!r}: expected 'vocab' or 'bos'")
     out = np.zeros((nsamples, seqlen), np.int32)
     batches = range(0, nsamples, batch_size)
-    bar = _progress(len(batches), "self-generated calibration") if progress else None
+    bar = Bar(len(batches), "self-generated calibration", progress)
     for b, start in enumerate(batches):
         n = min(batch_size, nsamples - start)
         kb = jax.random.fold_in(key, b)
@@ -148,30 +150,6 @@ def self_generated_calibration(params, cfg: LlamaConfig, nsamples: int, seqlen: 
             first = np.asarray(jax.random.choice(k_first, candidates, (batch_size, 1)), np.int32)
         seq = generate(params, cfg, first, seqlen - 1, k_gen, temperature, top_k, n_greedy=n_greedy)
         out[start:start + n] = np.asarray(seq)[:n]
-        if bar is not None:
-            bar.advance()
-    if bar is not None:
-        bar.close()
+        bar.advance()
+    bar.close()
     return out
-
-
-class _progress:
-    """Minimal rich progress bar (no-op if rich is missing)."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from rich.progress import Progress
-
-            self.p = Progress(transient=False)
-            self.p.start()
-            self.t = self.p.add_task(desc, total=total)
-        except Exception:  # pragma: no cover
-            self.p = None
-
-    def advance(self, n: int = 1):
-        if self.p is not None:
-            self.p.advance(self.t, n)
-
-    def close(self):
-        if self.p is not None:
-            self.p.stop()

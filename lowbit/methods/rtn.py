@@ -1,0 +1,42 @@
+"""Round-to-nearest: data-free quantization of every matrix it is given (any :class:`QuantSpec`
+format: int zero-point / absmax, NF4, FP4, codebooks, sign), and ``fp``, the unquantized row."""
+
+from __future__ import annotations
+
+from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.quantizers import quantize
+from lowbit.core.transforms import Transform
+from lowbit.methods.registry import NoOptions, register
+
+__all__ = ["rtn"]
+
+
+@register("rtn", help="round-to-nearest (data-free) with the row's quant spec")
+def _rtn_method(spec: QuantSpec, opts: NoOptions) -> Transform:
+    return rtn(spec)
+
+
+@register("fp", help="no quantization: the model as loaded (the reference row)", quantizes=False)
+def _fp_method(spec, opts: NoOptions) -> None:
+    return None
+
+
+def rtn(spec: QuantSpec) -> Transform:
+    """Round-to-nearest (data-free) quantization of every 2-D float matrix it is given."""
+
+    def apply(params, state):
+        del state
+        out = {}
+        for path, w in params.items():
+            if isinstance(w, QuantizedTensor):
+                raise ValueError(f"params[{path!r}]: already quantized; rtn needs a float matrix")
+            if getattr(w, "ndim", 0) != 2:
+                raise ValueError(f"params[{path!r}]: rtn quantizes 2-D (out, in) matrices, got shape "
+                                 f"{getattr(w, 'shape', None)}; exclude it with partition()")
+            try:
+                out[path] = quantize(w, spec)
+            except ValueError as e:
+                raise ValueError(f"params[{path!r}]: {e}") from None
+        return out, {}
+
+    return Transform(init=lambda params: (), apply=apply)

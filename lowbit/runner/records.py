@@ -1,0 +1,59 @@
+"""Run records: versions, device, git state, peak memory, and atomic JSON writes, for every file
+lowbit writes about a run (``metrics.json``, ``lowbit eval --out``, checkpoint metadata)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json"]
+
+
+def _git_info() -> dict:
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+    return {"git_sha": sha, "git_dirty": dirty if sha else None}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (``getrusage``; Linux reports KiB) in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def environment_info() -> dict:
+    """Versions, device and git state, for results records."""
+    import jax
+    import jaxlib
+
+    import lowbit
+
+    dev = jax.devices()[0]
+    return {"lowbit": lowbit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device_kind": dev.device_kind, "platform_backend": dev.platform,
+            "n_devices": jax.device_count(), "cpu_count": os.cpu_count(), **_git_info()}
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_json(path: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
