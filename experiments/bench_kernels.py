@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark the packed low-bit Pallas matmul kernels (``kernels/``) on a GPU, per BENCHMARKS.md.
+"""Benchmark the packed low-bit Pallas matmul kernels (``kernels/``) on a GPU: device-side CUPTI
+timing, weight copies beyond L2, baselines in the same run.
 
 For each layer shape (K, N), batch M, bit width and group size it times, in the same process:
 the kernel (``quant_matmul`` / ``onebit_matmul`` on GPU, ``quant_matmul_tpu`` on TPU), the bf16
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -44,41 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bootstrap():
-    """Make ``lowbit`` and ``lowbit.kernels`` importable from a source checkout.
-
-    Installed (``pip install -e .``), ``lowbit.kernels`` maps to ``kernels/`` via setuptools'
-    package-dir. Not installed (``python3 experiments/bench_kernels.py`` from the repo root), the
-    repo root goes on ``sys.path`` and ``kernels/`` is registered as the ``lowbit.kernels`` package
-    by hand. If ``lowbit/__init__.py`` itself fails to import (a missing optional dependency), a
-    bare ``lowbit`` package is registered instead: the benchmark only needs jax + numpy modules.
-    """
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    try:
-        import lowbit  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        print(f"[bench] import lowbit failed ({e}); using a bare package", file=sys.stderr)
-        import types
-
-        pkg = types.ModuleType("lowbit")
-        pkg.__path__ = [str(ROOT / "lowbit")]
-        sys.modules["lowbit"] = pkg
-    import lowbit
-
-    try:
-        import lowbit.kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "lowbit.kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["lowbit.kernels"] = mod
-        spec.loader.exec_module(mod)
-        lowbit.kernels = mod
-
-
-_bootstrap()
+if str(ROOT) not in sys.path:  # run from a checkout without an install: lowbit/kernels -> ../kernels
+    sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -86,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from lowbit.ops import kernel_format as kernel_layout
 from lowbit.core import numerics  # noqa: E402
-from lowbit.kernels import _compat  # noqa: E402
+from lowbit.kernels import compat  # noqa: E402
 from lowbit.kernels import onebit_matmul as ob  # noqa: E402
 from lowbit.kernels import quant_matmul as qm  # noqa: E402
 from lowbit.kernels import quant_matmul_tpu as qt  # noqa: E402
@@ -98,7 +65,7 @@ LLAMA3_8B = {"8b.qkv": (4096, 6144), "8b.o": (4096, 4096), "8b.gate_up": (4096, 
 LLAMA3_70B = {"70b.qkv": (8192, 10240), "70b.o": (8192, 8192), "70b.gate_up": (8192, 57344),
               "70b.down": (28672, 8192)}
 SQUARES = {f"sq{s}": (s, s) for s in (4096, 8192, 16384, 32768)}
-EXTRA = {"8b.up": (4096, 14336)}  # the 4096x14336 row of BENCHMARKS.md's table
+EXTRA = {"8b.up": (4096, 14336)}  # the 4096x14336 row measured for the naive-kernel baseline
 ALL_M = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 
@@ -235,7 +202,7 @@ class Timer:
     def __init__(self, force_host: bool):
         self.kind = "host"
         self._measure = None
-        if not force_host and _compat.default_backend() == "gpu":
+        if not force_host and compat.default_backend() == "gpu":
             try:
                 from jax.experimental.mosaic.gpu import profiler
 
@@ -346,12 +313,12 @@ def bs_str(bs) -> str:
 
 
 def run(args):
-    target = "tpu" if (args.target == "tpu" or (args.target == "auto" and _compat.default_backend() == "tpu")) \
+    target = "tpu" if (args.target == "tpu" or (args.target == "auto" and compat.default_backend() == "tpu")) \
         else "gpu"
     interpret = args.interpret
-    if not interpret and _compat.default_backend() not in ("gpu", "tpu"):
+    if not interpret and compat.default_backend() not in ("gpu", "tpu"):
         sys.exit("[bench] no GPU/TPU backend: use --interpret (CPU smoke test)")
-    _compat.silence_triton_deprecation()
+    compat.silence_triton_deprecation()
     timer = Timer(force_host=args.host_timer or interpret)
     cases = plan(args)
     print(f"[bench] {len(cases)} cases, target={target}, interpret={interpret}, timer={timer.kind}, "
@@ -512,7 +479,7 @@ def environment(args, timer_kind, target):
 
 def write_outputs(rows, env, out: Path):
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(dict(env=env, rows=rows), indent=1, default=str))
+    (out / "results.json").write_text(json.dumps(dict(meta=env, rows=rows), indent=1, default=str))
     keys = []
     for r in rows:
         for k in r:

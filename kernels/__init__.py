@@ -8,7 +8,7 @@ Modules (each: layout docstring, ``BlockSizes``, kernel body, jitted wrapper wit
   sign weights with grouped scales; GEMV + split-K path for small M, tensor-core path for large M.
 * :mod:`.onebit_matmul`: GPU (Triton) OneBit ``((x * b) @ sign(W)^T) * a``.
 * :mod:`.quant_matmul_tpu`: TPU (Mosaic) variant of :mod:`.quant_matmul`.
-* :mod:`._compat`: the Pallas API differences between jax 0.10 and 0.11.
+* :mod:`.compat`: the Pallas API differences between jax 0.10 and 0.11.
 
 Submodules are not imported here, so ``import lowbit.kernels.layout`` stays light.
 """

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _compat
+from . import compat
 from .layout import MAX_TABLE, SUPPORTED_BITS, KernelWeight, piece_rows, rows_of
 
 
@@ -84,7 +84,7 @@ def check_operands(x_shape, x_dtype, w, *, platform: str, what: str, backend: st
     if not isinstance(w, KernelWeight):
         return f"w: expected a KernelWeight, got {type(w).__name__}"
     if not interpret and backend != "any":
-        backend = backend or _compat.default_backend()
+        backend = backend or compat.default_backend()
         if backend != platform:
             return f"backend {backend!r}: the {what} kernel needs a {platform.upper()} (or interpret=True)"
     if len(x_shape) < 1 or x_shape[-1] != w.k:
@@ -145,7 +145,7 @@ def x_loaders(x_ref, cfg, p: int) -> tuple[Callable, Callable]:
             return ref[...]
         mask = (rows < cfg.m) if cfg.mask_m else True
         mask = (mask & kmask[None, :]) if cfg.mask_k else jnp.broadcast_to(mask, (cfg.bm, p))
-        return _compat.masked_load(ref, mask, 0)
+        return compat.masked_load(ref, mask, 0)
 
     def x_row(mi, kk, kmask):
         # a traced scalar index: the interpreter's masked-load rule rejects Python ints
@@ -155,7 +155,7 @@ def x_loaders(x_ref, cfg, p: int) -> tuple[Callable, Callable]:
         mask = kmask if cfg.mask_k else jnp.ones((p,), jnp.bool_)
         if cfg.mask_m:
             mask = mask & (row0 + mi < cfg.m)
-        return _compat.masked_load(ref, mask, 0)
+        return compat.masked_load(ref, mask, 0)
 
     return x_tile, x_row
 
@@ -192,9 +192,9 @@ def store_tile(o_ref, acc, cfg, col_scale=None) -> None:
                 mask = (cols < cfg.n) if cfg.mask_n else jnp.ones((cfg.bn,), jnp.bool_)
                 if cfg.mask_m:
                     mask = mask & (row0 + mi < cfg.m)
-                _compat.masked_store(ref, y.astype(o_ref.dtype), mask)
+                compat.masked_store(ref, y.astype(o_ref.dtype), mask)
             else:
-                _compat.masked_store(ref, y.astype(o_ref.dtype))
+                compat.masked_store(ref, y.astype(o_ref.dtype))
         return
     y = acc if col_scale is None else acc * col_scale[None, :]
     y = y.astype(o_ref.dtype)
@@ -203,9 +203,9 @@ def store_tile(o_ref, acc, cfg, col_scale=None) -> None:
         mask = jnp.broadcast_to((rows < cfg.m) if cfg.mask_m else True, (cfg.bm, cfg.bn))
         if cfg.mask_n:
             mask = mask & (cols < cfg.n)[None, :]
-        _compat.masked_store(o_ref, y, mask)
+        compat.masked_store(o_ref, y, mask)
     else:
-        _compat.masked_store(o_ref, y)
+        compat.masked_store(o_ref, y)
 
 
 def triton_call(kernel, cfg, operands: list, in_specs: list, *, split: int, bs, out_dtype, interpret: bool,
@@ -226,7 +226,7 @@ def triton_call(kernel, cfg, operands: list, in_specs: list, *, split: int, bs, 
         grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), split),
         in_specs=in_specs,
         out_specs=out_spec,
-        compiler_params=_compat.triton_params(bs.num_warps, bs.num_stages),
+        compiler_params=compat.triton_params(bs.num_warps, bs.num_stages),
         interpret=interpret,
         name=name,
     )(*operands)

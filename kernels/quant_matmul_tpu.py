@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _compat
+from . import compat
 from ._common import WeightCfg, operand_rows, check_codes, check_operands
 from .layout import (KernelWeight, decode, dequantize_reference, iter_block_pieces, split_refs,
                      plane_rows)
@@ -231,9 +231,9 @@ def quant_matmul_tpu(x, w: KernelWeight, *, block_sizes: BlockSizes | None = Non
         grid=(mp // bm, w.n_pad // bn, n_k),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-        scratch_shapes=[_compat.tpu_vmem((bm, bn), jnp.float32), _compat.tpu_vmem((bk, bn), jnp.bfloat16)],
-        compiler_params=_compat.tpu_params(("parallel", "parallel", "arbitrary")),
-        interpret=_compat.tpu_interpret_params() if interpret else False,
+        scratch_shapes=[compat.tpu_vmem((bm, bn), jnp.float32), compat.tpu_vmem((bk, bn), jnp.bfloat16)],
+        compiler_params=compat.tpu_params(("parallel", "parallel", "arbitrary")),
+        interpret=compat.tpu_interpret_params() if interpret else False,
         name=f"quant_matmul_tpu_w{w.bits}_{w.format}",
     )(*operands)
     return y[:m, : w.n].reshape(*lead, w.n)

@@ -150,8 +150,11 @@ def _method_option_flags(p: argparse.ArgumentParser) -> None:
         owners = "/".join(seen[name])
         if tp is bool:
             p.add_argument(flag, action="store_true", default=None, help=f"{owners} option (default {default})")
-        else:
-            p.add_argument(flag, type=tp, default=None, help=f"{owners} option (default {default})")
+        else:  # scalars by their type; anything else (tuples, unions) as a YAML value
+            import yaml
+
+            p.add_argument(flag, type=tp if tp in (int, float, str) else yaml.safe_load, default=None,
+                           help=f"{owners} option (default {default})")
 
 
 def _quantize_args(p: argparse.ArgumentParser) -> None:
@@ -189,13 +192,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from lowbit import methods
     from lowbit.models.loaders import load_model, model_fingerprint, save_model
-    from lowbit.runner.config import CalibCfg, MethodCfg, QuantCfg, to_dict
+    from lowbit.runner.config import CalibCfg, MethodCfg, QuantCfg, from_dict, to_dict
     from lowbit.runner.experiment import calibration_data, model_size, quantize
 
     t0 = time.perf_counter()
     opts_cls = methods.get(args.method).options
-    opts = opts_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(opts_cls)
-                       if getattr(args, f.name, None) is not None})
+    opts = from_dict(opts_cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(opts_cls)
+                                if getattr(args, f.name, None) is not None}, args.method)
     method = MethodCfg(name=args.method, method=args.method, skip=args.skip, options=opts,
                        quant=QuantCfg(bits=args.bits, group_size=args.group_size or None, symmetric=args.symmetric,
                                       format=args.format, partial_groups=not args.no_partial_groups))
@@ -292,14 +295,17 @@ register("run", "run an experiment config: calibrate, quantize, evaluate, table 
 
 def _paper_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default="paper/report.md")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", default="paper/results",
+                   help="results root (default paper/results, the committed results behind the report)")
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
     from lowbit.runner.paper import render
 
     blocks = render(args.report, results=args.results)
-    print(f"regenerated {len(blocks)} blocks of {args.report} from {args.results}/")
+    kept = [b for b, k in blocks.items() if k.endswith("(kept)")]
+    print(f"regenerated {len(blocks) - len(kept)} blocks of {args.report} from {args.results}/"
+          + (f"; kept {len(kept)} without results: {', '.join(kept)}" if kept else ""))
     return 0
 
 

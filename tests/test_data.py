@@ -1,7 +1,9 @@
 """Tests for lowbit.data.corpora: offline corpora, splits, token windows, local files, the HF offline error,
-and the R unserializer behind the Austen corpus."""
+and the R data reading behind the Austen corpus (our lazy-load database framing, the ``rdata``
+package for the R serialization)."""
 
 import gzip
+import lzma
 import os
 import re
 import struct
@@ -14,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 
-from lowbit import data
+from lowbit.data import corpora as data
 from lowbit.io import assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +112,7 @@ def test_austen_splits_cover_every_line_once(austen):
     assert set(novels) == set(data.AUSTEN_NOVELS)
     rows = list(zip(austen["all"]["id"], austen["all"]["split"], austen["all"]["text"]))
     for name in data.AUSTEN_NOVELS:
-        lines = novels[name].value
+        lines = novels[name].tolist()
         assert all(isinstance(s, str) for s in lines)           # no NA lines in the package
         (calib,) = [t for i, s, t in rows if i == name and s == "calib"]
         (ev,) = [t for i, s, t in rows if i == name and s == "eval"]
@@ -281,8 +283,12 @@ def test_hf_offline_mode_fails_fast(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# R unserializer on hand-made XDR bytes
+# R data (unserialize_r = the rdata package + our conventions; read_rdb = our framing) on
+# hand-made XDR bytes
 # ---------------------------------------------------------------------------------------------
+
+NA_INTEGER = -(2 ** 31)
+
 
 def _i(*xs):
     return struct.pack(f">{len(xs)}i", *xs)
@@ -309,15 +315,19 @@ def _attrs(*pairs):
 
 
 def test_unserialize_strings_na_encodings_and_attributes():
+    """What _parse_austen relies on: a character vector is a 1-D array of str, NA is None, and
+    UTF-8 / latin-1 / unflagged (native encoding) strings are decoded."""
     names = _i(16, 3) + _char("a") + _char("b") + _char("c")
     body = (_i(16 | 1 << 9, 3) + _char("plain") + _char(None) + _char("café", level=8)
             + _attrs((_sym("names"), names)))
     obj = data.unserialize_r(_header() + body)
-    assert obj.type == "character"
-    assert obj.value == ["plain", None, "café"]
-    assert obj.names() == ["a", "b", "c"]
+    assert isinstance(obj, np.ndarray) and obj.ndim == 1
+    assert obj.tolist() == ["plain", None, "café"]
     latin = data.unserialize_r(_header(2) + _i(16, 1) + _char("naïve", level=4))
-    assert latin.value == ["naïve"]
+    assert latin.tolist() == ["naïve"]
+    native = data.unserialize_r(_header() + _i(16, 1) + _char("naïve", level=0))  # UTF-8 header
+    assert native.tolist() == ["naïve"]
+    assert data.unserialize_r(gzip.compress(_header() + _i(16, 1) + _char("z"))).tolist() == ["z"]
 
 
 def test_unserialize_list_ints_refs_and_altrep():
@@ -325,55 +335,85 @@ def test_unserialize_list_ints_refs_and_altrep():
     #      z = structure(2.5, unit = "q")); the second "unit" tag is a reference (REFSXP)
     seq = (_i(238) + _i(2) + _sym("compact_intseq") + _i(2) + _sym("base") + _i(2) + _i(13, 1, 13)
            + _i(254) + _i(14, 3) + struct.pack(">3d", 3, 1, 1) + _i(254))
-    ints = _i(13 | 1 << 9, 2, 7, data.NA_INTEGER) + _attrs((_sym("unit"), _i(16, 1) + _char("p")))
+    ints = _i(13 | 1 << 9, 2, 7, NA_INTEGER) + _attrs((_sym("unit"), _i(16, 1) + _char("p")))
     dbl = (_i(14 | 1 << 9, 1) + struct.pack(">d", 2.5)
            + _attrs((_i(255 | 3 << 8), _i(16, 1) + _char("q"))))  # symbols so far: 1 2 3=unit
     names = _i(16, 3) + _char("x") + _char("y") + _char("z")
     body = _i(19 | 1 << 9, 3) + seq + ints + dbl + _attrs((_sym("names"), names))
-    obj = data.unserialize_r(_header() + body)
-    assert obj.type == "list"
-    d = obj.as_dict()
-    assert d["x"].type == "integer"
-    np.testing.assert_array_equal(d["x"].value, [1, 2, 3])
-    np.testing.assert_array_equal(d["y"].value, [7, data.NA_INTEGER])
-    assert d["y"].attributes["unit"].value == ["p"]
-    assert d["z"].type == "double" and d["z"].value.tolist() == [2.5]
-    assert d["z"].attributes["unit"].value == ["q"]
+    d = data.unserialize_r(_header() + body)
+    assert isinstance(d, dict) and list(d) == ["x", "y", "z"]
+    np.testing.assert_array_equal(d["x"], [1, 2, 3])
+    assert d["y"][0] == 7 and np.ma.is_masked(d["y"][1])                  # NA_integer_ is masked
+    assert d["z"].tolist() == [2.5]
 
 
 def test_unserialize_errors():
-    with pytest.raises(data.RUnserializeError, match=r"unsupported R object type 3 \(closure\)"):
-        data.unserialize_r(_header() + _i(3))
-    with pytest.raises(data.RUnserializeError, match="truncated"):
-        data.unserialize_r(_header() + _i(16, 2) + _char("only one"))
-    with pytest.raises(data.RUnserializeError, match="only XDR"):
-        data.unserialize_r(b"A\n" + _i(3))
-    with pytest.raises(data.RUnserializeError, match="version 4"):
-        data.unserialize_r(b"X\n" + _i(4, 0, 0))
+    for bad, what in [(_header() + _i(3), "closure"),
+                      (_header() + _i(16, 2) + _char("only one"), "truncated"),
+                      (b"A\n" + _i(3), "ASCII header"),
+                      (b"X\n" + _i(4, 0, 0), "version 4"),
+                      (b"not R data", "no header"),
+                      (_header() + _i(77), "unknown SEXP type"),
+                      (_header(2) + _i(16, 1) + _i(9 | 8 << 12, 2) + b"\xff\xfe", "bad UTF-8")]:
+        with pytest.raises(data.RUnserializeError, match="R unserialize"):
+            data.unserialize_r(bad)
+            pytest.fail(what)
 
 
-def test_read_rdb_round_trip(tmp_path):
-    objs = {"first": _header() + _i(16, 2) + _char("one") + _char("two"),
-            "second": _header() + _i(13, 1, 42)}
+def _write_rdb(tmp_path, objs, compressed=1, corrupt=None):
+    """Write x.rdb + x.rdx (R's lazy-load layout) holding the serialized objects ``objs``."""
     blob, index = b"", []
     for name, ser in objs.items():
-        chunk = struct.pack(">I", len(ser)) + zlib.compress(ser)
+        if compressed == 3:
+            chunk = struct.pack(">I", len(ser)) + b"X" + lzma.compress(ser)
+        else:
+            chunk = struct.pack(">I", len(ser)) + zlib.compress(ser)
+        if name == corrupt:
+            chunk = chunk[:4] + b"\x00" + chunk[5:]
         index.append((name, len(blob), len(chunk)))
         blob += chunk
     (tmp_path / "x.rdb").write_bytes(blob)
     variables = b"".join(_i(13, 2, off, n) for _, off, n in index)
     var_names = _i(16, len(index)) + b"".join(_char(n) for n, _, _ in index)
+    flag = _i(10, 1, 1) if compressed == 1 else _i(14, 1) + struct.pack(">d", compressed)
     rdx = (_header() + _i(19 | 1 << 9, 3)
            + _i(19 | 1 << 9, len(index)) + variables + _attrs((_sym("names"), var_names))
-           + _i(19, 0) + _i(10, 1, 1)
+           + _i(19, 0) + flag
            + _attrs((_i(255 | 1 << 8), _i(16, 3) + _char("variables") + _char("references")
                      + _char("compressed"))))
     (tmp_path / "x.rdx").write_bytes(gzip.compress(rdx))
-    got = data.read_rdb(str(tmp_path / "x.rdb"))
-    assert got["first"].value == ["one", "two"]
-    assert got["second"].value.tolist() == [42]
+    return str(tmp_path / "x.rdb")
+
+
+def test_read_rdb_round_trip(tmp_path):
+    objs = {"first": _header() + _i(16, 2) + _char("one") + _char("two"),
+            "second": _header() + _i(13, 1, 42)}
+    for compressed in (1, 3):                              # zlib (R's default) and typed xz chunks
+        rdb = _write_rdb(tmp_path, objs, compressed)
+        got = data.read_rdb(rdb)
+        assert list(got) == ["first", "second"]
+        assert got["first"].tolist() == ["one", "two"]
+        assert got["second"].tolist() == [42]
+        assert list(data.read_rdb(rdb, names=("second",))) == ["second"]
     with pytest.raises(KeyError, match="third"):
-        data.read_rdb(str(tmp_path / "x.rdb"), names=("third",))
+        data.read_rdb(rdb, names=("third",))
+
+
+def test_read_rdb_errors(tmp_path):
+    objs = {"good": _header() + _i(13, 1, 1), "bad": _header() + _i(16, 2) + _char("one")}
+    rdb = _write_rdb(tmp_path, objs)
+    assert data.read_rdb(rdb, names=("good",))["good"].tolist() == [1]
+    with pytest.raises(data.RUnserializeError, match="object 'bad'.*R unserialize"):
+        data.read_rdb(rdb)
+    rdb = _write_rdb(tmp_path, {"z": objs["good"]}, corrupt="z")          # broken zlib stream
+    with pytest.raises(data.RUnserializeError, match="object 'z' does not decompress"):
+        data.read_rdb(rdb)
+    (tmp_path / "x.rdb").write_bytes(b"")                                  # truncated database
+    with pytest.raises(data.RUnserializeError, match="past the end of the file"):
+        data.read_rdb(rdb)
+    (tmp_path / "x.rdx").write_bytes(gzip.compress(_header() + _i(13, 1, 1)))
+    with pytest.raises(data.RUnserializeError, match="not a lazy-load index"):
+        data.read_rdb(rdb)
 
 
 def test_hf_path_with_a_fake_hub(monkeypatch):

@@ -15,39 +15,9 @@ from lowbit.models import llama
 from lowbit.models.loaders import save_model
 from lowbit.data.tokenizer import Tokenizer
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
-         "boxing matches and jovial kings pack my box with five dozen liquor jugs").split()
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from tokenizers import Tokenizer as Tk, models, pre_tokenizers, trainers
-
-    root = tmp_path_factory.mktemp("exp")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(400):
-        lines.append(" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) + ".")
-        if i % 7 == 6:
-            lines.append("")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(lines))
-    tk = Tk(models.BPE(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train([str(corpus)], trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"]))
-    cfg = llama.LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                            num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
-    save_model(str(root / "model"), llama.init_params(jax.random.key(0), cfg), cfg, Tokenizer(tk))
-    conf = {"experiment": "tiny", "model": str(root / "model"), "seed": 3,
-            "calib": {"data": str(corpus), "nsamples": 8, "seqlen": 32, "batch_size": 4},
-            "eval": {"data": [str(corpus)], "seqlen": 32, "max_windows": 4, "batch_size": 2},
-            "methods": [{"name": "fp", "method": "fp"},
-                        {"name": "rtn-w3g32", "method": "rtn", "quant": {"bits": 3, "group_size": 32}},
-                        {"name": "gptq-w3g32", "method": "gptq", "quant": {"bits": 3, "group_size": 32}}],
-            "variants": {"small": {"eval": {"max_windows": 2}}}}
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return root, path
+def setup(tiny_experiment):
+    return tiny_experiment
 
 
 def _metrics(d, name):

@@ -12,7 +12,8 @@ from lowbit.calib.driver import default_recipe
 from lowbit.io.export import export_gptq
 from lowbit.methods.gptq import gptq
 from lowbit.models import llama
-from lowbit.core.transforms import calibrate, flatten, quantize_params, rtn
+from lowbit.core.transforms import calibrate, flatten, quantize_params
+from lowbit.methods.rtn import rtn
 
 CFG = llama.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=64)

@@ -8,7 +8,7 @@ from lowbit import QuantSpec, dequantize, quantize
 from lowbit.core import numerics
 from lowbit.methods.gptq import HessianStat, gptq, hessian_update, inverse_hessian_upper, quantize_weight
 from lowbit.core.pack import unpack
-from lowbit.core.transforms import calibrate, collect, partition
+from lowbit.core.transforms import calibrate, partition
 
 
 def _problem(rows=64, cols=256, n=1024, rank=32, seed=0):
@@ -190,22 +190,29 @@ def test_errors():
         quantize_weight(W[0], H, QuantSpec(bits=4))
 
 
-def test_transform_accumulates_a_running_mean_and_records():
+def test_transform_accumulates_a_running_mean_and_returns_metrics():
     W, X, H = _problem()
     params = {"a/q_proj": W, "a/k_proj": W[:32], "norm": jnp.ones(256)}
     t = partition([(r"proj", gptq(QuantSpec(bits=4, group_size=64)))])
     halves = [{"a/q_proj": X[:300], "a/k_proj": X[:300]}, {"a/q_proj": X[300:], "a/k_proj": X[300:]}]
     stats = calibrate(t, params, halves)
     np.testing.assert_allclose(np.asarray(stats[0]["a/q_proj"].H), np.asarray(H), rtol=1e-4, atol=1e-4)
-    with collect() as rows:
-        out = t.apply(params, stats)
-    assert {r["path"] for r in rows} == {"a/q_proj", "a/k_proj"}
-    assert all(r["method"] == "gptq" and r["gptq_loss"] > 0 for r in rows)
+    out, metrics = t.apply(params, stats)
+    assert set(metrics) == {"a/q_proj", "a/k_proj"}
+    assert all(float(m["gptq_loss"]) > 0 and float(m["damp"]) == pytest.approx(0.01) for m in metrics.values())
+    # apply is pure: the same under jax.jit (timing and host syncs live in the driver)
+    jit_out, jit_metrics = jax.jit(t.apply)(params, stats)
+    np.testing.assert_array_equal(np.asarray(jit_out["a/q_proj"].data), np.asarray(out["a/q_proj"].data))
+    np.testing.assert_allclose(float(jit_metrics["a/k_proj"]["gptq_loss"]), float(metrics["a/k_proj"]["gptq_loss"]),
+                               rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(out["a/q_proj"].data),
                                   np.asarray(quantize_weight(W, stats[0]["a/q_proj"].H,
                                                              QuantSpec(bits=4, group_size=64)).q.data))
     with pytest.raises(ValueError, match="no calibration activations"):
         t.apply(params, t.init(params))
+    # update hands the activations on unchanged (GPTQ is not an equivalence transform)
+    _, handed = t.update(t.init(params), halves[0])
+    assert handed["a/q_proj"] is halves[0]["a/q_proj"]
     with pytest.raises(ValueError, match="gptq quantizes float 2-D"):
         gptq(QuantSpec(bits=4)).init({"norm": jnp.ones(4)})
 

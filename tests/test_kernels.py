@@ -347,19 +347,39 @@ def test_lowers_to_mosaic(case):
 
 # ----------------------------------------------------------------------------- ops.linear dispatch
 
-def test_kernel_mode_env_and_setter(monkeypatch):
-    monkeypatch.setenv("LOWBIT_KERNELS", "off")
-    assert ops.get_kernel_mode() == "off"
-    monkeypatch.setenv("LOWBIT_KERNELS", "bogus")
-    with pytest.raises(ValueError, match="LOWBIT_KERNELS"):
-        ops.get_kernel_mode()
-    monkeypatch.delenv("LOWBIT_KERNELS")
-    assert ops.get_kernel_mode() == "auto"
+def test_kernel_mode_setter_context_and_jit_cache():
+    base = ops.get_kernel_mode()
     with ops.kernel_mode("interpret"):
         assert ops.get_kernel_mode() == "interpret"
-    assert ops.get_kernel_mode() == "auto"
+    assert ops.get_kernel_mode() == base
     with pytest.raises(ValueError, match="mode"):
         ops.set_kernel_mode("fast")
+    # the mode is part of jit's cache key: a function traced under one mode re-traces under another
+    traced = []
+
+    @jax.jit
+    def f(x):
+        traced.append(ops.get_kernel_mode())
+        return x + 1
+
+    with ops.kernel_mode("off"):
+        f(1.0)
+        f(2.0)
+    with ops.kernel_mode("interpret"):
+        f(1.0)
+    assert traced == ["off", "interpret"]
+
+
+@pytest.mark.parametrize("value, expect", [("off", "off"), ("", "auto"), ("bogus", "LOWBIT_KERNELS")])
+def test_kernel_mode_environment_variable(value, expect):
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from lowbit import ops; print(ops.get_kernel_mode())"],
+                       env={**os.environ, "LOWBIT_KERNELS": value, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=120)
+    assert expect in (r.stdout + r.stderr)
 
 
 def test_linear_auto_on_cpu_is_the_reference():

@@ -7,7 +7,7 @@ import lowbit
 from lowbit import QuantizedTensor, QuantSpec, bits_per_param, dequantize, fake_quant, quantize
 from lowbit.core import numerics
 from lowbit.core.pack import unpack
-from lowbit.core.quantizers import _scale_table
+from lowbit.core.quantizers import scale_table
 
 
 def _w(shape=(48, 256), seed=0, heavy=False):
@@ -35,7 +35,7 @@ def _id(s):
 def _steps(q: QuantizedTensor):
     """Per-element grid step of an "int" tensor, in original column order."""
     rows, cols = q.shape
-    s = jnp.broadcast_to(_scale_table(q)[..., None], (rows, q.n_groups, q.group_size))
+    s = jnp.broadcast_to(scale_table(q)[..., None], (rows, q.n_groups, q.group_size))
     return s.reshape(rows, cols)
 
 
@@ -46,7 +46,7 @@ def test_invariant_jit_vmap(spec):
     q = quantize(w, spec)
     rows, cols = q.shape
     codes = np.asarray(unpack(q.data, q.bits, cols)).astype(np.float64).reshape(rows, q.n_groups, q.group_size)
-    s = np.asarray(_scale_table(q), np.float64)[..., None]
+    s = np.asarray(scale_table(q), np.float64)[..., None]
     if q.format == "int":
         z = 2 ** (q.bits - 1) if q.zeros is None else np.asarray(unpack(q.zeros, q.bits, q.n_groups))[..., None]
         ref = (codes - z) * s
@@ -228,6 +228,10 @@ def test_partial_last_group_equals_quantizing_the_pieces(spec):
     tail = dequantize(quantize(w[:, 512:], spec.replace(group_size=64, partial_groups=False)))
     np.testing.assert_allclose(np.asarray(d), np.asarray(jnp.concatenate([head, tail], axis=1)), rtol=1e-6, atol=1e-6)
     g = jax.grad(lambda x: jnp.sum(fake_quant(x, spec)))(w)
-    assert g.shape == w.shape
+    # STE gradient of the partial-group matrix = the pieces' gradients (1 inside the grid, 0 where clipped)
+    g_head = jax.grad(lambda x: jnp.sum(fake_quant(x, spec.replace(partial_groups=False))))(w[:, :512])
+    g_tail = jax.grad(lambda x: jnp.sum(fake_quant(x, spec.replace(group_size=64, partial_groups=False))))(w[:, 512:])
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.concatenate([g_head, g_tail], axis=1)))
+    assert float(jnp.mean(g)) > 0.5
     with pytest.raises(ValueError, match="partial_groups=True"):
         quantize(w, spec.replace(partial_groups=False))

@@ -16,9 +16,11 @@ Invariant of a ``QuantizedTensor`` ``q`` holding a matrix of ``q.shape == (rows,
     then                stored[:, c] *= col_scale[c]                  when col_scale is present
     and                 dequantize(q)[:, perm[c]] = stored[:, c]      when perm is present (act-order)
 
-``scales`` broadcasts over rows when it has one row (per-tensor). ``scales`` may itself be a
-``QuantizedTensor`` (double quantization): its dequantized value, flattened and cut to
-``rows_s * n_groups``, is the scale table. ``zeros`` are integer codes packed like ``data``.
+``scales`` broadcasts over rows when it has one row (per-tensor). With double quantization
+``scales`` is a pair ``(nested, offset)``: ``nested`` a ``QuantizedTensor`` of the scales minus
+their mean, in blocks (one row per block), and ``offset`` that mean as a ``(1,)`` float32 array; the
+scale table is ``dequantize(nested)`` flattened, cut to ``rows_s * n_groups``, plus ``offset``
+(:func:`lowbit.core.quantizers.scale_table`). ``zeros`` are integer codes packed like ``data``.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class QuantizedTensor:
     """
 
     data: jax.Array                          # uint32 (rows, ceil(cols * bits / 32)): packed codes
-    scales: Any                              # (rows or 1, n_groups) array, or a QuantizedTensor
+    scales: Any                              # (rows or 1, n_groups) array, or (nested QuantizedTensor, offset)
     zeros: jax.Array | None = None           # uint32 packed integer zero codes (rows or 1, ...)
     col_scale: jax.Array | None = None       # (cols,) multiplier per column (OneBit b; AWQ 1/s)
     perm: jax.Array | None = None            # int32 (cols,) stored column c is original perm[c]
@@ -166,7 +168,7 @@ class QuantizedTensor:
     def __repr__(self):
         extra = " perm" if self.perm is not None else ""
         extra += " col_scale" if self.col_scale is not None else ""
-        dq = " double-quant" if isinstance(self.scales, QuantizedTensor) else ""
+        dq = " double-quant" if isinstance(self.scales, tuple) else ""
         return (f"QuantizedTensor(shape={self.shape}, format={self.format!r}, bits={self.bits}, "
                 f"group_size={self.group_size}{dq}{extra})")
 

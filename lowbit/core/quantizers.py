@@ -18,7 +18,7 @@ from lowbit.core import numerics
 from lowbit.core.pack import pack, unpack
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 
-__all__ = ["quantize", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
+__all__ = ["quantize", "scale_table", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
            "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
            "group_params", "pack_result", "grouped"]
 
@@ -186,7 +186,7 @@ def _double_quantize(scale, spec: QuantSpec):
     return (nested, offset.reshape(1).astype(jnp.float32))
 
 
-def _scale_table(q: QuantizedTensor):
+def scale_table(q: QuantizedTensor):
     """The logical ``(rows or 1, n_groups)`` float32 scale table of ``q``."""
     if isinstance(q.scales, tuple):  # double quantization: (nested QuantizedTensor, offset)
         nested, offset = q.scales
@@ -215,7 +215,7 @@ def group_params(w, spec: QuantSpec):
     scales_leaf = _double_quantize(scale, spec)
     tmp = QuantizedTensor(data=None, scales=scales_leaf, group_size=g, shape=(rows, cols), bits=spec.bits,
                           format=spec.format, levels=spec.table, per_tensor=spec.per_tensor)
-    stored = _scale_table(tmp)
+    stored = scale_table(tmp)
     if zero is not None:  # the zero point follows the scale actually stored
         lo = jnp.minimum(red.min(axis=-1), 0.0)
         zero = jnp.clip(jnp.round(-lo / stored), 0, 2**spec.bits - 1)
@@ -272,7 +272,7 @@ def dequantize(q: QuantizedTensor, dtype=jnp.float32, *, unpermute: bool = True)
 def _dequantize_impl(q: QuantizedTensor, dtype, unpermute: bool):
     rows, cols = q.shape
     codes = unpack(q.data, q.bits, cols)
-    scale = _scale_table(q)
+    scale = scale_table(q)
     groups = q.n_groups
     zero = None if q.zeros is None else unpack(q.zeros, q.bits, groups).astype(jnp.float32)[..., None]
     v = dequantize_codes(grouped(codes, q.group_size)[0], scale[..., None], zero,
@@ -316,7 +316,7 @@ def _fake_quant_fwd(w, spec):
     dq = dequantize(q, w.dtype)
     if q.format == "int" or q.format in ("nf4", "fp4", "codebook"):
         rows, cols = q.shape
-        scale = _scale_table(q)[..., None]
+        scale = scale_table(q)[..., None]
         if q.format == "int":
             z = 2.0 ** (q.bits - 1) if q.zeros is None else unpack(q.zeros, q.bits, q.n_groups).astype(jnp.float32)[..., None]
             lo, hi = (0 - z) * scale, (2**q.bits - 1 - z) * scale

@@ -27,7 +27,7 @@ leaving unmatched leaves untouched::
     recipe = partition([(r"lm_head|embed", identity()),
                         (r"self_attn", rtn(QuantSpec(bits=4, group_size=64))),
                         (r".*", rtn(QuantSpec(bits=8, group_size=None)))])
-    qparams, metrics = quantize_params(params, recipe)
+    qparams = quantize_params(params, recipe)
 
 Laws (tested with hypothesis): ``identity()`` is neutral in ``chain``; ``partition([(".*", t)])``
 equals ``t``; ``chain(a, b)`` equals applying ``a`` and then ``b`` calibrated on ``a``'s outputs.
@@ -202,10 +202,12 @@ def calibrate(transform: Transform, params: Params, activations: Iterable[Params
     return state
 
 
-def quantize_params(params, transform: Transform, state=None):
-    """Apply ``transform`` to a nested parameter tree; returns ``(tree of the same structure, metrics)``."""
+def quantize_params(params, transform: Transform, state=None, *, return_metrics: bool = False):
+    """Apply ``transform`` to a nested parameter tree; returns a tree of the same structure (and
+    ``apply``'s metrics with ``return_metrics=True``)."""
     flat = flatten(params)
     if state is None:
         state = transform.init(flat)
     new, metrics = transform.apply(flat, state)
-    return unflatten(params, {**flat, **new}), metrics
+    tree = unflatten(params, {**flat, **new})
+    return (tree, metrics) if return_metrics else tree

@@ -20,8 +20,9 @@ Offline (no model hub; the sources are pinned packages fetched by :mod:`lowbit.i
             become ``"``; a lone ``'`` alternates opening/closing within a paragraph; a doubled
             stop (``? ?``, ``; ;``) or the stop Brown adds after a final ``Jr.`` is printed once.
 ``austen``  Jane Austen's six novels (public domain) from the Debian package ``r-cran-janeaustenr``,
-            read from the R lazy-load database ``data/Rdata.rdb`` with a small R (XDR)
-            unserializer (:func:`read_rdb`).  Each novel is a character vector of lines; lines are
+            read from the R lazy-load database ``data/Rdata.rdb`` (:func:`read_rdb`: the ``.rdb``/
+            ``.rdx`` framing is read here, each object's R serialization by the PyPI package
+            ``rdata``).  Each novel is a character vector of lines; lines are
             joined with ``"\\n"``, so a blank line is a paragraph break.  Novels are in publication
             order: sensesensibility, prideprejudice, mansfieldpark, emma, northangerabbey,
             persuasion.
@@ -72,8 +73,6 @@ asset version and :data:`PARSER_VERSION`), so only the first call parses the sou
 
 from __future__ import annotations
 
-import dataclasses
-import gzip
 import bz2
 import json
 import lzma
@@ -82,6 +81,7 @@ import socket
 import struct
 import tempfile
 import urllib.parse
+import warnings
 import zlib
 from typing import Any
 
@@ -91,7 +91,7 @@ from lowbit.io import assets
 
 __all__ = [
     "CORPORA", "HF_NAMES", "SPLITS", "EVAL_FRACTION", "PARSER_VERSION", "load_text", "corpus_text",
-    "calibration_windows", "eval_windows", "RObject", "RUnserializeError", "unserialize_r",
+    "calibration_windows", "eval_windows", "RUnserializeError", "unserialize_r",
     "read_rds", "read_rdb", "HubUnreachableError",
 ]
 
@@ -387,9 +387,11 @@ def _parse_austen(package_dir: str) -> list[dict]:
     rows = []
     for novel in AUSTEN_NOVELS:
         obj = data[novel]
-        if obj.type != "character":
-            raise RuntimeError(f"janeaustenr {novel}: expected a character vector, got {obj.type}")
-        lines = ["" if s is None else s.rstrip() for s in obj.value]
+        lines = None if not isinstance(obj, np.ndarray) or obj.ndim != 1 else obj.tolist()
+        if lines is None or not all(s is None or isinstance(s, str) for s in lines):
+            raise RuntimeError(f"janeaustenr {novel}: expected a character vector, got "
+                               f"{type(obj).__name__} {getattr(obj, 'dtype', '')}")
+        lines = ["" if s is None else s.rstrip() for s in lines]
         rows.extend(_split_lines(lines, novel))
     return rows
 
@@ -477,282 +479,69 @@ def _load_hf(name: str, split: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# A small R unserializer (XDR format, versions 2 and 3), enough for R data packages
+# R data: the lazy-load database framing here, the R serialization itself read by ``rdata``
 # ----------------------------------------------------------------------------------------------
 
 class RUnserializeError(ValueError):
-    """The bytes are not R serialization we can read (bad header, unsupported SEXP type, ...)."""
+    """The bytes are not R data we can read: a malformed lazy-load database, or R serialization
+    that the ``rdata`` package rejects (bad header, unsupported object type, truncated data...)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RObject:
-    """An unserialized R value.
+def unserialize_r(buf: bytes) -> Any:
+    """Decode one R ``serialize()`` stream (XDR/ASCII/native; a gzip/bzip2/xz-compressed stream
+    and an ``RDX2``/``RDX3`` prefix are accepted) with the ``rdata`` package.
 
-    ``type`` is R's ``typeof()``; ``value`` is ``list[str | None]`` for "character" (``None`` is
-    ``NA``), an int32 array for "integer" and "logical" (``NA`` is ``NA_INTEGER`` = -2**31), a
-    float64 / complex128 array for "double" / "complex", ``bytes`` for "raw", ``list[RObject]`` for
-    "list" / "expression", ``list[(tag | None, RObject)]`` for "pairlist" / "language", the name
-    for "symbol", ``None`` for "NULL" and "S4", and a name such as ``"R_GlobalEnv"`` for the
-    "special" singletons.  ``attributes`` maps attribute names to values.
+    The value is converted by ``rdata.conversion.convert``: a character vector becomes a numpy
+    array of ``str`` (``None`` for ``NA``, which makes it an object array), a named list a
+    ``dict``, an unnamed list a ``list``, numeric vectors numpy arrays (a masked array where there
+    are ``NA``s; ALTREP compact sequences, wrappers and deferred strings are expanded).  Strings
+    are decoded per their UTF-8/latin-1/ASCII flag, unflagged ones in the writer's native
+    encoding.  Raises :class:`RUnserializeError` on data ``rdata`` cannot read.
     """
-    type: str
-    value: Any
-    attributes: dict = dataclasses.field(default_factory=dict)
+    import rdata
 
-    def names(self) -> list[str | None] | None:
-        n = self.attributes.get("names")
-        return None if n is None else n.value
-
-    def as_dict(self) -> dict:
-        """A named list/vector as ``{name: element}``."""
-        names = self.names()
-        if names is None:
-            raise ValueError(f"this R {self.type} has no names")
-        return dict(zip(names, self.value))
-
-
-NA_INTEGER = -(2 ** 31)
-
-_SEXP = {0: "NULL", 1: "symbol", 2: "pairlist", 3: "closure", 4: "environment", 5: "promise",
-         6: "language", 7: "special", 8: "builtin", 9: "char", 10: "logical", 13: "integer",
-         14: "double", 15: "complex", 16: "character", 17: "...", 19: "list", 20: "expression",
-         21: "bytecode", 22: "externalptr", 23: "weakref", 24: "raw", 25: "S4",
-         238: "ALTREP_SXP", 239: "ATTRLISTSXP", 240: "ATTRLANGSXP", 241: "BASEENV_SXP",
-         242: "EMPTYENV_SXP", 243: "BCREPREF", 244: "BCREPDEF", 245: "GENERICREFSXP",
-         246: "CLASSREFSXP", 247: "PERSISTSXP", 248: "PACKAGESXP", 249: "NAMESPACESXP",
-         250: "BASENAMESPACE_SXP", 251: "MISSINGARG_SXP", 252: "UNBOUNDVALUE_SXP",
-         253: "GLOBALENV_SXP", 254: "NILVALUE_SXP", 255: "REFSXP"}
-_SPECIAL = {241: "R_BaseEnv", 242: "R_EmptyEnv", 250: "R_BaseNamespace", 251: "R_MissingArg",
-            252: "R_UnboundValue", 253: "R_GlobalEnv"}
-_NULL = RObject("NULL", None)
-# CHARSXP encoding bits (in the "levels" field of the flags)
-_BYTES, _LATIN1, _UTF8, _ASCII = 1 << 1, 1 << 2, 1 << 3, 1 << 6
-
-
-class _RReader:
-    def __init__(self, buf: bytes):
-        self.buf = buf
-        self.pos = 0
-        self.refs: list[RObject] = []
-        self.native_encoding = "utf-8"
-
-    def fail(self, msg: str):
-        raise RUnserializeError(f"R unserialize, at byte {self.pos}: {msg}")
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            self.fail(f"truncated data (need {n} bytes, {len(self.buf) - self.pos} left)")
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-    def int(self) -> int:
-        return struct.unpack(">i", self.take(4))[0]
-
-    def length(self) -> int:
-        n = self.int()
-        if n == -1:                                  # long vector: two more ints, upper and lower
-            hi, lo = struct.unpack(">II", self.take(8))
-            return (hi << 32) + lo
-        if n < 0:
-            self.fail(f"negative length {n}")
-        return n
-
-    def array(self, dtype: str, n: int) -> np.ndarray:
-        width = np.dtype(dtype).itemsize
-        return np.frombuffer(self.take(n * width), dtype=dtype).astype(dtype[1:])
-
-    def header(self) -> None:
-        fmt = bytes(self.take(2))
-        if fmt != b"X\n":
-            self.fail(f"format {fmt!r}: only XDR (b'X\\n') serialization is supported")
-        version = self.int()
-        self.int(), self.int()                       # writer's R version, minimal reader version
-        if version == 3:
-            enc = bytes(self.take(self.int())).decode("ascii", "replace")
-            self.native_encoding = enc or "utf-8"
-        elif version != 2:
-            self.fail(f"serialization version {version}: expected 2 or 3")
-
-    def item(self) -> Any:
-        return self.item_from_flags(self.int())
-
-    def item_from_flags(self, flags: int) -> Any:
-        t, has_attr = flags & 0xFF, bool(flags & (1 << 9))  # CHARSXP levels / tags: char_item, cons
-        if t == 254:
-            return _NULL
-        if t in _SPECIAL:
-            return RObject("special", _SPECIAL[t])
-        if t == 255:                                 # reference to an earlier symbol/environment
-            i = flags >> 8 or self.int()
-            if not 1 <= i <= len(self.refs):
-                self.fail(f"reference {i} out of range (have {len(self.refs)})")
-            return self.refs[i - 1]
-        if t == 1:
-            sym = RObject("symbol", self.item())
-            self.refs.append(sym)
-            return sym
-        if t in (248, 249):                          # package / namespace: a string vector
-            if self.int() != 0:
-                self.fail("bad package/namespace string vector")
-            info = [self.item() for _ in range(self.int())]
-            obj = RObject("special", ("package:" if t == 248 else "namespace:") + ":".join(
-                s for s in info if s is not None))
-            self.refs.append(obj)
-            return obj
-        if t in (2, 6, 239, 240):
-            return self.cons(flags)
-        if t == 9:
-            return self.char_item(flags)
-        if t == 238:
-            return self.altrep()
-        if t in (10, 13):
-            obj = RObject("logical" if t == 10 else "integer", self.array(">i4", self.length()))
-        elif t == 14:
-            obj = RObject("double", self.array(">f8", self.length()))
-        elif t == 15:
-            a = self.array(">f8", 2 * self.length())
-            obj = RObject("complex", a[0::2] + 1j * a[1::2])
-        elif t == 24:
-            obj = RObject("raw", bytes(self.take(self.length())))
-        elif t == 16:
-            n = self.length()
-            vals = []
-            for _ in range(n):
-                f = self.int()
-                if f & 0xFF != 9:
-                    self.fail(f"character vector element of type {_SEXP.get(f & 0xFF, f & 0xFF)}")
-                vals.append(self.char_item(f))
-            obj = RObject("character", vals)
-        elif t in (19, 20):
-            obj = RObject("list" if t == 19 else "expression",
-                          [self.item() for _ in range(self.length())])
-        elif t == 25:
-            obj = RObject("S4", None)
-        else:
-            self.fail(f"unsupported R object type {t} ({_SEXP.get(t, 'unknown')}); this reader "
-                      f"handles vectors, lists, pairlists, symbols, attributes and common ALTREP")
-        if has_attr:
-            obj = dataclasses.replace(obj, attributes=self.attributes())
-        return obj
-
-    def char_item(self, flags: int) -> str | None:
-        s = self.charsxp(flags >> 12)
-        if flags & (1 << 9):        # very old files may carry CHARSXP attributes: R drops them too
-            self.item()
-        return s
-
-    def charsxp(self, levels: int) -> str | None:
-        """A CHARSXP: ``None`` for NA; UTF-8 / latin-1 / ASCII per its flags, bytes-encoded
-        strings as latin-1 (one char per byte), unflagged ones in the writer's native encoding."""
-        n = self.int()
-        if n == -1:
-            return None                              # NA_STRING
-        raw = bytes(self.take(n))
-        if levels & _UTF8:
-            enc = "utf-8"
-        elif levels & (_LATIN1 | _BYTES):
-            enc = "latin-1"
-        elif levels & _ASCII:
-            enc = "ascii"
-        else:
-            enc = self.native_encoding
+    with warnings.catch_warnings():
+        # rdata warns and keeps the raw bytes when a string does not decode: an error here.
+        warnings.filterwarnings("error", message="Exception while decoding", category=UserWarning)
+        # A bare serialization stream (no RDX/RDA magic) is what this function is for.
+        warnings.filterwarnings("ignore", message="Unknown file type: assumed RDS",
+                                category=UserWarning)
         try:
-            return raw.decode(enc)
-        except (UnicodeDecodeError, LookupError) as e:
-            self.fail(f"string {raw[:40]!r} does not decode as {enc}: {e}")
-
-    def attributes(self) -> dict:
-        attr = self.item()
-        if attr.type != "pairlist":
-            self.fail(f"attributes should be a pairlist, got {attr.type}")
-        return {tag: v for tag, v in attr.value}
-
-    def cons(self, flags: int) -> RObject:
-        """A pairlist / call, read iteratively along its CDR chain."""
-        kind = "language" if flags & 0xFF in (6, 240) else "pairlist"
-        items, attributes = [], {}
-        while True:
-            t = flags & 0xFF
-            has_attr = bool(flags & (1 << 9)) or t in (239, 240)
-            cell_attr = self.attributes() if has_attr else {}
-            if not items:
-                attributes = cell_attr
-            tag = self.item().value if flags & (1 << 10) else None
-            items.append((tag, self.item()))
-            flags = self.int()
-            if flags & 0xFF in (2, 239):
-                continue
-            if flags & 0xFF != 254:                  # a dotted pair: keep the tail as a last cell
-                items.append((None, self.item_from_flags(flags)))
-            return RObject(kind, items, attributes)
-
-    def altrep(self) -> RObject:
-        info, state, attr = self.item(), self.item(), self.item()
-        try:
-            cls = info.value[0][1].value
-        except (AttributeError, IndexError, TypeError):
-            self.fail("malformed ALTREP class information")
-        if cls in ("compact_intseq", "compact_realseq"):
-            n, start, step = (float(x) for x in state.value[:3])
-            seq = start + step * np.arange(int(n))
-            obj = RObject("integer", seq.astype(np.int32)) if cls == "compact_intseq" \
-                else RObject("double", seq.astype(np.float64))
-        elif cls.startswith("wrap_"):                # state = CONS(wrapped vector, metadata)
-            obj = state.value[0][1]
-        elif cls == "deferred_string":               # state = CONS(int/double vector, scipen)
-            arg = state.value[0][1]
-            if arg.type != "integer":
-                self.fail(f"deferred_string over a {arg.type} vector is not supported")
-            obj = RObject("character", [None if v == NA_INTEGER else str(int(v)) for v in arg.value])
-        else:
-            self.fail(f"unsupported ALTREP class {cls!r}")
-        if attr.type == "pairlist":
-            obj = dataclasses.replace(obj, attributes={tag: v for tag, v in attr.value})
-        return obj
+            parsed = rdata.parser.parse_data(bytes(buf))
+            # Strings without an encoding flag are in the writer's native encoding (version 3
+            # names it in the header); version 2 streams do not say: take UTF-8.
+            return rdata.conversion.convert(parsed,
+                                            default_encoding=parsed.extra.encoding or "utf-8")
+        except (ValueError, LookupError, TypeError, AssertionError, NotImplementedError, EOFError,
+                OSError, struct.error, zlib.error, lzma.LZMAError, UserWarning) as e:
+            raise RUnserializeError(f"R unserialize (rdata {rdata.__version__}): "
+                                    f"{type(e).__name__}: {e}") from e
 
 
-def unserialize_r(buf: bytes) -> RObject:
-    """Decode R's ``serialize()`` output (XDR, version 2 or 3; ``RDX2``/``RDX3`` prefix allowed)."""
-    if buf[:5] in (b"RDX2\n", b"RDX3\n"):
-        buf = buf[5:]
-    r = _RReader(memoryview(buf))
-    r.header()
-    obj = r.item()
-    if r.pos != len(buf):
-        r.fail(f"{len(buf) - r.pos} trailing bytes after the object")
-    return obj
-
-
-def _decompress(data: bytes) -> bytes:
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:3] == b"BZh":
-        return bz2.decompress(data)
-    if data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data)
-    return data
-
-
-def read_rds(path: str) -> RObject:
+def read_rds(path: str) -> Any:
     """Read an ``.rds`` file (gzip/bzip2/xz compressed or not), or an ``.rdx`` index."""
     with open(path, "rb") as f:
-        return unserialize_r(_decompress(f.read()))
+        return unserialize_r(f.read())
 
 
 def read_rdb(rdb_path: str, rdx_path: str | None = None,
-             names: tuple[str, ...] | None = None) -> dict[str, RObject]:
-    """The objects of an R lazy-load database (``X.rdb`` + its index ``X.rdx``) by name.
+             names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The objects of an R lazy-load database (``X.rdb`` + its index ``X.rdx``) by name, each as
+    :func:`unserialize_r` returns it.
 
+    ``rdata`` reads single serialized objects but not this container, so the framing is done here.
     The index is a named list with ``variables`` (name -> c(offset, length) into the ``.rdb``),
     ``references`` and ``compressed`` (TRUE = zlib, 2 = bzip2, 3 = xz).  Each chunk is a 4-byte
     big-endian uncompressed length, then (compressed 2/3 only) a type byte ``Z``/``2``/``X``/``0``,
     then the compressed serialization.
     """
     rdx_path = rdx_path or os.path.splitext(rdb_path)[0] + ".rdx"
-    index = read_rds(rdx_path).as_dict()
-    variables = index["variables"].as_dict()
-    compressed = int(index["compressed"].value[0]) if "compressed" in index else 1
+    index = read_rds(rdx_path)
+    if not isinstance(index, dict) or not isinstance(index.get("variables"), dict):
+        raise RUnserializeError(f"{rdx_path}: not a lazy-load index (a named list with "
+                                f"'variables')")
+    variables = {str(k): v for k, v in index["variables"].items()}
+    compressed = int(np.asarray(index.get("compressed", 1)).reshape(-1)[0])
     wanted = list(variables) if names is None else list(names)
     missing = [n for n in wanted if n not in variables]
     if missing:
@@ -760,7 +549,7 @@ def read_rdb(rdb_path: str, rdx_path: str | None = None,
     out = {}
     with open(rdb_path, "rb") as f:
         for name in wanted:
-            offset, length = (int(x) for x in variables[name].value[:2])
+            offset, length = (int(x) for x in np.asarray(variables[name]).reshape(-1)[:2])
             f.seek(offset)
             chunk = f.read(length)
             if len(chunk) != length:
@@ -778,9 +567,16 @@ def read_rdb(rdb_path: str, rdx_path: str | None = None,
                 if kind not in codecs:
                     raise RUnserializeError(f"{rdb_path}: object {name!r} has unknown "
                                             f"compression type {kind!r}")
-                data = codecs[kind](body)
+                try:
+                    data = codecs[kind](body)
+                except (zlib.error, OSError, lzma.LZMAError, ValueError) as e:
+                    raise RUnserializeError(f"{rdb_path}: object {name!r} does not decompress "
+                                            f"({type(e).__name__}: {e})") from e
                 if len(data) != expected:
                     raise RUnserializeError(f"{rdb_path}: object {name!r} decompressed to "
                                             f"{len(data)} bytes, the header says {expected}")
-            out[name] = unserialize_r(data)
+            try:
+                out[name] = unserialize_r(data)
+            except RUnserializeError as e:
+                raise RUnserializeError(f"{rdb_path}: object {name!r}: {e}") from e
     return out

@@ -15,6 +15,11 @@ BPE never merges across pre-token boundaries, so the result is *identical* to en
 string at once (checked in the tests on real and adversarial text). Tokenizers that are not known to be
 chunk-safe (e.g. sentencepiece-style ones with a ``Prepend`` normalizer) encode the whole string.
 
+SentencePiece vocabularies stored in GGUF files (``tokenizer.ggml.model == "llama"``, e.g. Gemma-3) are
+rebuilt by :meth:`Tokenizer.from_gguf_sentencepiece` as a BPE with byte fallback whose merges are
+derived from the vocabulary (see there); such tokenizers encode the whole string at once (not
+chunk-safe), which is fast anyway because their ``\n`` tokens are matched first and cut the text.
+
 Serialization: :meth:`Tokenizer.to_json` returns a JSON string ``{"format": "lowbit-tokenizer",
 "version": 1, "tokenizer": <tokenizers JSON string>, "bos_id", "eos_id"}`` that
 :meth:`Tokenizer.from_json` reads back (used by lowbit model checkpoints).
@@ -121,6 +126,80 @@ class Tokenizer:
                        for t, ty in zip(tokens, token_types) if int(ty) == 3]
             if special:
                 tk.add_special_tokens(special)
+        return cls(tk, bos_id, eos_id)
+
+    @classmethod
+    def from_gguf_sentencepiece(cls, tokens: Sequence[str], *, token_types: Sequence[int] | None = None,
+                                merges: Sequence[str] | None = None, scores: Sequence[float] | None = None,
+                                add_space_prefix: bool = False, bos_id: int | None = None,
+                                eos_id: int | None = None, unk_id: int | None = None) -> "Tokenizer":
+        """Rebuild a SentencePiece BPE tokenizer (GGUF ``tokenizer.ggml.model == "llama"``, e.g.
+        Gemma-3) from GGUF ``tokenizer.ggml.*`` metadata, with the ``tokenizers`` package.
+
+        The pipeline is the one of transformers' Gemma tokenizer: spaces become ``\u2581``
+        (normalizer), no pre-tokenization, BPE with byte fallback (``<0xNN>`` tokens) and ``unk``
+        fused, decoder ``\u2581`` -> space + byte fallback + fuse. Control tokens
+        (``token_type == 3``) are special added tokens and user-defined ones (``4``, e.g. ``\n``
+        runs and HTML tags) plain added tokens, both matched whole in the raw text (as llama.cpp does).
+        Tokens made only of spaces (Gemma's user-defined space runs) are respelled as ``\u2581``
+        runs, the form they take after the normalizer.
+
+        Merges: ``merges`` (``tokenizer.ggml.merges``) when the file has them; else derived from the
+        vocabulary: every split ``(left, right)`` of a token into two vocabulary tokens is a merge,
+        ranked by the token's priority -- its position in the vocabulary (``scores=None``; Gemma's
+        files give user-defined and byte tokens placeholder scores, while the position is the
+        SentencePiece order of the regular pieces) or its score (higher first, ties by position)
+        -- and, within one token, longer left parts first. Merging by the rank of the merged
+        token is SentencePiece's BPE rule (the most likely piece first).
+
+        ``add_space_prefix=True`` (a ``\u2581`` prepended to the text, Llama-2 style) is not
+        supported: only prefix-free vocabularies have been checked against a reference.
+        """
+        from tokenizers import AddedToken, decoders, models, normalizers
+        from tokenizers import Tokenizer as _Tk
+
+        if add_space_prefix:
+            raise ValueError("GGUF SentencePiece tokenizer with add_space_prefix=true is not supported "
+                             "(only vocabularies without a space prefix, e.g. Gemma, are rebuilt)")
+        spelled = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        vocab = {t: i for i, t in enumerate(spelled)}
+        if len(vocab) != len(spelled):
+            raise ValueError("GGUF tokenizer: duplicate tokens in tokenizer.ggml.tokens")
+        if token_types is not None and len(token_types) != len(tokens):
+            raise ValueError(f"GGUF tokenizer: {len(token_types)} token types for {len(tokens)} tokens")
+        if merges:
+            pairs = []
+            for i, m in enumerate(merges):
+                a, sep, b = m.partition(" ")
+                if not sep:
+                    raise ValueError(f"GGUF tokenizer: merge {i} {m!r} is not 'left right'")
+                pairs.append((a, b))
+        else:
+            if scores is not None:
+                if len(scores) != len(tokens):
+                    raise ValueError(f"GGUF tokenizer: {len(scores)} scores for {len(tokens)} tokens")
+                order = sorted(range(len(spelled)), key=lambda i: (-float(scores[i]), i))
+            else:
+                order = range(len(spelled))
+            pairs = []
+            for i in order:
+                t = spelled[i]
+                for k in range(len(t) - 1, 0, -1):
+                    if t[:k] in vocab and t[k:] in vocab:
+                        pairs.append((t[:k], t[k:]))
+        unk = spelled[unk_id] if unk_id is not None and 0 <= unk_id < len(spelled) else None
+        tk = _Tk(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        tk.normalizer = normalizers.Replace(" ", "\u2581")
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        if token_types is not None:
+            special = [AddedToken(t, special=True, normalized=False)
+                       for t, ty in zip(spelled, token_types) if int(ty) == 3]
+            if special:
+                tk.add_special_tokens(special)
+            user = [AddedToken(t, special=False, normalized=False)
+                    for t, s0, ty in zip(spelled, tokens, token_types) if int(ty) == 4 and t == s0]
+            if user:
+                tk.add_tokens(user)
         return cls(tk, bos_id, eos_id)
 
     # ------------------------------------------------------------------ encode / decode

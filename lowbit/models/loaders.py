@@ -1,13 +1,16 @@
-"""Load Llama-family checkpoints into :mod:`lowbit.models.llama` params: GGUF, HF safetensors
-directories, lowbit checkpoints, hub names. Every loader returns ``(params, cfg, tokenizer)``.
+"""Load checkpoints into :mod:`lowbit.models.llama` params (or :mod:`lowbit.models.gemma3` params for
+Gemma-3 GGUF files and checkpoints): GGUF, HF safetensors directories, lowbit checkpoints, hub
+names. Every loader returns ``(params, cfg, tokenizer)``.
 
 ``load_model(name_or_path)`` accepts, in this order:
 
 * ``"smollm2-135m"`` -- the embedded default, SmolLM2-135M-Instruct Q4_1 GGUF (fetched and cached by
   :func:`lowbit.io.assets.smollm2_gguf`), dequantized to float: lowbit's float baseline;
-* a ``.gguf`` file (architecture ``llama``);
+* ``"gemma3-270m"`` -- Gemma-3-270M (base) Q4_K_M GGUF (:func:`lowbit.io.assets.gemma3_270m_gguf`,
+  Gemma terms of use), dequantized to float: a :mod:`lowbit.models.gemma3` model;
+* a ``.gguf`` file (architecture ``llama``, or ``gemma3``: see :func:`load_gguf`);
 * a lowbit model checkpoint directory (``manifest.json``, written by :func:`save_model`);
-* an HF model directory (``config.json`` + ``*.safetensors``; model_type llama / mistral / qwen2);
+* an HF model directory (``config.json`` + ``*.safetensors``; model_type llama / mistral / qwen2 / qwen3);
 * a hub id ``owner/name``, downloaded with ``huggingface_hub.snapshot_download`` when the hub is
   reachable (offline it fails at once with the list of offline options).
 
@@ -25,6 +28,15 @@ GGUF specifics: tensor dims are listed in ggml order (fastest first) and are rev
 converter stores the q/k projection rows permuted for interleaved RoPE, so by default they are
 permuted back to HF order and the config uses half-split RoPE (``unpermute_qk=False`` keeps the
 stored order with ``rope_style="interleaved"``: the same model).
+
+Gemma-3 GGUF (``general.architecture == "gemma3"``, :func:`_load_gguf_gemma3`): llama.cpp's converter
+does *not* permute Gemma's q/k rows (checked against transformers on the real model), stores every
+RMSNorm weight as ``1 + w`` (the 1 is subtracted back: lowbit keeps the HF convention) and writes
+neither the sliding-window pattern nor the local RoPE base, which llama.cpp fixes for Gemma-3 (every
+6th layer global, local base 10000: used unless the file has ``gemma3.attention.sliding_window_pattern``
+/ ``gemma3.rope.freq_base_swa``). The tokenizer is SentencePiece BPE (``tokenizer.ggml.model ==
+"llama"``, :meth:`lowbit.data.tokenizer.Tokenizer.from_gguf_sentencepiece`). Model checkpoints of
+another family than Llama record it in ``extra.json`` as ``"model_family"``.
 """
 
 from __future__ import annotations
@@ -45,10 +57,11 @@ from lowbit.models.llama import LlamaConfig, check_params, nest, permute_qk_inte
 from lowbit.data.tokenizer import Tokenizer
 
 __all__ = ["load_model", "save_model", "load_gguf", "load_hf_dir", "load_checkpoint",
-           "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GGUF_ARCHITECTURES"]
+           "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GEMMA3_MODEL", "GGUF_ARCHITECTURES"]
 
 DEFAULT_MODEL = "smollm2-135m"
-GGUF_ARCHITECTURES = ("llama",)
+GGUF_ARCHITECTURES = ("llama", "gemma3")
+GEMMA3_MODEL = "gemma3-270m"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -81,6 +94,8 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
 
     Hyper-parameters come from the ``llama.*`` metadata keys, the tokenizer from
     ``tokenizer.ggml.*`` (byte-level BPE). ``dtype`` is both the parameter and the compute dtype.
+    A ``gemma3`` file gives :mod:`lowbit.models.gemma3` params and a ``Gemma3Config`` instead
+    (:func:`_load_gguf_gemma3`; ``unpermute_qk`` does not apply: Gemma's q/k rows are stored as is).
     """
     import gguf
 
@@ -93,7 +108,10 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
     arch = _gguf_value(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                         f"{list(GGUF_ARCHITECTURES)} (Llama-family decoders: Llama, Mistral, SmolLM)")
+                         f"{list(GGUF_ARCHITECTURES)} (Llama-family decoders: Llama, Mistral, SmolLM; "
+                         "Gemma-3 text decoders)")
+    if arch == "gemma3":
+        return _load_gguf_gemma3(reader, path, dtype=dtype)
 
     def key(k, default=None, required=False):
         v = _gguf_value(reader, f"{arch}.{k}", default)
@@ -164,6 +182,115 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
     return params, cfg, _gguf_tokenizer(reader, path, tokens)
 
 
+_GGUF_GEMMA3_LAYER = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                      "attn_q": "self_attn/q_proj", "attn_k": "self_attn/k_proj", "attn_v": "self_attn/v_proj",
+                      "attn_output": "self_attn/o_proj", "attn_q_norm": "self_attn/q_norm",
+                      "attn_k_norm": "self_attn/k_norm", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
+                      "ffn_down": "mlp/down_proj"}
+
+
+def _load_gguf_gemma3(reader, path: str, *, dtype="float32"):
+    """A Gemma-3 text GGUF -> ``(params, cfg: Gemma3Config, tokenizer)`` (see the module docstring)."""
+    import gguf
+
+    from lowbit.models import gemma3
+
+    def key(k, default=None, required=False):
+        v = _gguf_value(reader, f"gemma3.{k}", default)
+        if v is None and required:
+            raise ValueError(f"{path}: GGUF metadata key gemma3.{k} is missing")
+        return v
+
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    layers = int(key("block_count", required=True))
+    heads = int(key("attention.head_count", required=True))
+    hidden = int(key("embedding_length", required=True))
+    head_dim = int(key("attention.key_length", 0) or hidden // heads)
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise ValueError(f"{path}: attention.value_length != key_length is not supported")
+    pattern = key("attention.sliding_window_pattern")
+    kw: dict[str, Any] = {}
+    if isinstance(pattern, (list, tuple)):          # per-layer flags (True = sliding window)
+        if len(pattern) != layers:
+            raise ValueError(f"{path}: gemma3.attention.sliding_window_pattern has {len(pattern)} "
+                             f"entries for {layers} layers")
+        kw["layer_types"] = tuple("sliding_attention" if f else "full_attention" for f in pattern)
+    elif pattern is not None:
+        kw["sliding_window_pattern"] = int(pattern)
+    else:
+        kw["sliding_window_pattern"] = 6            # llama.cpp's fixed Gemma-3 pattern
+    scaling = key("rope.scaling.type")
+    if scaling == "linear":
+        kw["rope_scaling_factor"] = float(key("rope.scaling.factor", 1.0))
+    elif scaling not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none, linear)")
+    # llama.cpp: scores scaled by 1/sqrt(head_dim), except Gemma-3 27B (62 layers): 1/sqrt(hidden/heads)
+    scalar = float(hidden // heads) if layers == 62 else float(head_dim)
+    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens else 0))
+    if not vocab:
+        raise ValueError(f"{path}: cannot tell the vocabulary size (no gemma3.vocab_size, no tokens)")
+    names = {t.name for t in reader.tensors}
+    cfg = gemma3.Gemma3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length", required=True)),
+        num_layers=layers, num_heads=heads, num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim, rope_theta=float(key("rope.freq_base", 1_000_000.0)),
+        rope_local_theta=float(key("rope.freq_base_swa", 10_000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(key("context_length", 32768)),
+        sliding_window=int(key("attention.sliding_window", 4096)), query_pre_attn_scalar=scalar,
+        final_logit_softcapping=key("final_logit_softcapping"),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        dtype=str(jnp.dtype(dtype)), **kw)
+
+    flat: dict[str, np.ndarray] = {}
+    unknown = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(list(t.shape)))
+        if t.name in _GGUF_GLOBAL:
+            path_ = _GGUF_GLOBAL[t.name]
+        else:
+            m = _GGUF_TENSOR.match(t.name)
+            if not m or m.group(3) != "weight" or m.group(2) not in _GGUF_GEMMA3_LAYER:
+                unknown.append(t.name)
+                continue
+            path_ = f"layers/{m.group(1)}/{_GGUF_GEMMA3_LAYER[m.group(2)]}"
+        try:
+            a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        if path_.endswith("norm"):                  # llama.cpp stores Gemma norms as 1 + w
+            a = a - np.float32(1.0)
+        flat[path_] = a
+    if unknown:
+        raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a gemma3 model")
+    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
+    gemma3.check_params(params, cfg)
+    model = _gguf_value(reader, "tokenizer.ggml.model")
+    if model == "llama":
+        tok = _gguf_sentencepiece_tokenizer(reader, path, tokens)
+    else:
+        tok = _gguf_tokenizer(reader, path, tokens)
+    return params, cfg, tok
+
+
+def _gguf_sentencepiece_tokenizer(reader, path: str, tokens) -> Tokenizer:
+    if tokens is None:
+        raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
+    try:
+        return Tokenizer.from_gguf_sentencepiece(
+            tokens, token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
+            merges=_gguf_value(reader, "tokenizer.ggml.merges"),
+            add_space_prefix=bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", False)),
+            bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+            unk_id=_gguf_value(reader, "tokenizer.ggml.unknown_token_id"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def _gguf_tokenizer(reader, path: str, tokens) -> Tokenizer:
     if tokens is None:
         raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
@@ -185,6 +312,7 @@ _HF_LAYER = {"input_layernorm.weight": "input_layernorm",
              "post_attention_layernorm.weight": "post_attention_layernorm",
              **{f"self_attn.{p}_proj.weight": f"self_attn/{p}_proj" for p in "qkvo"},
              **{f"self_attn.{p}_proj.bias": f"self_attn/{p}_bias" for p in "qkvo"},
+             **{f"self_attn.{p}_norm.weight": f"self_attn/{p}_norm" for p in "qk"},  # Qwen3
              **{f"mlp.{p}_proj.weight": f"mlp/{p}_proj" for p in ("gate", "up", "down")}}
 _HF_TENSOR = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 _HF_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -289,13 +417,16 @@ def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None,
     """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention)."""
     from lowbit.io import checkpoint
 
-    check_params(params, cfg)
+    family, _, check = _family_api(cfg)
+    check(params, cfg)
     meta = dict(extra or {})
-    clash = {"lowbit_model", "model_config", "tokenizer"} & set(meta)
+    clash = {"lowbit_model", "model_config", "tokenizer", "model_family"} & set(meta)
     if clash:
         raise ValueError(f"extra: keys {sorted(clash)} are reserved by save_model")
     meta.update({"lowbit_model": 1, "model_config": cfg.to_dict(),
                  "tokenizer": tokenizer.to_json() if tokenizer is not None else None})
+    if family != "llama":  # Llama checkpoints stay as they were (no key = llama)
+        meta["model_family"] = family
     return checkpoint.save(path, params, extra=meta)
 
 
@@ -307,7 +438,8 @@ def load_checkpoint(path: str, *, dtype=None):
     if "model_config" not in extra:
         raise ValueError(f"{path}: lowbit checkpoint without 'model_config' in extra.json "
                          "(not written by lowbit.models.save_model)")
-    cfg = LlamaConfig.from_dict(extra["model_config"])
+    _, config_cls, check = _family_api(extra.get("model_family", "llama"), path)
+    cfg = config_cls.from_dict(extra["model_config"])
     params = checkpoint.restore(path)
     if dtype is not None:
         import jax
@@ -319,7 +451,7 @@ def load_checkpoint(path: str, *, dtype=None):
             lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
             is_leaf=lambda x: isinstance(x, QuantizedTensor))
         cfg = cfg.replace(dtype=str(dt))
-    check_params(params, cfg)
+    check(params, cfg)
     tok = extra.get("tokenizer")
     if tok is None:
         tokenizer = None
@@ -336,6 +468,23 @@ def load_checkpoint(path: str, *, dtype=None):
     return params, cfg, tokenizer
 
 
+def _family_api(cfg_or_name, where: str = ""):
+    """``(family name, config class, check_params)`` of a config instance or a family name."""
+    from lowbit.models import gemma3, llama
+
+    api = {"llama": (llama.LlamaConfig, llama.check_params),
+           "gemma3": (gemma3.Gemma3Config, gemma3.check_params)}
+    if isinstance(cfg_or_name, str):
+        if cfg_or_name not in api:
+            raise ValueError(f"{where}: model_family {cfg_or_name!r} is not supported; supported: {sorted(api)}")
+        return (cfg_or_name, *api[cfg_or_name])
+    for name, (cls, check) in api.items():
+        if isinstance(cfg_or_name, cls):
+            return name, cls, check
+    raise ValueError(f"cfg: {type(cfg_or_name).__name__} is not a config of a model family with "
+                     f"checkpoint support ({sorted(api)})")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def resolve_model(name_or_path: str) -> tuple[str, str]:
@@ -346,6 +495,10 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
         from lowbit.io import assets
 
         return "gguf", assets.smollm2_gguf()
+    if name_or_path.lower() in (GEMMA3_MODEL, "gemma-3-270m"):
+        from lowbit.io import assets
+
+        return "gguf", assets.gemma3_270m_gguf()
     p = os.path.expanduser(name_or_path)
     if os.path.isfile(p):
         if p.endswith(".gguf"):
@@ -367,7 +520,7 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/")):
         return "hub", name_or_path
     raise FileNotFoundError(f"model {name_or_path!r}: no such file or directory; expected "
-                            f"{DEFAULT_MODEL!r}, a .gguf file, an HF model directory, a lowbit "
+                            f"{DEFAULT_MODEL!r}, {GEMMA3_MODEL!r}, a .gguf file, an HF model directory, a lowbit "
                             "checkpoint directory or a hub id 'owner/name'")
 
 

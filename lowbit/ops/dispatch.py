@@ -14,7 +14,9 @@ path (:func:`lowbit.core.quantizers.qlinear`). Kernel modes (:func:`set_kernel_m
 * ``"interpret"`` / ``"interpret_tpu"``: the GPU / TPU kernels in Pallas interpret mode on any
   backend (tests and debugging on CPU; slow).
 
-The mode is read when ``linear`` is traced: change it before jitting. A ``QuantizedTensor`` is
+The mode is read when ``linear`` is traced and is part of ``jax.jit``'s cache key (a
+``jax.make_user_context``): a function jitted under one mode is re-traced when called under
+another, never silently run with the stale path. ``$LOWBIT_KERNELS`` is read once, at import. A ``QuantizedTensor`` is
 converted to the kernel layout on every call (an unpack + repack of the weight); convert once at
 load time with :func:`lowbit.ops.kernel_format.prepare` and pass the resulting ``KernelWeight``.
 """
@@ -32,7 +34,6 @@ __all__ = ["linear", "set_kernel_mode", "get_kernel_mode", "kernel_mode", "KERNE
 
 KERNEL_MODES = ("auto", "off", "interpret", "interpret_tpu")
 _ENV = "LOWBIT_KERNELS"
-_mode: str | None = None  # None: follow the environment variable
 
 
 def _validate(mode: str, source: str) -> str:
@@ -41,29 +42,27 @@ def _validate(mode: str, source: str) -> str:
     return mode
 
 
+_ENV_MODE = _validate(os.environ.get(_ENV, "auto").strip().lower() or "auto", _ENV)
+#: the active mode, in jit cache keys (None: ``$LOWBIT_KERNELS`` as read at import, else "auto")
+_MODE = jax.make_user_context(default_value=None)
+
+
 def get_kernel_mode() -> str:
-    """The active kernel mode (:func:`set_kernel_mode`, else ``$LOWBIT_KERNELS``, else ``"auto"``)."""
-    if _mode is not None:
-        return _mode
-    return _validate(os.environ.get(_ENV, "auto").strip().lower() or "auto", _ENV)
+    """The active kernel mode (:func:`kernel_mode` / :func:`set_kernel_mode`, else ``$LOWBIT_KERNELS``
+    as read at import, else ``"auto"``)."""
+    return _MODE.value if _MODE.value is not None else _ENV_MODE
 
 
 def set_kernel_mode(mode: str | None) -> None:
     """Set the kernel mode for this process (``None``: back to ``$LOWBIT_KERNELS`` / ``"auto"``)."""
-    global _mode
-    _mode = None if mode is None else _validate(mode, "mode")
+    _MODE.set_global(None if mode is None else _validate(mode, "mode"))
 
 
 @contextlib.contextmanager
 def kernel_mode(mode: str | None):
-    """``with kernel_mode("interpret"): ...`` sets the mode for the block."""
-    global _mode
-    prev = _mode
-    set_kernel_mode(mode)
-    try:
+    """``with kernel_mode("interpret"): ...`` sets the mode for the block (thread-local)."""
+    with _MODE(None if mode is None else _validate(mode, "mode")):
         yield
-    finally:
-        _mode = prev
 
 
 def _target() -> tuple[str, bool] | None:
@@ -75,10 +74,9 @@ def _target() -> tuple[str, bool] | None:
         return "gpu", True
     if mode == "interpret_tpu":
         return "tpu", True
-    import lowbit.ops.kernel_format  # noqa: F401  (makes lowbit.kernels importable without an install)
-    from lowbit.kernels import _compat
+    from lowbit.kernels import compat
 
-    backend = _compat.default_backend()
+    backend = compat.default_backend()
     return (backend, False) if backend in ("gpu", "tpu") else None
 
 
@@ -89,7 +87,6 @@ def select_kernel(x, kw, target: tuple[str, bool] | None = None):
     if target is None:
         return None, False
     platform, interpret = target
-    import lowbit.ops.kernel_format  # noqa: F401
     if platform == "gpu":
         from lowbit.kernels import onebit_matmul, quant_matmul
 
@@ -128,7 +125,6 @@ def _kernel_weight_linear(x, w):
     fn, interpret = select_kernel(x, w)
     if fn is not None:
         return fn(x, w, interpret=interpret)
-    import lowbit.ops.kernel_format  # noqa: F401
     from lowbit.kernels.quant_matmul import quant_matmul_reference
 
     return quant_matmul_reference(x, w)
@@ -137,7 +133,7 @@ def _kernel_weight_linear(x, w):
 def linear(x, w, bias=None):
     """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor or
     KernelWeight (see the module docstring for when the Pallas kernels run)."""
-    from lowbit.ops.kernel_format import KernelWeight  # also makes lowbit.kernels importable
+    from lowbit.ops.kernel_format import KernelWeight
     from lowbit.core.qtensor import QuantizedTensor  # local: qtensor imports numerics only
 
     if isinstance(w, QuantizedTensor):

@@ -23,7 +23,7 @@ from lowbit.kernels.layout import (KernelWeight, MAX_TABLE, N_ALIGN, SUPPORTED_B
                                    pack_block, pack_planes)
 from lowbit.core.pack import unpack
 from lowbit.core.qtensor import QuantizedTensor
-from lowbit.core.quantizers import _scale_table
+from lowbit.core.quantizers import scale_table
 
 __all__ = ["check", "supports", "to_kernel_layout", "prepare", "KernelWeight"]
 
@@ -79,7 +79,7 @@ def _convert(q: QuantizedTensor, scale_dtype: str, tile_rows: int) -> KernelWeig
     codes = jnp.pad(codes.T, ((0, kp - k), (0, np_ - n)))           # (Kp, Np)
     planes = pack_planes(codes, bits, tile_rows)
 
-    table = _scale_table(q)                                          # (N or 1, G) float32
+    table = scale_table(q)                                          # (N or 1, G) float32
     per_channel = q.per_tensor or q.group_size == k
     if per_channel:
         group_size, g_rows = None, 1

@@ -93,10 +93,20 @@ def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_laye
     recipe = build_recipe(m)
     if recipe is None:
         return params, []
-    return quantize_model(params, mcfg, recipe, windows, batch_size=calib.batch_size,
-                          true_sequential=calib.true_sequential, skip_first=calib.skip_first,
-                          token_cap=calib.token_cap, start_layer=start_layer, on_layer=on_layer,
-                          progress=progress)
+
+    def tagged(i, new_params, rows):  # every report row names the method that made it
+        for r in rows:
+            r["method"] = m.method
+        if on_layer is not None:
+            on_layer(i, new_params, rows)
+
+    qparams, rows = quantize_model(params, mcfg, recipe, windows, batch_size=calib.batch_size,
+                                   true_sequential=calib.true_sequential, skip_first=calib.skip_first,
+                                   token_cap=calib.token_cap, start_layer=start_layer, on_layer=tagged,
+                                   progress=progress)
+    for r in rows:
+        r["method"] = m.method
+    return qparams, rows
 
 
 def model_size(params) -> dict:
@@ -277,7 +287,6 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     """
     from lowbit import data
     from lowbit.calib.driver import quantize_model
-    from lowbit.cli import environment_info, peak_rss_mb
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
 

@@ -12,8 +12,14 @@ is rewritten on every run, everything outside is prose::
     <!-- lowbit:rows bench_gptq -->             the "rows" of results/bench_gptq/results.json
     <!-- /lowbit -->
 
-A block whose results are missing says so (and which command produces them) instead of keeping
-stale numbers.
+Results are read from ``paper/results/`` by default: the small files behind every block
+(``metrics.json``, ``summary.*``, per-layer CSVs, the resolved configs; no checkpoints) are
+committed there, so ``lowbit paper`` on a fresh clone reproduces ``paper/report.md`` byte for byte
+(a test checks it). Regenerate them with ``lowbit run CONFIG --results paper/results``.
+
+A results root that does not exist is an error. A block whose results are missing keeps its
+current content with a warning (a partial results folder never wipes the report); a block that
+never had results says which command produces them.
 """
 
 from __future__ import annotations
@@ -23,10 +29,18 @@ import json
 import os
 import re
 import shutil
+import sys
 
 __all__ = ["render"]
 
 _BLOCK = re.compile(r"(<!-- lowbit:(\w+) ([\w.\-/]+) -->\n)(.*?)(<!-- /lowbit -->)", re.S)
+
+
+DEFAULT_RESULTS = "paper/results"
+
+
+class _Missing(str):
+    """The placeholder body of a block whose results are missing."""
 
 
 def _missing(kind: str, name: str) -> str:
@@ -34,7 +48,7 @@ def _missing(kind: str, name: str) -> str:
         how = f"`python experiments/{name.split('/')[0]}.py`"
     else:
         how = f"`lowbit run configs/{name.split('-')[0]}.yaml`"
-    return f"_No results for `{name}` yet: run {how}, then `lowbit paper`._\n"
+    return _Missing(f"_No results for `{name}` yet: run {how}, then `lowbit paper`._\n")
 
 
 def _table(results: str, name: str, **_) -> str:
@@ -109,10 +123,13 @@ def _rows(results: str, name: str, **_) -> str:
 _KINDS = {"table": _table, "figure": _figure, "provenance": _provenance, "rows": _rows}
 
 
-def render(report: str = "paper/report.md", results: str = "results", figures: str | None = None) -> dict:
-    """Rewrite every generated block of ``report`` in place; returns ``{name: kind}`` of the blocks."""
+def render(report: str = "paper/report.md", results: str = DEFAULT_RESULTS, figures: str | None = None) -> dict:
+    """Rewrite every generated block of ``report`` in place; returns ``{name: kind}`` of the blocks
+    (``kind`` suffixed ``" (kept)"`` where missing results left a block's content as it was)."""
     if not os.path.isfile(report):
         raise FileNotFoundError(f"report {report}: no such file")
+    if not os.path.isdir(results):
+        raise FileNotFoundError(f"results {results}: no such directory (lowbit run CONFIG --results {results})")
     report_dir = os.path.dirname(os.path.abspath(report))
     figures = figures or os.path.join(report_dir, "figures")
     with open(report) as f:
@@ -123,8 +140,14 @@ def render(report: str = "paper/report.md", results: str = "results", figures: s
         kind, name = m.group(2), m.group(3)
         if kind not in _KINDS:
             raise ValueError(f"{report}: unknown block kind {kind!r} (expected one of {sorted(_KINDS)})")
-        done[f"{kind}:{name}"] = kind
         body = _KINDS[kind](results=results, name=name, figures=figures, report_dir=report_dir)
+        old = m.group(4)
+        if isinstance(body, _Missing) and old.strip() and not old.startswith("_No results for"):
+            print(f"lowbit paper: warning: no results for {kind} {name!r} under {results}/; "
+                  "kept the block as it was", file=sys.stderr)
+            done[f"{kind}:{name}"] = kind + " (kept)"
+            return m.group(0)
+        done[f"{kind}:{name}"] = kind
         return m.group(1) + body + m.group(5)
 
     new = _BLOCK.sub(sub, text)
