@@ -51,7 +51,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lowbit.ops import kernel_format as kernel_layout
+from lowbit.ops import kernel_format
 from lowbit.core import numerics  # noqa: E402
 from lowbit.kernels import compat  # noqa: E402
 from lowbit.kernels import onebit_matmul as ob  # noqa: E402
@@ -356,7 +356,7 @@ def run(args):
 def build_operands(c: Case, key, args, target):
     key = jax.random.fold_in(key, hash(c.wkey) % (2**31))
     q = random_qtensor(key, c.n, c.k, c.bits, c.group, c.fmt)
-    kw = kernel_layout.to_kernel_layout(q, scale_dtype=jnp.float32 if target == "tpu" else None,
+    kw = kernel_format.to_kernel_layout(q, scale_dtype=jnp.float32 if target == "tpu" else None,
                                         tile_rows=args.tile_rows)
     kw = jax.block_until_ready(kw)
     n_kw = copies_for(tree_nbytes(kw), args)

@@ -1,9 +1,9 @@
 """The kernels' packed weight layout ("blocked planes") and the operand bundle :class:`KernelWeight`.
 
 lowbit stores ``W[out=N, in=K]`` packed along K per row, with 3-bit codes spanning words
-(``lowbit/pack.py``). The kernels compute ``x[M, K] @ W^T`` and want, for a tile of ``BN`` output
+(``lowbit/core/pack.py``). The kernels compute ``x[M, K] @ W^T`` and want, for a tile of ``BN`` output
 columns, a few contiguous rows of 32-bit words whose unpacking needs no reshape, no gather and no
-word-spanning code. So weights are converted once (``lowbit/kernel_layout.py``) into this layout.
+word-spanning code. So weights are converted once (``lowbit/ops/kernel_format.py``) into this layout.
 
 Orientation: K-major, ``planes[p][K-word-row, N]`` (int32 bit patterns), so that a tile is
 ``(rows, BN)`` with N contiguous in memory (wide, coalesced loads along N).

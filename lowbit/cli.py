@@ -70,6 +70,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter / activation dtype (logits and log-softmax stay float32)")
+    p.add_argument("--bos", action="store_true",
+                   help="start every window with the BOS token (windows of seqlen-1 text tokens); needed by "
+                        "models trained to always see BOS (Gemma). Default: the GPTQ protocol, no BOS")
     p.add_argument("--out", default=None, help="write the JSON record here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -92,10 +95,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     tokens = tok.encode(text)
     t_tok = time.perf_counter() - t1
-    windows = data.eval_windows(tokens, args.seqlen, args.max_windows)
+    if args.bos and tok.bos_id is None:
+        raise ValueError(f"--bos: the tokenizer of {args.model!r} has no BOS token")
+    bos_id = tok.bos_id if args.bos else None
+    windows = data.eval_windows(tokens, args.seqlen - args.bos, args.max_windows)
     res = perplexity(params, cfg, windows, batch_size=args.batch_size, progress=not args.no_progress,
                      desc=f"{os.path.basename(str(args.model))} {args.data}/{args.split}",
-                     token_bytes=tok.token_bytes())
+                     token_bytes=tok.token_bytes(), bos_id=bos_id)
     record = {
         "command": "eval", "argv": sys.argv[1:],
         "model": {"name_or_path": args.model, "kind": fp["kind"], "path": fp["path"],
@@ -103,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": {"name_or_path": args.data, "split": args.split, "text_sha256": sha256_text(text),
                  "n_chars": len(text), "n_tokens_total": int(len(tokens)),
                  "tokens_sha256": hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()},
-        "protocol": {"name": "gptq", "bos": False, "seqlen": res["seqlen"], "n_windows": res["n_windows"],
+        "protocol": {"name": "gptq", "bos": bool(args.bos), "seqlen": res["seqlen"], "n_windows": res["n_windows"],
                      "max_windows": args.max_windows, "batch_size": args.batch_size,
                      "predicted_per_window": res["seqlen"] - 1},
         "ppl": res["ppl"], "nll": res["nll"], "bits_per_byte": res["bits_per_byte"], "n_bytes": res["n_bytes"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from conftest import _TRAIN_TEXT
@@ -47,3 +46,25 @@ def test_perplexity_reports_bits_per_byte(tiny_tokenizer):
     assert r["n_bytes"] == want_bytes
     assert r["bits_per_byte"] == pytest.approx(r["nll"] * r["n_tokens"] / math.log(2) / want_bytes, rel=1e-12)
     assert "bits_per_byte" not in perplexity(params, cfg, ids, seqlen=32, progress=False)
+
+
+def test_bos_windows_predict_every_text_token(tiny_tokenizer):
+    import jax
+
+    from lowbit.eval import perplexity
+    from lowbit.models.llama import LlamaConfig, init_params
+
+    cfg = LlamaConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=2, num_kv_heads=1, max_position_embeddings=64)
+    params = init_params(jax.random.key(0), cfg)
+    ids = tiny_tokenizer.encode(_TRAIN_TEXT * 2)
+    nb = tiny_tokenizer.token_bytes()
+    r = perplexity(params, cfg, ids, seqlen=32, progress=False, token_bytes=nb, bos_id=1, return_nlls=True)
+    n = len(ids) // 31
+    assert r["n_windows"] == n and r["seqlen"] == 32 and r["n_tokens"] == n * 31
+    assert r["n_bytes"] == int(nb[ids[: n * 31]].sum())          # every text token is predicted once
+    # the same windows pre-cut: identical
+    pre = perplexity(params, cfg, ids[: n * 31].reshape(n, 31), seqlen=32, progress=False, bos_id=1)
+    assert pre["nll"] == r["nll"]
+    with pytest.raises(ValueError, match="bos_id"):
+        perplexity(params, cfg, ids, seqlen=32, progress=False, bos_id=10**6)

@@ -4,16 +4,11 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
-import yaml
 
 from lowbit.runner import paper
 from lowbit.runner.config import load_config
 from lowbit.runner.experiment import experiment_dir, run_experiment
-from lowbit.models import llama
-from lowbit.models.loaders import save_model
-from lowbit.data.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def setup(tiny_experiment):
@@ -117,3 +112,21 @@ def test_cli_quantize_eval_export(setup, tmp_path, capsys):
     assert qc["bits"] == 4 and qc["desc_act"] is True and qc["damp_percent"] == 0.01
     assert main(["quantize", "--model", str(root / "model"), "--method", "rtn", "--bits", "9", "--out", ckpt]) == 2
     assert "bits=9" in capsys.readouterr().err
+
+
+def test_expectations_are_checked_row_by_row(setup, capsys):
+    from lowbit.runner.experiment import check_expectations
+
+    root, path = setup
+    cfg = load_config(str(path), overrides=["expect={tolerance: 0.05, rows: {fp: {corpus: 10.0}, "
+                                            "rtn-w3g32: {corpus: 20.0}, gone: {corpus: 5.0}}}"])
+    summary = {"runs": [{"name": "fp", "ppl": {"corpus": 10.2}}, {"name": "rtn-w3g32", "ppl": {"corpus": 25.0}}]}
+    got = {(e["name"], e["ok"]) for e in check_expectations(cfg, summary)}
+    assert got == {("fp", True), ("rtn-w3g32", False), ("gone", False)}
+    out = capsys.readouterr().out
+    assert "DEPARTS" in out and "2 of 3 rows depart" in out
+    # a variant runs another protocol: its rows are not held to the main expectations
+    small = load_config(str(path), variant="small", overrides=["expect={rows: {fp: {corpus: 10.0}}}"])
+    assert check_expectations(small, summary) == []
+    with pytest.raises(ValueError, match="expect.rows.fp.corpus"):
+        load_config(str(path), overrides=["expect={rows: {fp: {corpus: -1}}}"])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lowbit import QuantSpec, dequantize, ops, quantize
-from lowbit.ops import kernel_format as kernel_layout
+from lowbit.ops import kernel_format
 from lowbit.core import numerics
 from lowbit.kernels import layout, onebit_matmul as ob, quant_matmul as qm, quant_matmul_tpu as qt
 from lowbit.core.quantizers import qlinear
@@ -128,7 +128,7 @@ def test_reference_equals_dequantize(spec):
     """to_kernel_layout + *_reference == x @ dequantize(q).T (ragged K, N: padding is invisible)."""
     q = _q(spec, 136, 384)
     x = _x(5, 384)
-    kw = kernel_layout.to_kernel_layout(q)
+    kw = kernel_format.to_kernel_layout(q)
     assert kw.k_pad % kw.pack_block == 0 and kw.n_pad % layout.N_ALIGN == 0
     exact = _exact(x, q)
     for ref in (qm.quant_matmul_reference, qt.quant_matmul_tpu_reference):
@@ -145,19 +145,19 @@ def test_reference_perm_and_col_scale(variant):
     if variant in ("col_scale", "both"):
         q = _with_col_scale(q)
     x = _x(3, 256)
-    kw = kernel_layout.to_kernel_layout(q)
+    kw = kernel_format.to_kernel_layout(q)
     assert _rel(qm.quant_matmul_reference(x, kw, out_dtype=jnp.float32), _exact(x, q)) < 1e-5
 
 
 def test_unsupported_conversion_is_explained():
     q = _q(QuantSpec(bits=5, group_size=32), 64, 256)
-    assert "bits=5" in kernel_layout.check(q)
+    assert "bits=5" in kernel_format.check(q)
     with pytest.raises(ValueError, match="bits=5"):
-        kernel_layout.to_kernel_layout(q)
-    assert "group_size=24" in kernel_layout.check(_q(QuantSpec(bits=4, group_size=24), 16, 96))
+        kernel_format.to_kernel_layout(q)
+    assert "group_size=24" in kernel_format.check(_q(QuantSpec(bits=4, group_size=24), 16, 96))
     cb = _q(QuantSpec(bits=5, format="codebook", levels=numerics.log_levels(5), group_size=32), 16, 64)
-    assert kernel_layout.check(cb) is not None
-    tree = kernel_layout.prepare({"a": _q(QuantSpec(bits=4, group_size=32), 16, 64), "b": q, "c": jnp.ones(3)})
+    assert kernel_format.check(cb) is not None
+    tree = kernel_format.prepare({"a": _q(QuantSpec(bits=4, group_size=32), 16, 64), "b": q, "c": jnp.ones(3)})
     assert isinstance(tree["a"], layout.KernelWeight) and tree["b"] is q
 
 
@@ -205,7 +205,7 @@ def _case_id(case):
 
 
 def _check_kernel(fn, ref, q, x, bs, **kw_args):
-    kw = kernel_layout.to_kernel_layout(q, **kw_args)
+    kw = kernel_format.to_kernel_layout(q, **kw_args)
     y = _interpret(fn, x, kw, block_sizes=bs)
     assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == jnp.bfloat16
     assert _rel(y, ref(x, kw, out_dtype=jnp.float32)) < TOL
@@ -223,14 +223,14 @@ def test_quant_matmul_tile_rows_64():
     q = _q(QuantSpec(bits=4, group_size=32), 136, 640)
     _check_kernel(qm.quant_matmul, qm.quant_matmul_reference, q, _x(3, 640),
                   qm.BlockSizes(block_m=16, block_n=64, block_k=512), tile_rows=64)
-    kw = kernel_layout.to_kernel_layout(q, tile_rows=64)
+    kw = kernel_format.to_kernel_layout(q, tile_rows=64)
     assert kw.pack_block == 512 and kw.k_pad == 1024
     assert "xla.gpu.triton" in _export(lambda x, w: qm.quant_matmul(x, w), "cuda", _x(3, 640), kw)
 
 
 def test_quant_matmul_perm_col_scale_and_batch_dims():
     q = _with_col_scale(_with_perm(_q(QuantSpec(bits=4, group_size=32), 72, 256)))
-    kw = kernel_layout.to_kernel_layout(q)
+    kw = kernel_format.to_kernel_layout(q)
     x = _x(6, 256).reshape(2, 3, 256)
     y = _interpret(qm.quant_matmul, x, kw)
     assert y.shape == (2, 3, 72)
@@ -238,7 +238,7 @@ def test_quant_matmul_perm_col_scale_and_batch_dims():
 
 
 def test_resolve_block_sizes():
-    kw = kernel_layout.to_kernel_layout(_q(QuantSpec(bits=4, group_size=128), 512, 4096))
+    kw = kernel_format.to_kernel_layout(_q(QuantSpec(bits=4, group_size=128), 512, 4096))
     bs = qm.resolve_block_sizes(1, kw, None)
     assert bs.block_m == 1 and bs.split_k > 1 and kw.n_blocks % bs.split_k == 0
     assert (kw.n_blocks // bs.split_k) % (bs.block_k // kw.pack_block) == 0
@@ -249,7 +249,7 @@ def test_resolve_block_sizes():
 
 
 def test_check_reasons():
-    kw = kernel_layout.to_kernel_layout(_q(QuantSpec(bits=4, group_size=32), 64, 256))
+    kw = kernel_format.to_kernel_layout(_q(QuantSpec(bits=4, group_size=32), 64, 256))
     x = _x(2, 256)
     assert "bfloat16" in qm.check(x.shape, jnp.float32, kw, interpret=True)
     assert "backend 'cpu'" in qm.check(x.shape, x.dtype, kw, backend="cpu")
@@ -298,7 +298,7 @@ def test_quant_matmul_tpu_interpret(case):
 
 
 def test_tpu_resolve_block_sizes():
-    kw = kernel_layout.to_kernel_layout(_q(QuantSpec(bits=4, group_size=128), 256, 4096))
+    kw = kernel_format.to_kernel_layout(_q(QuantSpec(bits=4, group_size=128), 256, 4096))
     bs, mode = qt.resolve_block_sizes(8, kw)
     assert mode == "blocked" and bs.block_k % 1024 == 0 and bs.block_m == 8
     bs, mode = qt.resolve_block_sizes(4096, kw)
@@ -327,11 +327,11 @@ LOWER_CASES = [
 def test_lowers_to_triton(case):
     """The Pallas -> Triton IR lowering accepts the kernel (power-of-two tiles, supported ops)."""
     spec, m, k, n, bs = case
-    kw = kernel_layout.to_kernel_layout(_q(spec, n, k))
+    kw = kernel_format.to_kernel_layout(_q(spec, n, k))
     txt = _export(lambda x, w: qm.quant_matmul(x, w, block_sizes=bs), "cuda", _x(m, k), kw)
     assert "xla.gpu.triton" in txt
     if spec.bits == 8:
-        kw1 = kernel_layout.to_kernel_layout(_q(QuantSpec(bits=1, format="onebit", group_size=None), n, k))
+        kw1 = kernel_format.to_kernel_layout(_q(QuantSpec(bits=1, format="onebit", group_size=None), n, k))
         for b in (qm.BlockSizes(block_m=1, split_k=2), qm.BlockSizes(block_m=16)):
             txt = _export(lambda x, w: ob.onebit_matmul(x, w, block_sizes=b), "cuda", _x(m, k), kw1)
             assert "xla.gpu.triton" in txt
@@ -341,7 +341,7 @@ def test_lowers_to_triton(case):
 def test_lowers_to_mosaic(case):
     """The Pallas -> Mosaic lowering accepts the TPU kernel ((8, 128) blocks, static aligned slices)."""
     spec, m, k, n, _ = case
-    kw = kernel_layout.to_kernel_layout(_q(spec, n, k), scale_dtype=jnp.float32)
+    kw = kernel_format.to_kernel_layout(_q(spec, n, k), scale_dtype=jnp.float32)
     assert "tpu_custom_call" in _export(lambda x, w: qt.quant_matmul_tpu(x, w), "tpu", _x(m, k), kw)
 
 
@@ -385,7 +385,7 @@ def test_kernel_mode_environment_variable(value, expect):
 def test_linear_auto_on_cpu_is_the_reference():
     q = _q(QuantSpec(bits=4, group_size=32), 64, 256)
     x = _x(3, 256)
-    kw = kernel_layout.to_kernel_layout(q)
+    kw = kernel_format.to_kernel_layout(q)
     with ops.kernel_mode("auto"):
         if jax.default_backend() == "cpu":
             assert ops.select_kernel(x, kw) == (None, False)
@@ -402,10 +402,10 @@ def test_linear_dispatches_to_kernels(mode):
     bias = jnp.linspace(-1, 1, 72)
     ref = qlinear(x, q) + bias.astype(jnp.bfloat16)
     with ops.kernel_mode(mode):
-        fn, interp = ops.select_kernel(x, kernel_layout.to_kernel_layout(q))
+        fn, interp = ops.select_kernel(x, kernel_format.to_kernel_layout(q))
         assert interp and fn.__name__ == ("quant_matmul" if mode == "interpret" else "quant_matmul_tpu")
         y = ops.linear(x, q, bias)
-        y_kw = ops.linear(x, kernel_layout.prepare(q))
+        y_kw = ops.linear(x, kernel_format.prepare(q))
     assert y.shape == (2, 3, 72) and y.dtype == x.dtype
     assert _rel(y, ref) < TOL and _rel(y_kw, qlinear(x, q)) < TOL
 
@@ -414,7 +414,7 @@ def test_linear_dispatch_onebit_and_fallbacks():
     q = _q(QuantSpec(bits=1, format="onebit", group_size=None), 64, 512)
     x = _x(2, 512)
     with ops.kernel_mode("interpret"):
-        fn, _ = ops.select_kernel(x, kernel_layout.to_kernel_layout(q))
+        fn, _ = ops.select_kernel(x, kernel_format.to_kernel_layout(q))
         assert fn.__name__ == "onebit_matmul"
         assert _rel(ops.linear(x, q), qlinear(x, q)) < TOL
         # float32 activations and unsupported weights take the reference path
@@ -459,7 +459,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 ] + [(QuantSpec(bits=4, format="nf4", group_size=64), 1)], ids=str)
 def test_quant_matmul_compiled(spec, m):
     q = _q(spec, 4096 + 128, 4096)
-    kw = kernel_layout.to_kernel_layout(q)
+    kw = kernel_format.to_kernel_layout(q)
     x = _x(m, 4096)
     y = qm.quant_matmul(x, kw)
     assert _rel(y, _exact(x, q)) < TOL
@@ -473,7 +473,7 @@ def test_quant_matmul_compiled(spec, m):
 def test_onebit_matmul_compiled(m):
     q = _q(QuantSpec(bits=1, format="onebit", group_size=None), 2048, 4096)
     x = _x(m, 4096)
-    assert _rel(ob.onebit_matmul(x, kernel_layout.to_kernel_layout(q)), _exact(x, q)) < TOL
+    assert _rel(ob.onebit_matmul(x, kernel_format.to_kernel_layout(q)), _exact(x, q)) < TOL
 
 
 @pytest.mark.gpu
@@ -482,6 +482,6 @@ def test_linear_uses_kernel_on_gpu():
     q = _q(QuantSpec(bits=4, group_size=128), 1024, 2048)
     x = _x(4, 2048)
     with ops.kernel_mode("auto"):
-        fn, interp = ops.select_kernel(x, kernel_layout.to_kernel_layout(q))
+        fn, interp = ops.select_kernel(x, kernel_format.to_kernel_layout(q))
         assert fn is qm.quant_matmul and not interp
         assert _rel(jax.jit(ops.linear)(x, q), qlinear(x, q)) < TOL

@@ -2,9 +2,7 @@
 
 import os
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from lowbit import QuantSpec, data

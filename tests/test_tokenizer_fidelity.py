@@ -28,7 +28,6 @@ import os
 import re
 import unicodedata
 
-import numpy as np
 import pytest
 
 # A bit of everything the split rules treat differently: whitespace runs of every kind (before

@@ -125,7 +125,7 @@ def _windows(tokens, cfg, seqlen: int, max_windows, batch_size: int) -> np.ndarr
 
 def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size: int = 1,
                max_windows: int | None = None, progress: bool = True, desc: str = "perplexity",
-               return_nlls: bool = False, token_bytes=None) -> dict:
+               return_nlls: bool = False, token_bytes=None, bos_id: int | None = None) -> dict:
     """Perplexity of ``tokens`` (a 1-D stream, windowed here, or pre-cut ``(n, seqlen)`` windows).
 
     Returns ``{"ppl", "nll", "n_tokens" (predicted), "n_windows", "seqlen", "batch_size",
@@ -137,7 +137,19 @@ def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size:
     With ``token_bytes`` (``(vocab,)`` UTF-8 bytes per id, :meth:`lowbit.data.tokenizer.Tokenizer.token_bytes`)
     also ``"n_bytes"`` (bytes of the predicted tokens' text) and ``"bits_per_byte"`` = total NLL in
     bits / ``n_bytes``: a tokenizer-independent number that compares across tokenizers and tools.
+
+    With ``bos_id`` every window starts with that BOS token and holds ``seqlen - 1`` text tokens
+    (a stream is cut into windows of ``seqlen - 1``; pre-cut windows get the BOS prepended), so
+    every text token is predicted and the first one is conditioned on BOS: models trained to always
+    see BOS (Gemma) are far off without it. The default (``None``) is the GPTQ protocol: no BOS.
     """
+    if bos_id is not None:
+        if not 0 <= int(bos_id) < cfg.vocab_size:
+            raise ValueError(f"bos_id={bos_id}: outside the vocabulary [0, {cfg.vocab_size})")
+        text = np.asarray(tokens)
+        if text.ndim == 1:
+            text = make_windows(text, seqlen - 1, max_windows)
+        tokens = np.concatenate([np.full((text.shape[0], 1), int(bos_id), text.dtype), text], axis=1)
     windows = _windows(tokens, cfg, seqlen, max_windows, batch_size)
     n, seqlen = windows.shape
     t0 = time.perf_counter()

@@ -107,10 +107,10 @@ def _quantized_linear(x, w):
 
     target = _target()
     if target is not None:
-        from lowbit.ops import kernel_format as kernel_layout
+        from lowbit.ops import kernel_format
 
-        if kernel_layout.supports(w) and x.shape[-1] == w.shape[1]:
-            conv = functools.partial(kernel_layout.to_kernel_layout,
+        if kernel_format.supports(w) and x.shape[-1] == w.shape[1]:
+            conv = functools.partial(kernel_format.to_kernel_layout,
                                      scale_dtype=jnp.float32 if target[0] == "tpu" else None)
             fn, interpret = select_kernel(x, jax.eval_shape(conv, w), target)
             if fn is not None:

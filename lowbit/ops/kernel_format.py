@@ -1,6 +1,6 @@
 """Convert a :class:`~lowbit.core.qtensor.QuantizedTensor` into the Pallas kernels' operands, once.
 
-lowbit's layout (``lowbit/pack.py``) packs ``W[out, in]`` along ``in`` per row, with 3-bit codes
+lowbit's layout (``lowbit/core/pack.py``) packs ``W[out, in]`` along ``in`` per row, with 3-bit codes
 spanning words. The kernels (``kernels/``, installed as ``lowbit.kernels``) read the K-major
 "blocked planes" layout documented in ``kernels/layout.py`` instead. Converting costs an unpack and a
 repack of the whole weight, so do it at load time::

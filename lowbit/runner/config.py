@@ -114,6 +114,7 @@ class EvalCfg:
     seqlen: int = 2048
     max_windows: int | None = None
     batch_size: int = 4
+    bos: bool = False        # start every window with the tokenizer's BOS (Gemma); False: the GPTQ protocol
 
 
 @dataclasses.dataclass(frozen=True)

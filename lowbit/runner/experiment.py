@@ -286,7 +286,6 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     has been checkpointed.
     """
     from lowbit import data
-    from lowbit.calib.driver import quantize_model
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
 
@@ -322,9 +321,16 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         calib_s = time.perf_counter() - t0
 
         evals = {}
+        bos_id = None
+        if cfg.eval.bos:
+            if tok.bos_id is None:
+                raise ValueError(f"eval.bos=true but the tokenizer of {cfg.model} has no BOS token")
+            bos_id = tok.bos_id
         for d in cfg.eval.data:
             text = data.corpus_text(d, cfg.eval.split)
-            evals[d] = data.eval_windows(tok.encode(text), cfg.eval.seqlen, cfg.eval.max_windows)
+            # with a BOS, windows hold seqlen - 1 text tokens (perplexity prepends the BOS)
+            evals[d] = data.eval_windows(tok.encode(text), cfg.eval.seqlen - (bos_id is not None),
+                                         cfg.eval.max_windows)
             _log(f"eval data {d}/{cfg.eval.split}: {evals[d].shape[0]} windows of {cfg.eval.seqlen} tokens")
 
     for m, h in pending:
@@ -363,7 +369,7 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         results = {}
         for d, windows in evals.items():
             r = perplexity(qparams, mcfg, windows, batch_size=cfg.eval.batch_size, progress=progress,
-                           desc=f"{m.name} {d}", token_bytes=tok.token_bytes())
+                           desc=f"{m.name} {d}", token_bytes=tok.token_bytes(), bos_id=bos_id)
             results[d] = {k: r[k] for k in ("ppl", "nll", "bits_per_byte", "n_bytes", "n_tokens", "n_windows",
                                             "seqlen", "top1_acc", "tokens_per_s", "wall_s")}
             _log(f"{m.name} {d}: ppl {r['ppl']:.3f}, {r['bits_per_byte']:.4f} bits/byte ({r['n_windows']} windows, {r['tokens_per_s']:.0f} tok/s)")
