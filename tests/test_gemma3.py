@@ -290,13 +290,12 @@ def _write_tiny_gemma3_gguf(path, params, cfg, vocab):
     w.add_pad_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(False)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-             "self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
-             "self_attn/o_proj": "attn_output", "self_attn/q_norm": "attn_q_norm",
-             "self_attn/k_norm": "attn_k_norm", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
-             "mlp/down_proj": "ffn_down"}
+    # the loader's name tables, inverted (transformers reads the same file: a wrong entry fails the test)
     from lowbit.core.transforms import flatten
+    from lowbit.models.loaders import GGUF_GEMMA3_LAYER, GGUF_GLOBAL
+
+    names = {v: k for k, v in GGUF_GEMMA3_LAYER.items()}
+    outside = {v: k for k, v in GGUF_GLOBAL.items()}
 
     for p, a in flatten(params).items():
         a = np.asarray(a, np.float32)
@@ -306,7 +305,7 @@ def _write_tiny_gemma3_gguf(path, params, cfg, vocab):
             _, i, rest = p.split("/", 2)
             name = f"blk.{i}.{names[rest]}.weight"
         else:
-            name = {"embed_tokens": "token_embd.weight", "norm": "output_norm.weight"}[p]
+            name = outside[p]
         w.add_tensor(name, np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -427,10 +426,12 @@ def test_real_gemma3_logits_match_transformers(gemma, gemma_path, paragraphs):
     # llama.cpp does not permute Gemma's q/k rows: permuting them as for Llama breaks the model
     from lowbit.models.llama import permute_qk_interleaved_to_half
 
-    perm = {**params, "layers": [{**L, "self_attn": {**L["self_attn"],
-                                                     "q_proj": permute_qk_interleaved_to_half(L["self_attn"]["q_proj"], cfg.num_heads),
-                                                     "k_proj": permute_qk_interleaved_to_half(L["self_attn"]["k_proj"], cfg.num_kv_heads)}}
-                                 for L in params["layers"]]}
+    def permuted(L):
+        a = L["self_attn"]
+        return {**L, "self_attn": {**a, "q_proj": permute_qk_interleaved_to_half(a["q_proj"], cfg.num_heads),
+                                   "k_proj": permute_qk_interleaved_to_half(a["k_proj"], cfg.num_kv_heads)}}
+
+    perm = {**params, "layers": [permuted(L) for L in params["layers"]]}
     bad = np.asarray(gemma3.forward_jit(perm, ids[None, :128], cfg)[0], np.float64)
     assert np.linalg.norm(bad - ref[:128]) / np.linalg.norm(ref[:128]) > 0.1
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lowbit import QuantizedTensor, QuantSpec, ops
-from lowbit.models import llama
+from lowbit.models import common, llama
 from lowbit.models.llama import LINEARS, LlamaConfig, block, embed, forward, forward_jit, head, init_params
 from lowbit.models.protocol import forward_layerwise
 from lowbit.core.transforms import flatten, identity, partition, quantize_params
@@ -104,8 +104,8 @@ def test_rope_matches_complex_rotation():
     cfg = _cfg()
     T, d = 7, cfg.head_dim
     x = jax.random.normal(jax.random.key(3), (1, T, 1, d))
-    cos, sin = llama._rope_tables(jnp.arange(T), cfg)
     inv = llama.rope_inv_freq(cfg)
+    cos, sin = common.rope_tables(jnp.arange(T), inv)
     rot = np.exp(1j * np.arange(T)[:, None] * inv[None, :])                  # (T, d/2)
     xi = np.asarray(x[0, :, 0])
     z = (xi[:, 0::2] + 1j * xi[:, 1::2]) * rot                              # adjacent pairs
@@ -184,11 +184,12 @@ def test_chunked_causal_attention_equals_one_softmax(window):
     k = jax.random.normal(k2, (2, T, cfg.num_kv_heads, cfg.head_dim))
     v = jax.random.normal(k3, (2, T, cfg.num_kv_heads, cfg.head_dim))
     pos = jnp.arange(T)
-    full = jax.jit(lambda q, k, v: llama._attend(q, k, v, llama._mask(pos, pos, cfg), cfg))(q, k, v)
-    chunked = jax.jit(lambda q, k, v: llama._causal_self_attend(q, k, v, pos, cfg, chunk=8))(q, k, v)
+    scale = llama.layer_spec(cfg).scale
+    full = jax.jit(lambda q, k, v: common.attend(q, k, v, common.causal_mask(pos, pos, window), scale))(q, k, v)
+    chunked = jax.jit(lambda q, k, v: common.causal_self_attend(q, k, v, pos, scale, window, chunk=8))(q, k, v)
     np.testing.assert_allclose(chunked, full, atol=1e-5, rtol=1e-5)
     if window is not None:   # the window really restricts attention
-        nowin = llama._attend(q, k, v, llama._mask(pos, pos, cfg.replace(sliding_window=None)), cfg)
+        nowin = common.attend(q, k, v, common.causal_mask(pos, pos, None), scale)
         assert float(jnp.abs(nowin - full)[:, window:].max()) > 1e-3
         np.testing.assert_allclose(nowin[:, :window], full[:, :window], atol=1e-6)
 

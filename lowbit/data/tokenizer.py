@@ -43,6 +43,17 @@ _SAFE_SPLIT = re.compile(r"\s(?=[A-Za-z])")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
+    """GGUF ``tokenizer.ggml.merges`` entries ``"left right"`` -> ``(left, right)`` pairs."""
+    pairs = []
+    for i, m in enumerate(merges):
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"GGUF tokenizer: merge {i} {m!r} is not 'left right'")
+        pairs.append((a, b))
+    return pairs
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """The GPT-2 byte -> printable character table used by byte-level BPE vocabularies."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
@@ -107,12 +118,7 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError("GGUF tokenizer: duplicate tokens in tokenizer.ggml.tokens")
-        pairs = []
-        for i, m in enumerate(merges):
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise ValueError(f"GGUF tokenizer: merge {i} {m!r} is not 'left right'")
-            pairs.append((a, b))
+        pairs = _merge_pairs(merges)
         tk = _Tk(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
         if _GGUF_PRE[pre]:
@@ -168,12 +174,7 @@ class Tokenizer:
         if token_types is not None and len(token_types) != len(tokens):
             raise ValueError(f"GGUF tokenizer: {len(token_types)} token types for {len(tokens)} tokens")
         if merges:
-            pairs = []
-            for i, m in enumerate(merges):
-                a, sep, b = m.partition(" ")
-                if not sep:
-                    raise ValueError(f"GGUF tokenizer: merge {i} {m!r} is not 'left right'")
-                pairs.append((a, b))
+            pairs = _merge_pairs(merges)
         else:
             if scores is not None:
                 if len(scores) != len(tokens):

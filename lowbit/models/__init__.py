@@ -1,7 +1,7 @@
 """Models: a Llama-family decoder in JAX (:mod:`lowbit.models.llama`), the Gemma-3 text decoder
-(:mod:`lowbit.models.gemma3`), both registered with the architecture protocol
-(:mod:`lowbit.models.protocol`), and checkpoint loaders (:mod:`lowbit.models.loaders`: GGUF, HF
-safetensors directories, lowbit checkpoints, hub names)."""
+(:mod:`lowbit.models.gemma3`), both built from the shared blocks of :mod:`lowbit.models.common` and
+registered with the architecture protocol (:mod:`lowbit.models.protocol`), and checkpoint loaders
+(:mod:`lowbit.models.loaders`: GGUF, HF safetensors directories, lowbit checkpoints, hub names)."""
 
 from lowbit.models.llama import (LINEARS, LlamaConfig, block, block_with_cache, embed, forward,
                                  forward_jit, head, init_params)

@@ -42,11 +42,18 @@ The model (checked against transformers' ``Gemma3ForCausalLM``, tests/test_gemma
 
 Numerics as in :mod:`lowbit.models.llama`: activations in ``cfg.dtype``; norm statistics, RoPE, the
 attention softmax, the final norm and the lm_head are float32; :func:`head` returns float32 logits.
+
+The building blocks shared with :mod:`lowbit.models.llama` (RMSNorm with the ``unit_offset`` flag,
+RoPE tables and rotation, grouped-query and chunked causal attention, the layer skeleton with
+Gemma's "sandwich" norms as a :class:`~lowbit.models.common.LayerSpec` option, the embedding and
+lm_head, parameter nesting / shape checks / init, config checks and conversions, the family
+registration) live in :mod:`lowbit.models.common`; this module holds what is Gemma's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -54,25 +61,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit import ops
-from lowbit.core.qtensor import QuantizedTensor
-from lowbit.models.llama import apply_rope, nest
+from lowbit.models import common
+from lowbit.models.common import LINEARS, SEQUENTIAL_GROUPS, head_params, nest
 
 __all__ = ["Gemma3Config", "LINEARS", "SEQUENTIAL_GROUPS", "PRODUCERS", "LAYER_TYPES", "rms_norm",
            "embed", "block", "block_with_cache", "head", "head_inputs", "head_params", "forward",
            "forward_jit", "block_jit", "embed_jit", "head_jit", "shapes", "check_params", "init_params",
            "layer_kwargs", "from_hf_state_dict", "FAMILY"]
 
-#: Paths (relative to a layer) of the linear weights of a block, in execution order.
-LINEARS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj",
-           "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-DTYPES = ("float32", "bfloat16", "float16")
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(common.DecoderConfig):
     """Hyper-parameters of a Gemma-3 text decoder. Frozen and hashable (a static jit argument).
 
     Attributes:
@@ -94,12 +96,7 @@ class Gemma3Config:
       model_type: informational (``"gemma3_text"``).
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int | None = None
+    # vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads: DecoderConfig
     head_dim: int = 256
     rope_theta: float = 1_000_000.0
     rope_local_theta: float = 10_000.0
@@ -119,19 +116,9 @@ class Gemma3Config:
     model_type: str = "gemma3_text"
 
     def __post_init__(self):
-        if self.num_kv_heads is None:
-            object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window",
-                     "sliding_window_pattern"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"Gemma3Config.{name}={v!r}: expected a positive integer")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"Gemma3Config: num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
-        if self.head_dim % 2:
-            raise ValueError(f"Gemma3Config.head_dim={self.head_dim}: RoPE needs an even head_dim")
+        self.check_sizes(("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                          "num_kv_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                          "sliding_window_pattern"))
         if self.layer_types is None:
             p = self.sliding_window_pattern
             types = tuple("full_attention" if (i + 1) % p == 0 else "sliding_attention"
@@ -154,34 +141,15 @@ class Gemma3Config:
         if self.hidden_activation not in _ACTIVATIONS:
             raise ValueError(f"Gemma3Config.hidden_activation={self.hidden_activation!r}: expected one of "
                              f"{_ACTIVATIONS} (GeGLU with the tanh approximation)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Gemma3Config.dtype={self.dtype!r}: expected one of {DTYPES}")
-        for name in ("bos_token_id", "eos_token_id"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v < self.vocab_size:
-                raise ValueError(f"Gemma3Config.{name}={v}: outside the vocabulary [0, {self.vocab_size})")
+        self.check_dtype_and_special_ids()
 
     # ------------------------------------------------------------------ conversions
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **kw) -> "Gemma3Config":
-        return dataclasses.replace(self, **kw)
+    # compute_dtype, replace, from_dict: lowbit.models.common.DecoderConfig
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = super().to_dict()
         d["layer_types"] = list(d["layer_types"])
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Gemma3Config":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Gemma3Config.from_dict: unknown keys {unknown}")
-        return cls(**d)
 
     @classmethod
     def from_hf_config(cls, d: dict, **overrides) -> "Gemma3Config":
@@ -204,15 +172,8 @@ class Gemma3Config:
             factor = float(scaling["factor"])
         if local.get("rope_type", "default") != "default":
             raise ValueError("config: RoPE scaling of the sliding-window layers is not supported")
-        eos = d.get("eos_token_id")
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        heads = int(d["num_attention_heads"])
         kw: dict[str, Any] = dict(
-            vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]), num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or 256),
+            **common.hf_common(d), head_dim=int(d.get("head_dim") or 256),
             rope_theta=float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
             rope_local_theta=float(local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))),
             rope_scaling_factor=factor, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
@@ -223,8 +184,7 @@ class Gemma3Config:
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or d.get("head_dim") or 256),
             final_logit_softcapping=d.get("final_logit_softcapping"),
             hidden_activation=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            bos_token_id=d.get("bos_token_id"), eos_token_id=eos)
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)))
         kw.update(overrides)
         return cls(**kw)
 
@@ -235,133 +195,33 @@ def layer_kwargs(cfg: Gemma3Config, i: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- building blocks
+# attention, RoPE tables and rotation, the layer skeleton: lowbit.models.common
 
 def rms_norm(x, weight, eps: float, dtype=None):
     """Gemma RMSNorm ``x / sqrt(mean(x**2) + eps) * (1 + weight)`` in float32, result in ``dtype``
-    (default: ``x.dtype``)."""
-    dtype = x.dtype if dtype is None else dtype
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * (1.0 + weight.astype(jnp.float32))).astype(dtype)
+    (default: ``x.dtype``): :func:`lowbit.models.common.rms_norm` with ``unit_offset=True``."""
+    return common.rms_norm(x, weight, eps, dtype, unit_offset=True)
 
 
-def _inv_freq(cfg: Gemma3Config, sliding: bool) -> np.ndarray:
-    d = cfg.head_dim
+def layer_spec(cfg: Gemma3Config, sliding: bool) -> common.LayerSpec:
+    """The Gemma-3 layer for :func:`lowbit.models.common.block`: ``(1 + w)`` norms around both
+    branches, q/k norms, half-split RoPE with the local base (sliding layers) or the global base and
+    linear scaling (full layers), scores scaled by ``query_pre_attn_scalar ** -0.5``, GeGLU."""
     base = cfg.rope_local_theta if sliding else cfg.rope_theta
-    inv = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if not sliding:
-        inv = inv / cfg.rope_scaling_factor
-    return inv.astype(np.float32)
-
-
-def _rope_tables(positions, cfg: Gemma3Config, sliding: bool):
-    ang = positions.astype(jnp.float32)[:, None] * jnp.asarray(_inv_freq(cfg, sliding))[None, :]
-    return jnp.cos(ang), jnp.sin(ang)                     # (T, head_dim / 2)
-
-
-def _dense(w):
-    if isinstance(w, QuantizedTensor):
-        from lowbit.core.quantizers import dequantize
-
-        return dequantize(w, jnp.float32)
-    return w
-
-
-def _mask(q_pos, k_pos, window: int | None):
-    """Boolean (T, S): query at ``q_pos`` may attend key at ``k_pos``."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    m = diff >= 0
-    if window is not None:
-        m = m & (diff < window)
-    return m
-
-
-def _softcap(x, cap):
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def _attend(q, k, v, mask, cfg: Gemma3Config):
-    """Grouped-query attention. q (B,T,H,d), k/v (B,S,KV,d), mask (T,S) -> (B,T,H*d); scores,
-    softmax and normalisation in float32 (the layout of :func:`lowbit.models.llama._attend`)."""
-    B, T, H, d = q.shape
-    S, kv = k.shape[1], k.shape[2]
-    g = H // kv
-    qt = q.reshape(B, T, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(B, kv, g * T, d)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkqd,bksd->bkqs", qt, kt, preferred_element_type=jnp.float32)
-    s = s.reshape(B, kv, g, T, S) * (1.0 / math.sqrt(cfg.query_pre_attn_scalar))
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkqs,bksd->bkqd", p.reshape(B, kv, g * T, S).astype(v.dtype), vt,
-                   preferred_element_type=jnp.float32)
-    o = (o.reshape(B, kv, g, T, d) / denom).astype(q.dtype)
-    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * d)
-
-
-#: Query rows per attention chunk (see :data:`lowbit.models.llama.ATTN_CHUNK`).
-ATTN_CHUNK = 128
-
-
-def _causal_self_attend(q, k, v, positions, cfg: Gemma3Config, window: int | None, chunk: int = ATTN_CHUNK):
-    T = q.shape[1]
-    if T <= chunk:
-        return _attend(q, k, v, _mask(positions, positions, window), cfg)
-    outs = []
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        lo = 0 if window is None else max(0, s - window + 1)   # positions step by >= 1
-        outs.append(_attend(q[:, s:e], k[:, lo:e], v[:, lo:e], _mask(positions[s:e], positions[lo:e], window), cfg))
-    return jnp.concatenate(outs, axis=1)
-
-
-def _qkv(layer, h, cfg: Gemma3Config, cos, sin):
-    B, T, _ = h.shape
-    a = layer["self_attn"]
-    q = ops.linear(h, a["q_proj"]).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = ops.linear(h, a["k_proj"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = ops.linear(h, a["v_proj"]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q = rms_norm(q, a["q_norm"], cfg.rms_norm_eps)
-    k = rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
-    return apply_rope(q, cos, sin, "half"), apply_rope(k, cos, sin, "half"), v
-
-
-def _after_attention(layer, x, attn, cfg: Gemma3Config, inputs, stop: int = len(LINEARS)):
-    """o_proj, the post-attention norm and residual, then the MLP half of the block. With ``inputs``
-    records each linear's input; returns ``None`` once the input of ``LINEARS[stop]`` is recorded."""
-    a, m = layer["self_attn"], layer["mlp"]
-    if inputs is not None:
-        inputs["self_attn/o_proj"] = attn
-    if stop == LINEARS.index("self_attn/o_proj"):
-        return None
-    o = ops.linear(attn, a["o_proj"])
-    x = x + rms_norm(o, layer["post_attention_layernorm"], cfg.rms_norm_eps).astype(x.dtype)
-    h2 = rms_norm(x, layer["pre_feedforward_layernorm"], cfg.rms_norm_eps)
-    if inputs is not None:
-        inputs.update({"mlp/gate_proj": h2, "mlp/up_proj": h2})
-    if stop in (LINEARS.index("mlp/gate_proj"), LINEARS.index("mlp/up_proj")):
-        return None
-    act = jax.nn.gelu(ops.linear(h2, m["gate_proj"]), approximate=True) * ops.linear(h2, m["up_proj"])
-    if inputs is not None:
-        inputs["mlp/down_proj"] = act
-    if stop == LINEARS.index("mlp/down_proj"):
-        return None
-    d = ops.linear(act, m["down_proj"])
-    return x + rms_norm(d, layer["post_feedforward_layernorm"], cfg.rms_norm_eps).astype(x.dtype)
+    inv = common.rope_frequencies(cfg.head_dim, base, scaling=None if sliding else "linear",
+                                  factor=cfg.rope_scaling_factor)
+    return common.LayerSpec(eps=cfg.rms_norm_eps, inv_freq=inv, scale=1.0 / math.sqrt(cfg.query_pre_attn_scalar),
+                            rope_style="half", window=cfg.sliding_window if sliding else None, qk_norm=True,
+                            unit_offset=True, activation=functools.partial(jax.nn.gelu, approximate=True),
+                            mlp_norm="pre_feedforward_layernorm", sandwich=True)
 
 
 # ----------------------------------------------------------------------------- the model
 
 def embed(params, tokens, cfg: Gemma3Config):
     """Token ids ``(B, T)`` -> ``embed_tokens[ids] * sqrt(hidden_size)`` in ``cfg.dtype``."""
-    tokens = jnp.asarray(tokens)
-    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"tokens: ids must be in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
-    dt = cfg.compute_dtype
-    x = jnp.take(_dense(params["embed_tokens"]), tokens, axis=0).astype(dt)
-    return x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+    x = common.embed(params, tokens, cfg)
+    return x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.compute_dtype)
 
 
 def block(layer, x, cfg: Gemma3Config, *, sliding: bool = False, capture: bool = False, positions=None,
@@ -373,38 +233,15 @@ def block(layer, x, cfg: Gemma3Config, *, sliding: bool = False, capture: bool =
     ``layer[path]`` (paths of :data:`LINEARS`); with ``capture_upto`` (a path of :data:`LINEARS`)
     stops as soon as that input is known and returns ``(None, inputs)``.
     """
-    if capture_upto is not None and (not capture or capture_upto not in LINEARS):
-        raise ValueError(f"capture_upto={capture_upto!r}: expected one of {LINEARS}, with capture=True")
-    stop = LINEARS.index(capture_upto) if capture_upto is not None else len(LINEARS)
-    T = x.shape[1]
-    positions = jnp.arange(T) if positions is None else jnp.asarray(positions)
-    h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    inputs = {"self_attn/q_proj": h, "self_attn/k_proj": h, "self_attn/v_proj": h} if capture else None
-    if stop <= LINEARS.index("self_attn/v_proj"):
-        return None, inputs
-    cos, sin = _rope_tables(positions, cfg, sliding)
-    q, k, v = _qkv(layer, h, cfg, cos, sin)
-    attn = _causal_self_attend(q, k, v, positions, cfg, cfg.sliding_window if sliding else None)
-    x = _after_attention(layer, x, attn, cfg, inputs, stop)
-    return (x, inputs) if capture else x
+    return common.block(layer, x, cfg, layer_spec(cfg, sliding), capture=capture, positions=positions,
+                        capture_upto=capture_upto)
 
 
 def block_with_cache(layer, x, cfg: Gemma3Config, cache, pos, *, sliding: bool = False):
     """Decode step: ``x (B, t, D)`` at positions ``pos .. pos+t-1`` against a preallocated KV cache
     ``(k, v)`` each ``(B, L, num_kv_heads, head_dim)`` (written at ``pos``; a sliding layer masks
     the slots more than ``sliding_window - 1`` positions back). Returns ``(x_out, new_cache)``."""
-    t = x.shape[1]
-    ck, cv = cache
-    L = ck.shape[1]
-    positions = pos + jnp.arange(t)
-    cos, sin = _rope_tables(positions, cfg, sliding)
-    h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    q, k, v = _qkv(layer, h, cfg, cos, sin)
-    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
-    mask = _mask(positions, jnp.arange(L), cfg.sliding_window if sliding else None)
-    attn = _attend(q, ck.astype(q.dtype), cv.astype(v.dtype), mask, cfg)
-    return _after_attention(layer, x, attn, cfg, None), (ck, cv)
+    return common.block_with_cache(layer, x, cfg, layer_spec(cfg, sliding), cache, pos)
 
 
 def head_inputs(params, x, cfg: Gemma3Config):
@@ -413,32 +250,17 @@ def head_inputs(params, x, cfg: Gemma3Config):
 
 
 def head(params, x, cfg: Gemma3Config):
-    """Final norm + lm_head (or the tied embedding) in float32 (+ optional soft-capping)."""
-    w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = ops.linear(head_inputs(params, x, cfg), w).astype(jnp.float32)
-    return _softcap(logits, cfg.final_logit_softcapping)
-
-
-def head_params(params, cfg: Gemma3Config) -> dict:
-    """The parameters :func:`head` reads."""
-    keys = ("norm", "embed_tokens") if cfg.tie_word_embeddings else ("norm", "lm_head")
-    return {k: params[k] for k in keys}
+    """Final norm + lm_head (or the tied embedding) in float32 (+ optional soft-capping
+    ``c * tanh(logits / c)``)."""
+    logits = common.lm_head(params, head_inputs(params, x, cfg), cfg)
+    cap = cfg.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def forward(params, tokens, cfg: Gemma3Config):
     """Logits ``(B, T, vocab)`` float32 for tokens ``(B, T)`` (or ``(T,)`` -> ``(T, vocab)``)."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim not in (1, 2):
-        raise ValueError(f"tokens: expected shape (batch, seq) or (seq,), got {tokens.shape}")
-    if tokens.ndim == 1:
-        return forward(params, tokens[None], cfg)[0]
-    if tokens.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds the model's context "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
-    x = embed(params, tokens, cfg)
-    for i, layer in enumerate(params["layers"]):
-        x = block(layer, x, cfg, **layer_kwargs(cfg, i))
-    return head(params, x, cfg)
+    return common.forward(params, tokens, cfg, embed_fn=embed, block_fn=block, head_fn=head,
+                          layer_kwargs=layer_kwargs)
 
 
 forward_jit = jax.jit(forward, static_argnames=("cfg",))
@@ -448,52 +270,30 @@ head_jit = jax.jit(head, static_argnames=("cfg",))
 
 
 # ----------------------------------------------------------------------------- params
+# nest: lowbit.models.common
 
 def shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
-    D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    D, hd = cfg.hidden_size, cfg.head_dim
     layer = {"input_layernorm": (D,), "post_attention_layernorm": (D,), "pre_feedforward_layernorm": (D,),
              "post_feedforward_layernorm": (D,), "self_attn/q_norm": (hd,), "self_attn/k_norm": (hd,),
-             "self_attn/q_proj": (q, D), "self_attn/k_proj": (kv, D), "self_attn/v_proj": (kv, D),
-             "self_attn/o_proj": (D, q), "mlp/gate_proj": (F, D), "mlp/up_proj": (F, D),
-             "mlp/down_proj": (D, F)}
-    out = {"embed_tokens": (V, D), "norm": (D,)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head"] = (V, D)
-    for i in range(cfg.num_layers):
-        out.update({f"layers/{i}/{k}": s for k, s in layer.items()})
-    return out
+             **common.linear_shapes(cfg)}
+    return common.model_shapes(cfg, layer)
 
 
 def check_params(params, cfg: Gemma3Config) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped parameter."""
-    from lowbit.core.transforms import flatten
+    common.check_param_shapes(params, shapes(cfg), module="lowbit.models.gemma3", what="the Gemma-3 config")
 
-    if not isinstance(params, dict) or not isinstance(params.get("layers"), list):
-        raise ValueError("params: expected a dict with a 'layers' list (see lowbit.models.gemma3)")
-    flat = flatten(params)
-    want = shapes(cfg)
-    problems = [f"missing {p} {s}" for p, s in want.items() if p not in flat]
-    problems += [f"unexpected {p}" for p in flat if p not in want]
-    problems += [f"{p}: shape {tuple(flat[p].shape)} != expected {s}" for p, s in want.items()
-                 if p in flat and tuple(flat[p].shape) != s]
-    if problems:
-        raise ValueError(f"params do not match the Gemma-3 config ({len(problems)} problems): "
-                         + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+
+def _init_value(path: str, shape, z):
+    return 0.2 * z if path.endswith("norm") else z / math.sqrt(shape[1])
 
 
 def init_params(key, cfg: Gemma3Config, dtype=jnp.float32) -> dict:
     """Random parameters for tests: linears ~ N(0, 1/in_features), embeddings ~ N(0, 1) / sqrt(D)
     (so that the scaled embeddings are ~ N(0, 1)), norm weights ~ N(0, 0.2) (HF convention: the
     norm multiplies by ``1 + w``)."""
-    want = shapes(cfg)
-    keys = jax.random.split(key, len(want))
-    flat = {}
-    for k, (path, shape) in zip(keys, sorted(want.items())):
-        z = jax.random.normal(k, shape, jnp.float32)
-        v = 0.2 * z if path.endswith("norm") else z / math.sqrt(shape[1])
-        flat[path] = v.astype(dtype)
-    return nest(flat, cfg.num_layers)
+    return common.init_from_shapes(key, shapes(cfg), cfg.num_layers, dtype, _init_value)
 
 
 #: HF parameter names (``model.layers.{i}.<name>``) -> lowbit relative paths
@@ -511,7 +311,8 @@ def from_hf_state_dict(state: dict, cfg: Gemma3Config, *, dtype=None) -> dict:
     torch tensors; the ``model.`` / ``language_model.`` prefixes are accepted)."""
     import re
 
-    pat = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?(layers\.(\d+)\.(.+)|embed_tokens\.weight|norm\.weight)$")
+    pat = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?"
+                     r"(layers\.(\d+)\.(.+)|embed_tokens\.weight|norm\.weight)$")
     dt = jnp.dtype(dtype or cfg.dtype)
     flat = {}
     for name, a in state.items():
@@ -534,31 +335,11 @@ def from_hf_state_dict(state: dict, cfg: Gemma3Config, *, dtype=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- the family
-
-#: true-sequential order of a block's linears
-SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
-    ("self_attn/o_proj",),
-    ("mlp/gate_proj", "mlp/up_proj"),
-    ("mlp/down_proj",),
-)
+# SEQUENTIAL_GROUPS (true-sequential order of a block's linears) and head_params: lowbit.models.common
 
 #: what produces each linear's input (norm weights are Gemma-style ``1 + w``, see the module docstring)
-PRODUCERS = {"self_attn/q_proj": "input_layernorm", "self_attn/k_proj": "input_layernorm",
-             "self_attn/v_proj": "input_layernorm", "self_attn/o_proj": "self_attn/v_proj",
-             "mlp/gate_proj": "pre_feedforward_layernorm", "mlp/up_proj": "pre_feedforward_layernorm",
-             "mlp/down_proj": "mlp/up_proj"}
+PRODUCERS = common.producers("pre_feedforward_layernorm")
 
-
-def _register():
-    from lowbit.models.protocol import Family, register_family
-
-    return register_family(Family(
-        name="gemma3", config_cls=Gemma3Config, linears=lambda cfg: LINEARS,
-        sequential_groups=lambda cfg: SEQUENTIAL_GROUPS, producers=lambda cfg: PRODUCERS,
-        outside=("embed_tokens", "lm_head"), embed_jit=embed_jit, block_jit=block_jit, head_jit=head_jit,
-        head_inputs=head_inputs, head_params=head_params, block_with_cache=block_with_cache,
-        layer_kwargs=layer_kwargs))
-
-
-FAMILY = _register()
+FAMILY = common.register_decoder("gemma3", Gemma3Config, PRODUCERS, embed_jit=embed_jit, block_jit=block_jit,
+                                 head_jit=head_jit, head_inputs=head_inputs, block_with_cache=block_with_cache,
+                                 layer_kwargs=layer_kwargs)

@@ -53,11 +53,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.models.llama import LlamaConfig, check_params, nest, permute_qk_interleaved_to_half
+from lowbit.models.common import nest
+from lowbit.models.llama import LlamaConfig, check_params, permute_qk_interleaved_to_half
 from lowbit.data.tokenizer import Tokenizer
 
 __all__ = ["load_model", "save_model", "load_gguf", "load_hf_dir", "load_checkpoint",
-           "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GEMMA3_MODEL", "GGUF_ARCHITECTURES"]
+           "resolve_model", "model_fingerprint", "DEFAULT_MODEL", "GEMMA3_MODEL", "GGUF_ARCHITECTURES",
+           "GGUF_GLOBAL", "GGUF_GEMMA3_LAYER"]
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_ARCHITECTURES = ("llama", "gemma3")
@@ -72,13 +74,21 @@ def _to_jnp(flat: dict[str, np.ndarray], dtype) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- GGUF
 
-_GGUF_GLOBAL = {"token_embd.weight": "embed_tokens", "output_norm.weight": "norm", "output.weight": "lm_head"}
+#: GGUF tensor name -> lowbit path of the tensors outside the blocks (both architectures)
+GGUF_GLOBAL = {"token_embd.weight": "embed_tokens", "output_norm.weight": "norm", "output.weight": "lm_head"}
 _GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn/q_proj", "attn_k": "self_attn/k_proj", "attn_v": "self_attn/v_proj",
                "attn_output": "self_attn/o_proj", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
                "ffn_down": "mlp/down_proj"}
 _GGUF_BIAS = {"attn_q": "self_attn/q_bias", "attn_k": "self_attn/k_bias", "attn_v": "self_attn/v_bias",
               "attn_output": "self_attn/o_bias"}
+#: GGUF block tensor ``blk.{i}.<name>.weight`` -> lowbit relative path, Gemma-3
+GGUF_GEMMA3_LAYER = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                     "attn_q": "self_attn/q_proj", "attn_k": "self_attn/k_proj", "attn_v": "self_attn/v_proj",
+                     "attn_output": "self_attn/o_proj", "attn_q_norm": "self_attn/q_norm",
+                     "attn_k_norm": "self_attn/k_norm", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
+                     "ffn_down": "mlp/down_proj"}
 _GGUF_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -87,6 +97,70 @@ def _gguf_value(reader, key, default=None):
     if f is None:
         return default
     return f.contents()
+
+
+def _gguf_key(reader, path: str, arch: str):
+    """``key(k, default=None, required=False)``: the metadata value ``{arch}.{k}``."""
+    def key(k, default=None, required=False):
+        v = _gguf_value(reader, f"{arch}.{k}", default)
+        if v is None and required:
+            raise ValueError(f"{path}: GGUF metadata key {arch}.{k} is missing")
+        return v
+
+    return key
+
+
+def _gguf_linear_rope_factor(key, path: str) -> float | None:
+    """The factor of a linear RoPE scaling (``None`` without scaling); other kinds are refused."""
+    scaling = key("rope.scaling.type")
+    if scaling == "linear":
+        return float(key("rope.scaling.factor", 1.0))
+    if scaling not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none, linear)")
+    return None
+
+
+def _gguf_vocab_size(key, tokens, path: str, arch: str) -> int:
+    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens else 0))
+    if not vocab:
+        raise ValueError(f"{path}: cannot tell the vocabulary size (no {arch}.vocab_size, no tokens)")
+    return vocab
+
+
+def _gguf_special_ids(reader) -> dict:
+    return {"bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+            "eos_token_id": _gguf_value(reader, "tokenizer.ggml.eos_token_id")}
+
+
+def _gguf_params(reader, path: str, arch: str, tables: dict[str, dict[str, str]], cfg, check, *, dtype, convert):
+    """Every tensor dequantized to float32, mapped to its lowbit path (:data:`GGUF_GLOBAL`, or
+    ``tables[weight|bias][name]`` for ``blk.{i}.<name>.<weight|bias>``), passed through
+    ``convert(lowbit_path, array)``, nested and checked with ``check(params, cfg)``."""
+    import gguf
+
+    flat: dict[str, np.ndarray] = {}
+    unknown = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(list(t.shape)))
+        if t.name in GGUF_GLOBAL:
+            path_ = GGUF_GLOBAL[t.name]
+        else:
+            m = _GGUF_TENSOR.match(t.name)
+            table = tables.get(m.group(3)) if m else None
+            if table is None or m.group(2) not in table:
+                unknown.append(t.name)
+                continue
+            path_ = f"layers/{m.group(1)}/{table[m.group(2)]}"
+        try:
+            a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        flat[path_] = convert(path_, a)
+    if unknown:
+        raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a {arch} model")
+    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
+    check(params, cfg)
+    return params
 
 
 def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
@@ -113,12 +187,7 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
     if arch == "gemma3":
         return _load_gguf_gemma3(reader, path, dtype=dtype)
 
-    def key(k, default=None, required=False):
-        v = _gguf_value(reader, f"{arch}.{k}", default)
-        if v is None and required:
-            raise ValueError(f"{path}: GGUF metadata key {arch}.{k} is missing")
-        return v
-
+    key = _gguf_key(reader, path, arch)
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     heads = int(key("attention.head_count", required=True))
     kv_heads = int(key("attention.head_count_kv", heads))
@@ -127,22 +196,15 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
     if key("rope.dimension_count") not in (None, head_dim):
         raise ValueError(f"{path}: partial RoPE (rope.dimension_count={key('rope.dimension_count')} "
                          f"< head_dim={head_dim}) is not supported")
-    scaling = key("rope.scaling.type")
-    kw: dict[str, Any] = {}
-    if scaling == "linear":
-        kw.update(rope_scaling="linear", rope_scaling_factor=float(key("rope.scaling.factor", 1.0)))
-    elif scaling not in (None, "none"):
-        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none, linear)")
+    factor = _gguf_linear_rope_factor(key, path)
+    kw: dict[str, Any] = {} if factor is None else {"rope_scaling": "linear", "rope_scaling_factor": factor}
 
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError(f"{path}: GGUF tensor rope_freqs.weight (Llama-3.1 style frequency factors) "
                          "is not supported; load the HF safetensors directory instead")
-    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens else 0))
-    if not vocab:
-        raise ValueError(f"{path}: cannot tell the vocabulary size (no {arch}.vocab_size, no tokens)")
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden,
+        vocab_size=_gguf_vocab_size(key, tokens, path, arch), hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length", required=True)),
         num_layers=int(key("block_count", required=True)), num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, rope_theta=float(key("rope.freq_base", 10000.0)),
@@ -151,57 +213,23 @@ def load_gguf(path: str, *, dtype="float32", unpermute_qk: bool = True):
         tie_word_embeddings="output.weight" not in names,
         rope_style="half" if unpermute_qk else "interleaved",
         qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
-        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
-        dtype=str(jnp.dtype(dtype)), model_type="llama", **kw)
+        **_gguf_special_ids(reader), dtype=str(jnp.dtype(dtype)), model_type="llama", **kw)
 
-    flat: dict[str, np.ndarray] = {}
-    unknown = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(list(t.shape)))
-        if t.name in _GGUF_GLOBAL:
-            path_ = _GGUF_GLOBAL[t.name]
-        else:
-            m = _GGUF_TENSOR.match(t.name)
-            table = _GGUF_LAYER if m and m.group(3) == "weight" else _GGUF_BIAS
-            if not m or m.group(2) not in table:
-                unknown.append(t.name)
-                continue
-            path_ = f"layers/{m.group(1)}/{table[m.group(2)]}"
-        try:
-            a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+    def unpermute(path_, a):
         if unpermute_qk and re.search(r"self_attn/[qk]_(proj|bias)$", path_):
-            a = permute_qk_interleaved_to_half(a, heads if "/q_" in path_ else kv_heads)
-        flat[path_] = a
-    if unknown:
-        raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a llama model")
-    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
-    check_params(params, cfg)
+            return permute_qk_interleaved_to_half(a, heads if "/q_" in path_ else kv_heads)
+        return a
+
+    params = _gguf_params(reader, path, arch, {"weight": _GGUF_LAYER, "bias": _GGUF_BIAS}, cfg, check_params,
+                          dtype=dtype, convert=unpermute)
     return params, cfg, _gguf_tokenizer(reader, path, tokens)
-
-
-_GGUF_GEMMA3_LAYER = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-                      "attn_q": "self_attn/q_proj", "attn_k": "self_attn/k_proj", "attn_v": "self_attn/v_proj",
-                      "attn_output": "self_attn/o_proj", "attn_q_norm": "self_attn/q_norm",
-                      "attn_k_norm": "self_attn/k_norm", "ffn_gate": "mlp/gate_proj", "ffn_up": "mlp/up_proj",
-                      "ffn_down": "mlp/down_proj"}
 
 
 def _load_gguf_gemma3(reader, path: str, *, dtype="float32"):
     """A Gemma-3 text GGUF -> ``(params, cfg: Gemma3Config, tokenizer)`` (see the module docstring)."""
-    import gguf
-
     from lowbit.models import gemma3
 
-    def key(k, default=None, required=False):
-        v = _gguf_value(reader, f"gemma3.{k}", default)
-        if v is None and required:
-            raise ValueError(f"{path}: GGUF metadata key gemma3.{k} is missing")
-        return v
-
+    key = _gguf_key(reader, path, "gemma3")
     tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
     layers = int(key("block_count", required=True))
     heads = int(key("attention.head_count", required=True))
@@ -220,16 +248,12 @@ def _load_gguf_gemma3(reader, path: str, *, dtype="float32"):
         kw["sliding_window_pattern"] = int(pattern)
     else:
         kw["sliding_window_pattern"] = 6            # llama.cpp's fixed Gemma-3 pattern
-    scaling = key("rope.scaling.type")
-    if scaling == "linear":
-        kw["rope_scaling_factor"] = float(key("rope.scaling.factor", 1.0))
-    elif scaling not in (None, "none"):
-        raise ValueError(f"{path}: GGUF rope scaling {scaling!r} is not supported (none, linear)")
+    factor = _gguf_linear_rope_factor(key, path)
+    if factor is not None:
+        kw["rope_scaling_factor"] = factor
     # llama.cpp: scores scaled by 1/sqrt(head_dim), except Gemma-3 27B (62 layers): 1/sqrt(hidden/heads)
     scalar = float(hidden // heads) if layers == 62 else float(head_dim)
-    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens else 0))
-    if not vocab:
-        raise ValueError(f"{path}: cannot tell the vocabulary size (no gemma3.vocab_size, no tokens)")
+    vocab = _gguf_vocab_size(key, tokens, path, "gemma3")
     names = {t.name for t in reader.tensors}
     cfg = gemma3.Gemma3Config(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(key("feed_forward_length", required=True)),
@@ -240,68 +264,35 @@ def _load_gguf_gemma3(reader, path: str, *, dtype="float32"):
         max_position_embeddings=int(key("context_length", 32768)),
         sliding_window=int(key("attention.sliding_window", 4096)), query_pre_attn_scalar=scalar,
         final_logit_softcapping=key("final_logit_softcapping"),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
+        tie_word_embeddings="output.weight" not in names, **_gguf_special_ids(reader),
         dtype=str(jnp.dtype(dtype)), **kw)
 
-    flat: dict[str, np.ndarray] = {}
-    unknown = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(list(t.shape)))
-        if t.name in _GGUF_GLOBAL:
-            path_ = _GGUF_GLOBAL[t.name]
-        else:
-            m = _GGUF_TENSOR.match(t.name)
-            if not m or m.group(3) != "weight" or m.group(2) not in _GGUF_GEMMA3_LAYER:
-                unknown.append(t.name)
-                continue
-            path_ = f"layers/{m.group(1)}/{_GGUF_GEMMA3_LAYER[m.group(2)]}"
-        try:
-            a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
-        if path_.endswith("norm"):                  # llama.cpp stores Gemma norms as 1 + w
-            a = a - np.float32(1.0)
-        flat[path_] = a
-    if unknown:
-        raise ValueError(f"{path}: unexpected GGUF tensors {unknown[:5]} for a gemma3 model")
-    params = nest(_to_jnp(flat, dtype), cfg.num_layers)
-    gemma3.check_params(params, cfg)
-    model = _gguf_value(reader, "tokenizer.ggml.model")
-    if model == "llama":
-        tok = _gguf_sentencepiece_tokenizer(reader, path, tokens)
-    else:
-        tok = _gguf_tokenizer(reader, path, tokens)
-    return params, cfg, tok
+    def unit_offset(path_, a):                      # llama.cpp stores Gemma norms as 1 + w
+        return a - np.float32(1.0) if path_.endswith("norm") else a
+
+    params = _gguf_params(reader, path, "gemma3", {"weight": GGUF_GEMMA3_LAYER}, cfg, gemma3.check_params,
+                          dtype=dtype, convert=unit_offset)
+    return params, cfg, _gguf_tokenizer(reader, path, tokens, sentencepiece=True)
 
 
-def _gguf_sentencepiece_tokenizer(reader, path: str, tokens) -> Tokenizer:
+def _gguf_tokenizer(reader, path: str, tokens, *, sentencepiece: bool = False) -> Tokenizer:
+    """The tokenizer of the GGUF metadata ``tokenizer.ggml.*`` (BOS/EOS ids included): byte-level
+    BPE (:meth:`Tokenizer.from_gguf_vocab`), or with ``sentencepiece=True`` and
+    ``tokenizer.ggml.model == "llama"`` SentencePiece BPE (:meth:`Tokenizer.from_gguf_sentencepiece`)."""
     if tokens is None:
         raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
-    try:
-        return Tokenizer.from_gguf_sentencepiece(
-            tokens, token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
-            merges=_gguf_value(reader, "tokenizer.ggml.merges"),
-            add_space_prefix=bool(_gguf_value(reader, "tokenizer.ggml.add_space_prefix", False)),
-            bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-            eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"),
-            unk_id=_gguf_value(reader, "tokenizer.ggml.unknown_token_id"))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
+    def get(k, default=None):
+        return _gguf_value(reader, f"tokenizer.ggml.{k}", default)
 
-def _gguf_tokenizer(reader, path: str, tokens) -> Tokenizer:
-    if tokens is None:
-        raise ValueError(f"{path}: no tokenizer.ggml.tokens in the GGUF metadata")
+    ids = {"bos_id": get("bos_token_id"), "eos_id": get("eos_token_id")}
     try:
-        return Tokenizer.from_gguf_vocab(
-            tokens, _gguf_value(reader, "tokenizer.ggml.merges") or [],
-            token_types=_gguf_value(reader, "tokenizer.ggml.token_type"),
-            model=_gguf_value(reader, "tokenizer.ggml.model"),
-            pre=_gguf_value(reader, "tokenizer.ggml.pre"),
-            bos_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-            eos_id=_gguf_value(reader, "tokenizer.ggml.eos_token_id"))
+        if sentencepiece and get("model") == "llama":
+            return Tokenizer.from_gguf_sentencepiece(
+                tokens, token_types=get("token_type"), merges=get("merges"),
+                add_space_prefix=bool(get("add_space_prefix", False)), unk_id=get("unknown_token_id"), **ids)
+        return Tokenizer.from_gguf_vocab(tokens, get("merges") or [], token_types=get("token_type"),
+                                         model=get("model"), pre=get("pre"), **ids)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
