@@ -90,7 +90,8 @@ def _provenance(results: str, name: str, **_) -> str:
         lines.append(f"- model `{cfg['model']}`, seed {cfg['seed']}; calibration: {c['nsamples']} x {c['seqlen']} "
                      f"tokens from `{c['data']}` ({c['split']}, source {c['source']}); evaluation: "
                      f"{', '.join(e['data'])} ({e['split']}), seqlen {e['seqlen']}"
-                     + (f", first {e['max_windows']} windows" if e.get("max_windows") else ", all windows"))
+                     + (f", first {e['max_windows']} windows" if e.get("max_windows") else ", all windows")
+                     + (", every window starts with BOS" if e.get("bos") else ""))
         lines.append(f"- reproduce: `lowbit run configs/{cfg['experiment']}.yaml"
                      + (f" --variant {cfg['variant']}`" if cfg.get("variant") else "`"))
     for r in runs:
