@@ -130,8 +130,10 @@ def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
 
 
 def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
+    """The config of one row (what its results depend on: not the other rows, not ``expect``)."""
     d = to_dict(cfg)
     d["methods"] = [to_dict(m)]
+    d.pop("expect", None)
     return d
 
 
