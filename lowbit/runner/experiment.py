@@ -85,12 +85,12 @@ def calibration_data(calib: CalibCfg, params, mcfg, tok, seed: int, *, progress:
 
 
 def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_layer: int = 0,
-             on_layer=None, progress: bool = True) -> tuple[dict, list[dict]]:
+             on_layer=None, progress: bool = True, recipe: Transform | None = None) -> tuple[dict, list[dict]]:
     """Quantize a loaded model with a method row on calibration ``windows``: the one pipeline
     behind ``lowbit run`` and ``lowbit quantize`` (returns params and per-weight report rows)."""
     from lowbit.calib.driver import quantize_model
 
-    recipe = build_recipe(m)
+    recipe = build_recipe(m) if recipe is None else recipe  # the runner passes the one it built
     if recipe is None:
         return params, []
 
@@ -364,7 +364,7 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
 
             done_rows = list(rows)
             qparams, new_rows = quantize(start_params, mcfg, m, calib, cfg.calib, start_layer=start,
-                                         on_layer=on_layer, progress=progress)
+                                         on_layer=on_layer, progress=progress, recipe=recipe)
             rows = [r for r in rows if r["layer"] < start] + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
 
