@@ -68,7 +68,9 @@ austen   3,628,984     0.90M      396,046        97k (47 windows)
 =======  ============  =========  ============  =========
 
 Parsed offline corpora are cached as JSON under ``lowbit.io.assets.cache_dir()/text/`` (keyed by the
-asset version and :data:`PARSER_VERSION`), so only the first call parses the sources.
+asset version and :data:`PARSER_VERSION`), so only the first call parses the sources. Each cached file
+has its SHA-256 beside it (``.check``) and is verified on load; a damaged one is parsed again, with a
+one-line warning on stderr.
 """
 
 from __future__ import annotations
@@ -79,7 +81,6 @@ import lzma
 import os
 import socket
 import struct
-import tempfile
 import urllib.parse
 import warnings
 import zlib
@@ -277,31 +278,26 @@ def _text_cache_dir() -> str:
 
 
 def _offline_rows(name: str) -> list[dict]:
+    """The parsed rows of the offline corpus ``name``, from the text cache when it is intact (its
+    SHA-256 is checked by :func:`lowbit.io.assets.read_checked`: a stamp, a full hash only when the
+    stamp changed), else parsed again from the verified asset and cached."""
     version = assets.ASSETS[name].version
     path = os.path.join(_text_cache_dir(), f"{name}-{version}.p{PARSER_VERSION}.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        if isinstance(rows, list) and rows and all(
-                isinstance(r, dict) and {"id", "split", "text"} <= set(r) for r in rows):
-            return rows
-    except (OSError, ValueError):
-        pass  # absent or unreadable: (re)parse below
+    data = assets.read_checked(path, f"cached {name} text")
+    if data is not None:
+        try:
+            rows = json.loads(data.decode("utf-8"))
+            if isinstance(rows, list) and rows and all(
+                    isinstance(r, dict) and {"id", "split", "text"} <= set(r) for r in rows):
+                return rows
+        except ValueError:
+            pass  # intact yet not rows (written by something else): parse again below
     if name == "brown":
         rows = _parse_brown(assets.brown_dir())
     else:
         rows = _parse_austen(assets.austen_dir())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False)
-        os.chmod(tmp, 0o644)    # mkstemp makes it 0600; the cache is shared like the assets
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # atomic (a concurrent reader sees the old file or the whole new one), with its checksum
+    assets.write_checked(path, json.dumps(rows, ensure_ascii=False).encode("utf-8"))
     return rows
 
 
