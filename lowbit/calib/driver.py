@@ -184,6 +184,8 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
     """
     if not isinstance(recipe, Transform):
         raise ValueError(f"recipe: expected a lowbit.core.transforms.Transform, got {type(recipe).__name__}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, (bool, np.bool_)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
     fam = family_of(cfg)
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] == 0:

@@ -26,6 +26,7 @@ scale table is ``dequantize(nested)`` flattened, cut to ``rows_s * n_groups``, p
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -38,6 +39,25 @@ __all__ = ["QuantSpec", "QuantizedTensor", "FORMATS"]
 
 FORMATS = ("int", "nf4", "fp4", "codebook", "sign", "onebit")
 _TABLE_FORMATS = ("nf4", "fp4", "codebook")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> None:
+    """``v`` must be an int (not a bool) in ``lo..hi``."""
+    if _is_int(v) and lo <= v and (hi is None or v <= hi):
+        return
+    if hi is None:
+        want = "a positive int" if lo == 1 else f"an int >= {lo}"
+    else:
+        want = f"an int in {lo}..{hi}"
+    raise ValueError(f"{name}={v!r}: expected {want}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,17 +103,30 @@ class QuantSpec:
     scale_dtype: str = "float16"
 
     def __post_init__(self):
-        if not isinstance(self.bits, (int, np.integer)) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
-            raise ValueError(f"bits={self.bits!r}: expected an integer in 1..8")
+        _check_int("bits", self.bits, 1, 8)
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
-        if self.group_size is not None and (not isinstance(self.group_size, (int, np.integer)) or self.group_size <= 0):
-            raise ValueError(f"group_size={self.group_size!r}: expected a positive integer or None (per channel)")
+        if self.group_size is not None and not (_is_int(self.group_size) and self.group_size > 0):
+            raise ValueError(f"group_size={self.group_size!r}: expected a positive int or None (per output channel)")
+        for name in ("per_tensor", "symmetric", "partial_groups", "clip", "double_quant"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool")
+        _check_int("dq_bits", self.dq_bits, 2, 8)
+        _check_int("dq_block", self.dq_block, 1)
+        _check_int("clip_grid", self.clip_grid, 1)
+        if not (_is_real(self.clip_maxshrink) and 0.0 < self.clip_maxshrink < 1.0):
+            raise ValueError(f"clip_maxshrink={self.clip_maxshrink!r}: expected a number in (0, 1) "
+                             "(the smallest range factor the clipping search tries)")
+        if not (_is_real(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm={self.clip_norm!r}: expected a finite number > 0 (the error norm's exponent)")
         if self.format in ("nf4", "fp4") and self.bits != 4:
             raise ValueError(f"bits={self.bits}: format {self.format!r} is a 4-bit format")
         if self.format == "codebook":
             if self.levels is None:
                 raise ValueError("levels: format 'codebook' needs a tuple of levels")
+            if not (isinstance(self.levels, tuple)
+                    and all(_is_real(v) and math.isfinite(v) for v in self.levels)):
+                raise ValueError(f"levels={self.levels!r}: expected a tuple of finite numbers")
             if numerics.codebook_bits(self.levels) > self.bits:
                 raise ValueError(f"bits={self.bits}: {len(self.levels)} levels need {numerics.codebook_bits(self.levels)} bits")
         elif self.levels is not None:
@@ -104,12 +137,8 @@ class QuantSpec:
             raise ValueError("symmetric=True needs bits >= 2 (use format='sign' for symmetric 1-bit)")
         if self.format == "onebit" and (self.per_tensor or self.group_size is not None):
             raise ValueError("format 'onebit' has one value per row and column: use group_size=None, per_tensor=False")
-        if not 2 <= self.dq_bits <= 8 or self.dq_block <= 0:
-            raise ValueError(f"dq_bits={self.dq_bits}, dq_block={self.dq_block}: expected 2..8 bits and a positive block")
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"scale_dtype={self.scale_dtype!r}: expected float16, bfloat16 or float32")
-        if not 0.0 < self.clip_maxshrink < 1.0 or self.clip_grid < 1:
-            raise ValueError(f"clip_maxshrink={self.clip_maxshrink}, clip_grid={self.clip_grid}: expected (0, 1) and >= 1")
 
     @property
     def table(self) -> tuple[float, ...] | None:
@@ -139,6 +168,62 @@ class QuantizedTensor:
     format: str = "int"
     levels: tuple[float, ...] | None = None
     per_tensor: bool = False
+
+    def __post_init__(self):
+        # Cheap consistency checks (metadata, leaf shapes and dtypes; never values) so that a wrong
+        # ``shape``/``bits``/``perm``/scales shape is an error here rather than a silently wrong
+        # dequantization. JAX also builds QuantizedTensors from placeholders (``None``, ``object()``,
+        # vmap axis specs, ...) in tree_unflatten: without an array-like leaf nothing is checked.
+        # A batch axis in front of every leaf (vmap / scan / stacked layers) is allowed.
+        if not any(_is_arraylike(x) for x in self._own_leaves()):
+            return
+        self._check_meta()
+        rows, cols = self.shape
+        words = -(-cols * self.bits // 32)
+        rows_s, groups = self.scale_shape
+        batch: list = []
+        what = f"shape={self.shape}, bits={self.bits}"
+        _check_leaf("data", self.data, (rows, words), "uint32", batch,
+                    f"for {what} (rows, ceil(cols * bits / 32) uint32 words)")
+        where = f"for shape={self.shape}, group_size={self.group_size}, per_tensor={self.per_tensor}"
+        if isinstance(self.scales, tuple):
+            if len(self.scales) != 2:
+                raise ValueError(f"scales: expected an array or a (nested QuantizedTensor, offset) pair, "
+                                 f"got a tuple of {len(self.scales)}")
+            nested, offset = self.scales
+            if isinstance(nested, QuantizedTensor) and _is_arraylike(nested.data):
+                n_nested = nested.shape[0] * nested.shape[1]
+                if n_nested < rows_s * groups:
+                    raise ValueError(f"scales: the double-quantized scale table holds {n_nested} values, "
+                                     f"expected at least {rows_s * groups} = {rows_s} x {groups} {where}")
+            _check_leaf("scales offset", offset, (1,), "float", batch, "(the mean of the scales)")
+        else:
+            _check_leaf("scales", self.scales, (rows_s, groups), "float", batch, f"{where} (rows or 1, n_groups)")
+        if self.zeros is not None and self.format != "int":
+            raise ValueError(f"zeros: only format 'int' has zero points, got format={self.format!r}")
+        _check_leaf("zeros", self.zeros, (rows_s, -(-groups * self.bits // 32)), "uint32", batch,
+                    f"{where}, bits={self.bits} (n_groups codes packed per scale row)")
+        _check_leaf("col_scale", self.col_scale, (cols,), "float", batch, f"(one per column, in_features={cols})")
+        _check_leaf("perm", self.perm, (cols,), "int", batch, f"(one index per column, in_features={cols})")
+
+    def _own_leaves(self):
+        scales = self.scales if isinstance(self.scales, tuple) else (self.scales,)
+        return (self.data, *scales, self.zeros, self.col_scale, self.perm)
+
+    def _check_meta(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
+        _check_int("bits", self.bits, 1, 8)
+        if not (isinstance(self.shape, tuple) and len(self.shape) == 2
+                and all(_is_int(d) and d > 0 for d in self.shape)):
+            raise ValueError(f"shape={self.shape!r}: expected (rows, cols), two positive ints")
+        _check_int("group_size", self.group_size, 1)
+        if not isinstance(self.per_tensor, (bool, np.bool_)):
+            raise ValueError(f"per_tensor={self.per_tensor!r}: expected a bool")
+        if self.format in _TABLE_FORMATS:
+            if not (isinstance(self.levels, tuple) and 2 <= len(self.levels) <= 2**self.bits):
+                raise ValueError(f"levels={self.levels!r}: format {self.format!r} needs a tuple of 2..{2**self.bits} "
+                                 f"levels (bits={self.bits})")
 
     @property
     def n_groups(self) -> int:
@@ -171,6 +256,32 @@ class QuantizedTensor:
         dq = " double-quant" if isinstance(self.scales, tuple) else ""
         return (f"QuantizedTensor(shape={self.shape}, format={self.format!r}, bits={self.bits}, "
                 f"group_size={self.group_size}{dq}{extra})")
+
+
+def _is_arraylike(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def _check_leaf(name: str, leaf, tail: tuple, kind: str, batch: list, why: str) -> None:
+    """``leaf`` (when array-like) must end in ``tail`` with a dtype of ``kind``; the axes in front
+    (a vmap / scan batch) must be the same for every leaf (``batch`` holds the first leaf's)."""
+    if not _is_arraylike(leaf):
+        return
+    shape = tuple(leaf.shape)
+    k = len(shape) - len(tail)
+    if k < 0 or shape[k:] != tail or (batch and shape[:k] != batch[0]):
+        want = tail if not batch or not batch[0] else tuple(batch[0]) + tail
+        raise ValueError(f"{name}: shape {shape}, expected {want} {why}")
+    if not batch:
+        batch.append(shape[:k])
+    dt = leaf.dtype
+    if dt == jax.dtypes.float0:  # cotangent placeholders
+        return
+    ok = {"uint32": dt == np.uint32, "int": jnp.issubdtype(dt, jnp.integer),
+          "float": jnp.issubdtype(dt, jnp.floating)}[kind]
+    if not ok:
+        want = {"uint32": "uint32", "int": "an integer dtype", "float": "a floating dtype"}[kind]
+        raise ValueError(f"{name}: dtype {dt}, expected {want}")
 
 
 jax.tree_util.register_dataclass(

@@ -20,7 +20,7 @@ from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 
 __all__ = ["quantize", "scale_table", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
            "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
-           "group_params", "pack_result", "grouped"]
+           "group_params", "pack_result", "grouped", "check_scales"]
 
 
 class QParams(NamedTuple):
@@ -48,6 +48,32 @@ def check_matrix(w, name: str = "w"):
     if not _is_tracer(w) and not bool(jnp.isfinite(w).all()):
         raise ValueError(f"{name}: contains NaN or Inf values; quantizing them would produce garbage")
     return jnp.asarray(w)
+
+
+@jax.jit
+def _stored_finite(q: QuantizedTensor):
+    """One device-side reduction: are all floating leaves of ``q`` (scales, double-quant offset and
+    nested scales, OneBit value vectors) finite?"""
+    leaves = [x for x in jax.tree_util.tree_leaves(q) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_scales(q: QuantizedTensor, w, spec: QuantSpec, name: str = "w") -> QuantizedTensor:
+    """Raise a ValueError when a stored scale of ``q`` (quantized from ``w``) is not finite, e.g. a
+    float16 scale of a weight near 1e6 (65504 is float16's largest value): dequantizing would give
+    NaN/Inf silently. One host sync at the API boundary; skipped under tracing (no values)."""
+    if any(_is_tracer(x) for x in jax.tree_util.tree_leaves(q)) or _is_tracer(w):
+        return q
+    if bool(_stored_finite(q)):
+        return q
+    m = float(jnp.max(jnp.abs(jnp.asarray(w, jnp.float32))))
+    dt = spec.scale_dtype
+    if dt == "float32":
+        raise ValueError(f"{name}: max |{name}| = {m:.4g} is too large to quantize: its scales overflow "
+                         f"float32 (rescale the weights)")
+    raise ValueError(f"{name}: max |{name}| = {m:.4g} gives a quantization scale that is not finite in "
+                     f"scale_dtype={dt!r} (largest finite {dt}: {float(jnp.finfo(dt).max):.4g}); dequantizing "
+                     f"would give NaN/Inf: quantize with scale_dtype=\"float32\"")
 
 
 def resolve_group_size(spec: QuantSpec, cols: int) -> int:
@@ -258,7 +284,7 @@ def quantize(w, spec: QuantSpec) -> QuantizedTensor:
         raise ValueError(f"spec: expected a QuantSpec, got {type(spec).__name__}")
     w = check_matrix(w, "w")
     resolve_group_size(spec, w.shape[1])
-    return _quantize_impl(w, spec)
+    return check_scales(_quantize_impl(w, spec), w, spec, "w")
 
 
 def dequantize(q: QuantizedTensor, dtype=jnp.float32, *, unpermute: bool = True):

@@ -97,8 +97,16 @@ def _check(windows, cfg, batch_size: int):
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"tokens: ids must be in [0, {cfg.vocab_size}) for this model, got [{lo}, {hi}] "
                          "(tokenizer / model mismatch?)")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, (bool, np.bool_)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+
+
+def _ppl(nll: float) -> float:
+    """``exp(nll)``, ``inf`` where it overflows a float (a mean NLL above ~709 nats)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
 
 
 def _batches(windows: np.ndarray, batch_size: int):
@@ -142,6 +150,9 @@ def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size:
     (a stream is cut into windows of ``seqlen - 1``; pre-cut windows get the BOS prepended), so
     every text token is predicted and the first one is conditioned on BOS: models trained to always
     see BOS (Gemma) are far off without it. The default (``None``) is the GPTQ protocol: no BOS.
+
+    A mean NLL whose exponential overflows reports ``ppl = inf``; a NaN loss (NaN logits) raises a
+    ValueError.
     """
     if bos_id is not None:
         if not 0 <= int(bos_id) < cfg.vocab_size:
@@ -160,8 +171,9 @@ def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size:
         for s, k, b in _batches(windows, batch_size):
             nll, hits = window_nll(params, jnp.asarray(b), cfg)
             nll, hits = np.asarray(nll)[:k], np.asarray(hits)[:k]
-            if not np.all(np.isfinite(nll)):
-                raise FloatingPointError(f"non-finite NLL in windows {s}..{s + k - 1} (model diverged?)")
+            if np.isnan(nll).any():
+                raise ValueError(f"NaN loss in windows {s}..{s + k - 1}: the model produced NaN (or infinite) "
+                                 "logits (diverged or broken weights); no perplexity to report")
             total_nll += float(nll.astype(np.float64).sum())
             total_hits += int(hits.sum())
             if nlls is not None:
@@ -169,14 +181,14 @@ def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size:
             if first_s is None:
                 first_s = time.perf_counter() - t0
             done = s + k
-            bar.advance(1, f"ppl {math.exp(total_nll / (done * (seqlen - 1))):.3f}")
+            bar.advance(1, f"ppl {_ppl(total_nll / (done * (seqlen - 1))):.3f}")
     finally:
         bar.close()
     wall = time.perf_counter() - t0
     n_pred = n * (seqlen - 1)
     steady_windows = n - min(batch_size, n)
     out = {
-        "ppl": math.exp(total_nll / n_pred), "nll": total_nll / n_pred, "n_tokens": n_pred,
+        "ppl": _ppl(total_nll / n_pred), "nll": total_nll / n_pred, "n_tokens": n_pred,
         "n_windows": n, "seqlen": seqlen, "batch_size": batch_size, "top1_acc": total_hits / n_pred,
         "tokens_per_s": n * seqlen / wall, "wall_s": wall, "first_batch_s": first_s,
         "tokens_per_s_steady": (steady_windows * seqlen / (wall - first_s)) if steady_windows else None,

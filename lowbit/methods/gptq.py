@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -47,8 +48,8 @@ import numpy as np
 from lowbit.core import transforms
 from lowbit.methods.registry import register
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
-from lowbit.core.quantizers import (check_matrix, compute_params, dequantize_codes, group_params, pack_result,
-                               quantize_codes, resolve_group_size)
+from lowbit.core.quantizers import (check_matrix, check_scales, compute_params, dequantize_codes, group_params,
+                                    pack_result, quantize_codes, resolve_group_size)
 
 __all__ = ["GPTQResult", "HessianStat", "GPTQOptions", "quantize_weight", "gptq", "hessian_update", "inverse_hessian_upper"]
 
@@ -294,12 +295,22 @@ def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float 
     if spec.double_quant and dynamic:
         raise ValueError("spec.double_quant=True needs all scales up front: pass static_groups=True "
                          "(or use per-channel / per-tensor scales)")
-    if not isinstance(blocksize, (int, np.integer)) or blocksize <= 0:
-        raise ValueError(f"blocksize={blocksize!r}: expected a positive integer")
-    if not damp >= 0:
-        raise ValueError(f"damp={damp!r}: expected a non-negative fraction of mean(diag(H))")
-    return _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
-                      static_groups=bool(static_groups), zero_dead=bool(zero_dead))
+    if not _is_int(blocksize) or blocksize <= 0:
+        raise ValueError(f"blocksize={blocksize!r}: expected a positive int")
+    if not isinstance(damp, jax.core.Tracer) and not (_is_real(damp) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp={damp!r}: expected a finite, non-negative fraction of mean(diag(H))")
+    res = _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
+                     static_groups=bool(static_groups), zero_dead=bool(zero_dead))
+    check_scales(res.q, W, spec, "W")
+    return res
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 # ----------------------------------------------------------------------------- transform
@@ -312,6 +323,20 @@ class GPTQOptions:
     static_groups: bool = False
     damp: float = 0.01
     blocksize: int = 128
+
+    def __post_init__(self):
+        # Checked here so that a bad CLI flag or config value fails before any model is loaded.
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool")
+        # damp: the fraction of mean(diag(H)) added to the diagonal (the reference's percdamp, 0.01);
+        # AutoGPTQ / the exported quantize_config (damp_percent) require 0 < damp < 1.
+        if not (_is_real(self.damp) and math.isfinite(self.damp) and 0 < self.damp < 1):
+            raise ValueError(f"damp={self.damp!r}: expected a finite fraction of mean(diag(H)) with "
+                             f"0 < damp < 1 (typically 0.01)")
+        if not _is_int(self.blocksize) or self.blocksize <= 0:
+            raise ValueError(f"blocksize={self.blocksize!r}: expected a positive int (columns per lazy "
+                             f"update block, typically 128)")
 
 
 @register("gptq", options=GPTQOptions, help="GPTQ: Hessian-based error correction (Frantar et al. 2023)")

@@ -150,6 +150,10 @@ def _gguf_params(reader, path: str, arch: str, tables: dict[str, dict[str, str]]
             if table is None or m.group(2) not in table:
                 unknown.append(t.name)
                 continue
+            if int(m.group(1)) >= cfg.num_layers:
+                raise ValueError(f"{path}: tensor {t.name} names block {int(m.group(1))} but the metadata "
+                                 f"{arch}.block_count={cfg.num_layers} (blocks 0..{cfg.num_layers - 1}): "
+                                 "inconsistent GGUF file")
             path_ = f"layers/{m.group(1)}/{table[m.group(2)]}"
         try:
             a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
@@ -404,8 +408,14 @@ def _hf_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer | None:
 
 # ----------------------------------------------------------------------------- lowbit checkpoints
 
-def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None) -> str:
-    """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention)."""
+def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None, *,
+               extra_files: dict | None = None, overwrite: bool = False) -> str:
+    """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention).
+
+    ``extra_files`` ({relative name: str or bytes}, e.g. ``layers.csv``) are written inside the atomic
+    write and listed in the directory's marker; an existing ``path`` is replaced only as
+    :func:`lowbit.io.outputs.prepare_output_dir` allows (``overwrite``: also another kind of lowbit output).
+    """
     from lowbit.io import checkpoint
 
     family, _, check = _family_api(cfg)
@@ -418,17 +428,18 @@ def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None,
                  "tokenizer": tokenizer.to_json() if tokenizer is not None else None})
     if family != "llama":  # Llama checkpoints stay as they were (no key = llama)
         meta["model_family"] = family
-    return checkpoint.save(path, params, extra=meta)
+    return checkpoint.save(path, params, extra=meta, extra_files=extra_files, overwrite=overwrite)
 
 
 def load_checkpoint(path: str, *, dtype=None):
-    """Read a directory written by :func:`save_model` -> ``(params, cfg, tokenizer)``."""
+    """Read a directory written by :func:`save_model` -> ``(params, cfg, tokenizer)``; a damaged
+    checkpoint raises :class:`lowbit.io.checkpoint.CheckpointError` naming the directory."""
     from lowbit.io import checkpoint
 
     extra = checkpoint.read_extra(path)
-    if "model_config" not in extra:
-        raise ValueError(f"{path}: lowbit checkpoint without 'model_config' in extra.json "
-                         "(not written by lowbit.models.save_model)")
+    if not isinstance(extra, dict) or "model_config" not in extra:
+        raise checkpoint.CheckpointError(f"{path}: lowbit checkpoint without 'model_config' in extra.json "
+                                         "(not written by lowbit.models.save_model)")
     _, config_cls, check = _family_api(extra.get("model_family", "llama"), path)
     cfg = config_cls.from_dict(extra["model_config"])
     params = checkpoint.restore(path)
