@@ -11,8 +11,8 @@ Implemented::
 
     lowbit run CONFIG [--variant smoke] [--set key=value ...]      experiment -> results/ (lowbit.runner.experiment)
     lowbit quantize --model M --method METHOD --bits B --group-size G [--act-order ...] [--calib DATA
-                    --nsamples N --seqlen L --seed S] --out DIR         a lowbit checkpoint (orbax)
-    lowbit export DIR --format gptq --out HFDIR                      HF GPTQ safetensors (lowbit.io.export)
+                    --nsamples N --seqlen L --seed S] --out DIR [--overwrite]  a lowbit checkpoint (orbax)
+    lowbit export DIR --format gptq --out HFDIR [--overwrite]        HF GPTQ safetensors (lowbit.io.export)
     lowbit paper                                                     regenerate paper/report.md
     lowbit eval --model NAME_OR_PATH --data NAME_OR_FILE [--split eval] [--seqlen 2048]
                 [--max-windows K] [--batch-size B] [--dtype float32] [--out FILE.json]
@@ -56,6 +56,18 @@ def register(name: str, help: str, add_arguments, run) -> None:
 
 # ----------------------------------------------------------------------------- shared helpers
 
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch-size 0`` is an argument error, not a crash later)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return v
+
+
 # ----------------------------------------------------------------------------- eval
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -65,9 +77,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus name (brown, austen, wikitext2, ...) or a "
                                                  "local text file / directory (see lowbit.data.corpora)")
     p.add_argument("--split", default="eval", help="calib | eval | all (default: eval)")
-    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter / activation dtype (logits and log-softmax stay float32)")
     p.add_argument("--bos", action="store_true",
@@ -80,9 +92,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit import data
     from lowbit.eval.likelihood import perplexity
+    from lowbit.io.outputs import prepare_output_file
     from lowbit.models.loaders import load_model, model_fingerprint
 
     t0 = time.perf_counter()
+    if args.out:  # before the evaluation: a record that cannot be written is found out now
+        prepare_output_file(args.out)
     fp = model_fingerprint(args.model)
     params, cfg, tok = load_model(args.model, dtype=args.dtype)
     if tok is None:
@@ -181,22 +196,28 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", default=r"^(embed_tokens|lm_head)$", help="regex of weights kept dense")
     p.add_argument("--calib", default="brown", help="calibration corpus (name or local text)")
     p.add_argument("--calib-split", default="calib")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--nsamples", type=positive_int, default=128)
+    p.add_argument("--seqlen", type=positive_int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward pass")
     p.add_argument("--skip-first", type=int, default=0,
                    help="leave the first K positions of each window (attention sinks) out of the statistics")
     p.add_argument("--token-cap", type=float, default=None,
                    help="cap each token's input norm at this multiple of the median in the statistics")
-    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint directory (written atomically); an existing one is replaced only if "
+                        "it is a lowbit checkpoint (never if it holds files lowbit did not write)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace another kind of lowbit output (e.g. an HF export) at --out")
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import csv
+    import io
 
     from lowbit import methods
+    from lowbit.io.outputs import prepare_output_dir
     from lowbit.models.loaders import load_model, model_fingerprint, save_model
     from lowbit.runner.config import CalibCfg, MethodCfg, QuantCfg, from_dict, to_dict
     from lowbit.runner.experiment import calibration_data, model_size, quantize
@@ -211,6 +232,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = CalibCfg(data=args.calib, split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
                      batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                      skip_first=args.skip_first, token_cap=args.token_cap)
+    prepare_output_dir(args.out, "checkpoint", args.overwrite)  # before loading anything
     params, cfg, tok = load_model(args.model)
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; cannot tokenize the calibration text")
@@ -224,13 +246,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                     **{k: v for k, v in calib_record.items() if k == "starts"}},
                           "source_model": {"name_or_path": args.model, "sha256": fp["sha256"]},
                           "size": model_size(qparams), "env": environment_info()}}
-    save_model(args.out, qparams, cfg, tok, extra=extra)
-    if rows:
+    files = {}
+    if rows:  # written inside the atomic write, listed in the checkpoint's marker
         fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
-        with open(os.path.join(args.out, "layers.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        files["layers.csv"] = buf.getvalue()
+    save_model(args.out, qparams, cfg, tok, extra=extra, extra_files=files, overwrite=args.overwrite)
     size = extra["quantize"]["size"]
     print(f"quantized {args.model} with {args.method} w{args.bits}g{args.group_size or 'channel'} in {seconds:.1f} s "
           f"({size['n_quantized']} weights, {size['linear_bits_per_param']:.3f} bits/param, {size['size_mb']:.1f} MB); "
@@ -250,14 +274,20 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["gptq"], default="gptq")
     p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="gptq (v1: zero - 1 stored, what most engines read) or gptq_v2")
-    p.add_argument("--out", required=True, help="output HF directory (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output HF directory (written atomically); an existing one is replaced only if it is a "
+                        "lowbit export of the same format (never if it holds files lowbit did not write)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace another kind of lowbit output (e.g. a lowbit checkpoint) at --out")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.io import checkpoint
-    from lowbit.io.export import export_gptq
+    from lowbit.io.export import KIND, export_gptq
+    from lowbit.io.outputs import prepare_output_dir
     from lowbit.models.loaders import load_checkpoint
 
+    prepare_output_dir(args.out, KIND, args.overwrite)  # before loading anything
     params, cfg, tok = load_checkpoint(args.checkpoint)
     q = checkpoint.read_extra(args.checkpoint).get("quantize", {})
     extra = {}
@@ -265,7 +295,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         g = q["method"].get("gptq", {})
         extra = {"damp_percent": g.get("damp", 0.01), "static_groups": g.get("static_groups", False),
                  "true_sequential": q.get("calib", {}).get("true_sequential", True)}
-    out = export_gptq(args.out, params, cfg, tok, checkpoint_format=args.checkpoint_format, extra_config=extra)
+    out = export_gptq(args.out, params, cfg, tok, checkpoint_format=args.checkpoint_format, extra_config=extra,
+                      overwrite=args.overwrite)
     print(f"wrote {out} ({args.format}, checkpoint_format={args.checkpoint_format})")
     return 0
 
@@ -337,10 +368,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except KeyboardInterrupt:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        hint = "; rerun the same command to resume" if args.command == "run" else ""
+        print(f"\nlowbit {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, FloatingPointError, OverflowError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        msg = str(e).strip() or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"lowbit {args.command}: error: {msg} (LOWBIT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -2,21 +2,27 @@
 
 Layout of a checkpoint directory::
 
-    DIR/manifest.json   structure: nested dicts/lists, array shapes/dtypes, QuantizedTensor metadata
-    DIR/arrays/         orbax StandardCheckpointer of the same tree with QuantizedTensors as dicts
-    DIR/extra.json      caller's metadata (model config, recipe, ...), optional
+    DIR/manifest.json        structure: nested dicts/lists, array shapes/dtypes and sha256 checksums,
+                             QuantizedTensor metadata (version 2; version 1 had no checksums)
+    DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors as dicts
+    DIR/extra.json           caller's metadata (model config, recipe, ...), optional
+    DIR/<extra files>        caller's files (e.g. layers.csv), optional
+    DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
 
 The directory is written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint and an existing checkpoint is only replaced by a complete one.
+half-written checkpoint and an existing checkpoint is only replaced by a complete one -- and only if
+:func:`lowbit.io.outputs.prepare_output_dir` allows it (lowbit never deletes files it did not write).
+:func:`restore` verifies every array against its checksum; any damage (changed bytes, truncated or
+missing files, a bad manifest) raises :class:`CheckpointError` naming the directory (and the array).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -25,11 +31,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lowbit.core.qtensor import QuantizedTensor
+from lowbit.faults import crash_point
+from lowbit.io import outputs
 
-__all__ = ["save", "restore", "read_extra", "atomic_directory"]
+__all__ = ["save", "restore", "read_extra", "atomic_directory", "CheckpointError", "CheckpointNotFound",
+           "MANIFEST_VERSION"]
+
+MANIFEST_VERSION = 2
 
 _QT_META = ("shape", "bits", "group_size", "format", "levels", "per_tensor")
 _QT_ARRAYS = ("data", "scales", "zeros", "col_scale", "perm")
+_RESERVED = ("manifest.json", "extra.json", "arrays", outputs.MARKER)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is damaged or unreadable (the message names the directory, and the array)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint at that path (missing directory or manifest.json)."""
+
+
+def _sha256(a) -> str:
+    a = np.ascontiguousarray(np.asarray(a)).reshape(-1)
+    return hashlib.sha256(a.view(np.uint8)).hexdigest()
 
 
 def _encode(x) -> tuple[Any, Any]:
@@ -51,7 +76,7 @@ def _encode(x) -> tuple[Any, Any]:
         return ({str(i): v[0] for i, v in enumerate(enc)},
                 {"__list__": [v[1] for v in enc], "tuple": isinstance(x, tuple)})
     a = np.asarray(x) if not isinstance(x, jax.Array) else x
-    return a, {"shape": list(a.shape), "dtype": str(a.dtype)}
+    return a, {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}  # on host, as saved
 
 
 def _abstract(spec) -> Any:
@@ -79,68 +104,208 @@ def _decode(plain, spec) -> Any:
     return plain
 
 
+
+
+def _verify(path: str, plain, spec, where: tuple = ()) -> None:
+    """Every array read back must match its manifest shape, dtype and sha256."""
+    if "__qtensor__" in spec:
+        for f, s in spec["fields"].items():
+            _verify(path, plain[f], s, where + (f,))
+    elif "__dict__" in spec:
+        for k, s in spec["__dict__"].items():
+            _verify(path, plain[k], s, where + (k,))
+    elif "__list__" in spec:
+        for i, s in enumerate(spec["__list__"]):
+            _verify(path, plain[str(i)], s, where + (str(i),))
+    else:
+        name = "/".join(where) or "<root>"
+        a = np.asarray(plain)
+        if list(a.shape) != list(spec["shape"]) or str(a.dtype) != spec["dtype"]:
+            raise CheckpointError(f"checkpoint {path}: array {name!r} reads back as {a.dtype}{list(a.shape)}, "
+                                  f"manifest.json says {spec['dtype']}{list(spec['shape'])}")
+        want = spec.get("sha256")
+        if not isinstance(want, str):
+            raise CheckpointError(f"checkpoint {path}: manifest.json has no sha256 for array {name!r}")
+        if _sha256(a) != want:
+            raise CheckpointError(f"checkpoint {path}: array {name!r} does not match its sha256 in manifest.json "
+                                  "(its bytes on disk changed: the checkpoint is damaged)")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str):
-    """``with atomic_directory(path) as tmp:`` write files into ``tmp``; on success ``tmp`` replaces
-    ``path`` (an existing directory is only swapped out for a complete one), on error nothing changes."""
+def atomic_directory(path: str, kind: str | None = None, *, overwrite: bool = False):
+    """``with atomic_directory(path, kind) as tmp:`` write files into ``tmp``; on success ``tmp``
+    replaces ``path`` (an existing directory is only swapped out for a complete one), on error nothing
+    changes.
+
+    With ``kind`` (``"checkpoint"``, ``"export-gptq"``, ...) ``path`` must pass
+    :func:`lowbit.io.outputs.prepare_output_dir` (checked before the body runs and again right before
+    the swap) and ``tmp`` gets the ``.lowbit-output.json`` marker listing every file written into it.
+    Without ``kind`` the caller owns ``path`` (no marker, no content check); the working, home and root
+    directories are refused either way.
+
+    The swap renames ``path`` to ``.NAME.tmp-<pid>-<rand>.old``, then ``tmp`` to ``path``, then removes
+    the old one; a process killed in between leaves ``path`` missing, and the next
+    ``atomic_directory``/:func:`restore` of ``path`` finishes that swap (:func:`lowbit.io.outputs.recover`).
+    Temporaries of dead processes are removed on the next write.
+    """
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    if kind is not None:
+        outputs.prepare_output_dir(path, kind, overwrite, name="output directory")
+    else:
+        outputs.check_protected(path, name="output directory")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        outputs.recover(path)
+    outputs.remove_stale_temps(path)
+    tmp = outputs.temp_dir_name(path)
+    os.makedirs(tmp)
     try:
-        os.makedirs(tmp)
         yield tmp
+        if kind is not None:
+            outputs.write_marker(tmp, kind)
+        crash_point("checkpoint.before-swap")
         old = None
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if kind is not None:  # anything written into it meanwhile is still not ours to delete
+                outputs.check_contents(path, kind, overwrite, name="output directory")
             old = f"{tmp}.old"
             os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
+            crash_point("checkpoint.mid-swap")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        crash_point("checkpoint.after-swap")
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save(path: str, tree, extra: dict | None = None) -> str:
-    """Atomically write ``tree`` (and JSON-able ``extra``) to directory ``path``; returns the path."""
+def _check_extra_files(extra_files: dict | None) -> dict:
+    out = {}
+    for name, content in (extra_files or {}).items():
+        norm = os.path.normpath(name) if isinstance(name, str) and name else ""
+        if (not norm or norm != name or os.path.isabs(name) or norm.split(os.sep)[0] in (*_RESERVED, "..")
+                or not isinstance(content, (str, bytes))):
+            raise ValueError(f"extra_files: {name!r} must be a relative path (not {', '.join(_RESERVED)} or "
+                             "outside the directory) with str or bytes content")
+        out[name] = content
+    return out
+
+
+def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None = None,
+         kind: str | None = "checkpoint", overwrite: bool = False) -> str:
+    """Atomically write ``tree`` (and JSON-able ``extra``, and ``extra_files`` = {relative name: str or
+    bytes}) to directory ``path``; returns the path.
+
+    An existing ``path`` is replaced only as :func:`lowbit.io.outputs.prepare_output_dir` allows for
+    ``kind`` (``overwrite``: also another kind of lowbit output); ``kind=None``: the caller owns ``path``
+    (no marker, no check)."""
     path = os.path.abspath(path)
+    files = _check_extra_files(extra_files)
     plain, spec = _encode(tree)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind, overwrite=overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "arrays"), plain)
         ckptr.wait_until_finished()
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"format": "lowbit-checkpoint", "version": 1, "tree": spec}, f)
+            json.dump({"format": "lowbit-checkpoint", "version": MANIFEST_VERSION, "tree": spec}, f)
         if extra is not None:
             with open(os.path.join(tmp, "extra.json"), "w") as f:
                 json.dump(extra, f, indent=2, default=str)
+        for name, content in files.items():
+            fp = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(fp), exist_ok=True)
+            if isinstance(content, bytes):
+                with open(fp, "wb") as f:
+                    f.write(content)
+            else:
+                with open(fp, "w", newline="") as f:
+                    f.write(content)
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    """First line of the innermost cause of ``e`` (orbax wraps tensorstore's precise message), short."""
+    chain, x = [], e
+    while x is not None and len(chain) < 20:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in reversed(chain):
+        text = str(x).split(" See full TensorStore details")[0]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if lines:
+            line = lines[0]
+            return line if len(line) <= 300 else line[:297] + "..."
+    return type(e).__name__
+
+
 def _manifest(path: str) -> dict:
+    if not os.path.exists(path):
+        outputs.recover(path)
+    if not os.path.isdir(path):
+        raise CheckpointNotFound(f"checkpoint {path}: no such directory")
     mf = os.path.join(path, "manifest.json")
     if not os.path.isfile(mf):
-        raise FileNotFoundError(f"{path}: not a lowbit checkpoint (no manifest.json)")
-    with open(mf) as f:
-        m = json.load(f)
-    if m.get("format") != "lowbit-checkpoint":
-        raise ValueError(f"{mf}: expected format 'lowbit-checkpoint', got {m.get('format')!r}")
+        if os.path.exists(os.path.join(path, "arrays")) or os.path.exists(os.path.join(path, outputs.MARKER)):
+            raise CheckpointNotFound(f"checkpoint {path}: manifest.json is missing; the checkpoint is damaged")
+        raise CheckpointNotFound(f"{path}: not a lowbit checkpoint (no manifest.json)")
+    try:
+        with open(mf) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read manifest.json: {_first_line(e)}") from None
+    if not isinstance(m, dict) or m.get("format") != "lowbit-checkpoint":
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise CheckpointError(f"{mf}: expected format 'lowbit-checkpoint', got {got!r}")
+    if m.get("version") not in (1, MANIFEST_VERSION):
+        raise CheckpointError(f"checkpoint {path}: manifest.json version {m.get('version')!r} is not supported "
+                              f"(expected 1 or {MANIFEST_VERSION}; written by a newer lowbit?)")
+    if not isinstance(m.get("tree"), dict):
+        raise CheckpointError(f"checkpoint {path}: manifest.json has no 'tree'")
     return m
 
 
 def restore(path: str):
-    """Read back the tree written by :func:`save` (QuantizedTensors included)."""
+    """Read back the tree written by :func:`save` (QuantizedTensors included), verifying every array
+    against its checksum (manifest version 2). Any damage raises :class:`CheckpointError`."""
     path = os.path.abspath(path)
-    spec = _manifest(path)["tree"]
-    plain = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), _abstract(spec))
-    return _decode(plain, spec)
+    m = _manifest(path)
+    spec = m["tree"]
+    try:
+        abstract = _abstract(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path}: manifest.json has a malformed tree ({_first_line(e)})") from None
+    try:
+        plain = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), abstract)
+    except MemoryError:
+        raise
+    except Exception as e:  # orbax / tensorstore: missing, truncated or undecodable files
+        if "RESOURCE_EXHAUSTED" in str(e):  # out of device memory is not damage
+            raise
+        raise CheckpointError(f"checkpoint {path}: cannot read arrays: {_first_line(e)}") from None
+    try:
+        if m["version"] >= 2:
+            _verify(path, plain, spec)
+        return _decode(plain, spec)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {path}: manifest.json does not match the arrays "
+                              f"({_first_line(e)})") from None
 
 
 def read_extra(path: str) -> dict:
+    path = os.path.abspath(path)
     _manifest(path)
     p = os.path.join(path, "extra.json")
     if not os.path.isfile(p):
         return {}
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read extra.json: {_first_line(e)}") from None

@@ -22,6 +22,11 @@ Dequantization: ``W[o, i] = scales[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o
 
 Everything not quantized (embeddings, norms, dense linears) is written as float16 with its HF name,
 next to ``config.json`` (the model config plus ``quantization_config``) and ``tokenizer.json``.
+
+A tensor with non-finite values (inf/nan) or values beyond the float16 range is refused (``ValueError``
+naming it) before anything is written. The directory carries the ``.lowbit-output.json`` marker of kind
+``export-gptq`` and replaces an existing directory only as :func:`lowbit.io.outputs.prepare_output_dir`
+allows.
 """
 
 from __future__ import annotations
@@ -33,14 +38,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.io.checkpoint import atomic_directory
+from lowbit.io.outputs import prepare_output_dir
 from lowbit.core.pack import pack, unpack
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.quantizers import scale_table
 from lowbit.core.transforms import flatten
 
-__all__ = ["export_gptq", "hf_config", "EXPORTABLE_BITS"]
+__all__ = ["export_gptq", "hf_config", "EXPORTABLE_BITS", "KIND"]
 
 EXPORTABLE_BITS = (2, 3, 4, 8)
+KIND = "export-gptq"  # the kind of output directory (lowbit.io.outputs)
+
+
+def _float16(a: np.ndarray, tensor: str) -> np.ndarray:
+    """``a`` as float16, refusing inf/nan and values float16 cannot hold (they would become inf)."""
+    a = np.asarray(a, np.float32)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"params: tensor {tensor!r} has {int(bad.sum())} non-finite values (inf/nan); "
+                         "refusing to export it")
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise ValueError(f"params: tensor {tensor!r} has values up to {float(np.abs(a).max()):.4g}, beyond the "
+                         "float16 range (65504); refusing to export it")
+    return h
 
 
 def hf_config(cfg) -> dict:
@@ -123,7 +145,7 @@ def _gptq_tensors(q: QuantizedTensor, path: str, checkpoint_format: str) -> dict
     qweight = np.asarray(pack(codes, bits)).T.view(np.int32)           # (in * bits / 32, out)
     qzeros = np.asarray(pack(zeros.T, bits)).view(np.int32)            # (n_groups, out * bits / 32)
     return {"qweight": np.ascontiguousarray(qweight), "qzeros": qzeros,
-            "scales": np.ascontiguousarray(scales.T.astype(np.float16)), "g_idx": g_idx}
+            "scales": np.ascontiguousarray(_float16(scales.T, f"{_hf_name(path)}.scales")), "g_idx": g_idx}
 
 
 def _quant_config(qts: dict[str, QuantizedTensor], checkpoint_format: str, extra: dict) -> dict:
@@ -141,17 +163,19 @@ def _quant_config(qts: dict[str, QuantizedTensor], checkpoint_format: str, extra
 
 
 def export_gptq(path: str, params, cfg, tokenizer=None, *, checkpoint_format: str = "gptq",
-                extra_config: dict | None = None) -> str:
+                extra_config: dict | None = None, overwrite: bool = False) -> str:
     """Write ``params`` (block linears quantized to ``int`` 2/3/4/8 bits) as a HF GPTQ directory.
 
     ``extra_config`` is merged into ``quantization_config`` (e.g. ``damp_percent``,
     ``true_sequential``, ``static_groups``). The directory is written under a temporary name and
-    renamed into place. Returns the path.
+    renamed into place; an existing ``path`` is replaced only if it is a lowbit GPTQ export (or, with
+    ``overwrite``, another lowbit output), never if it holds files lowbit did not write. Returns the path.
     """
     from safetensors.numpy import save_file
 
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format={checkpoint_format!r}: expected 'gptq' or 'gptq_v2'")
+    path = prepare_output_dir(path, KIND, overwrite, name="output directory")
     flat = flatten(params)
     qts = {p: v for p, v in flat.items() if isinstance(v, QuantizedTensor)}
     if not qts:
@@ -169,11 +193,11 @@ def export_gptq(path: str, params, cfg, tokenizer=None, *, checkpoint_format: st
                 tensors[f"{name}.{k}"] = arr
         else:
             suffix = "bias" if p.endswith("_bias") else "weight"
-            tensors[f"{name}.{suffix}"] = np.asarray(jnp.asarray(v, jnp.float32)).astype(np.float16)
+            tensors[f"{name}.{suffix}"] = _float16(np.asarray(jnp.asarray(v, jnp.float32)), f"{name}.{suffix}")
     config = hf_config(cfg)
     config["quantization_config"] = _quant_config(qts, checkpoint_format, extra_config or {})
 
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, KIND, overwrite=overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -182,4 +206,4 @@ def export_gptq(path: str, params, cfg, tokenizer=None, *, checkpoint_format: st
         if tokenizer is not None:
             with open(os.path.join(tmp, "tokenizer.json"), "w") as f:  # the HF tokenizers format
                 f.write(tokenizer.tk.to_str())
-    return os.path.abspath(path)
+    return path
