@@ -41,7 +41,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Sequence
@@ -49,6 +51,7 @@ from typing import Any, Sequence
 import yaml
 
 from lowbit import methods as method_registry
+from lowbit.data.corpora import SPLITS
 
 __all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "ExperimentCfg", "load_config",
            "config_hash", "to_dict", "from_dict"]
@@ -155,9 +158,11 @@ class ExperimentCfg:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"methods: names must be unique, got {names}")
+        _check_name("experiment", self.experiment)
+        if self.variant is not None:
+            _check_name("variant", self.variant)
         for i, m in enumerate(self.methods):
-            if not m.name or any(c in m.name for c in "/\\ ") or m.name.startswith("."):
-                raise ValueError(f"methods.{i}.name={m.name!r}: expected a non-empty file-name-safe string")
+            _check_name(f"methods.{i}.name", m.name)
         if self.calib.source not in ("corpus", "self"):
             raise ValueError(f"calib.source={self.calib.source!r}: expected 'corpus' or 'self'")
         for key, v in (("calib.nsamples", self.calib.nsamples), ("calib.seqlen", self.calib.seqlen),
@@ -167,6 +172,34 @@ class ExperimentCfg:
                 raise ValueError(f"{key}={v!r}: expected a positive integer")
         if not self.eval.data:
             raise ValueError("eval.data: expected at least one dataset")
+        if self.eval.max_windows is not None and (not isinstance(self.eval.max_windows, int)
+                                                  or isinstance(self.eval.max_windows, bool)
+                                                  or self.eval.max_windows <= 0):
+            raise ValueError(f"eval.max_windows={self.eval.max_windows!r}: expected a positive integer or null (all)")
+        if not isinstance(self.calib.skip_first, int) or self.calib.skip_first < 0 \
+                or self.calib.skip_first >= self.calib.seqlen:
+            raise ValueError(f"calib.skip_first={self.calib.skip_first!r}: expected an integer in "
+                             f"[0, calib.seqlen={self.calib.seqlen})")
+        cap = self.calib.token_cap
+        if cap is not None and not (isinstance(cap, float) and math.isfinite(cap) and cap > 0):
+            raise ValueError(f"calib.token_cap={cap!r}: expected a finite positive multiple of the median, or null")
+        for key, split in (("calib.split", self.calib.split), ("eval.split", self.eval.split)):
+            if split not in SPLITS:
+                raise ValueError(f"{key}={split!r}: expected one of {list(SPLITS)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r}: expected an integer")
+
+
+#: a results-directory component: letters, digits, ``.``, ``_``, ``-``; no leading dot
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_name(key: str, name) -> None:
+    """``name`` becomes one directory under the results root: a single safe path component
+    (no ``/``, ``..``, absolute paths or hidden names), so no config can write outside it."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{key}={name!r}: expected a single file-name-safe path component "
+                         f"(letters, digits, '.', '_', '-'; not starting with '.'), e.g. 'gptq_smollm2'")
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass

@@ -19,14 +19,22 @@ finished run directory, so a failed or partial re-run never loses earlier rows).
 Seeds: one ``seed`` -> ``jax.random.key(seed)`` -> ``fold_in`` per purpose (1: calibration windows,
 2: self-generated calibration), so re-running a config gives identical metrics. Each run directory
 is written atomically; a run whose ``metrics.json`` carries the same config hash is reused unless
-``force``. Quantization checkpoints every finished layer under ``.partial-<method>-<hash>/`` and an
-interrupted run resumes from its last finished layer.
+``force``. Rows whose evaluation protocol differs from the config's are left out of the summary.
+
+Crash safety: quantization commits every finished layer (its parameters and its report rows, one
+atomic directory with per-array checksums) under ``.partial-<method>-<hash>/layer_NNNN``; an
+interrupted run resumes after its last complete layer, a damaged saved layer is discarded with a
+warning and recomputed, ``force`` starts the row from scratch. One run at a time holds the
+directory's ``.lock``; temporary files of killed runs are removed by the next run. Each write point
+is a named :func:`lowbit.faults.crash_point` exercised by ``tests/test_fault_injection.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -41,9 +49,11 @@ import yaml
 from lowbit import methods as method_registry
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
+from lowbit.faults import crash_point
 from lowbit.io import checkpoint
-from lowbit.runner.config import CalibCfg, ExperimentCfg, MethodCfg, config_hash, to_dict
-from lowbit.runner.records import environment_info, peak_rss_mb
+from lowbit.runner import lock
+from lowbit.runner.config import CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash, from_dict, to_dict
+from lowbit.runner.records import environment_info, peak_rss_mb, write_json, write_text
 
 __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
            "experiment_dir", "model_size", "check_expectations"]
@@ -125,8 +135,15 @@ def model_size(params) -> dict:
 
 
 def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
+    """``results_dir/<experiment>[-<variant>]``; never outside ``results_dir`` (the config checks
+    that names are single safe path components; this checks the resolved path once more)."""
     name = cfg.experiment + (f"-{cfg.variant}" if cfg.variant else "")
-    return os.path.join(results_dir, name)
+    path = os.path.join(results_dir, name)
+    root = os.path.realpath(results_dir)
+    if os.path.dirname(os.path.realpath(path)) != root:
+        raise ValueError(f"experiment {name!r}: resolves to {os.path.realpath(path)}, outside the results "
+                         f"root {root}; expected a single directory name")
+    return path
 
 
 def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
@@ -149,17 +166,66 @@ def _partial_dir(exp_dir: str, m: MethodCfg, h: str) -> str:
     return os.path.join(exp_dir, f".partial-{m.name}-{h}")
 
 
-def _load_partial(pdir: str, params) -> tuple[dict, int]:
-    """Plug the finished layers saved in ``pdir`` into ``params``; returns (params, first missing layer)."""
-    layers = list(params["layers"])
+def _layer_dir(pdir: str, i: int) -> str:
+    return os.path.join(pdir, f"layer_{i:04d}")
+
+
+def _save_layer(pdir: str, i: int, layer, rows: list[dict]) -> None:
+    """Commit one finished layer: its parameters and its report rows in ONE atomic directory (a
+    kill at any point leaves the layer either complete or absent)."""
+    checkpoint.save(_layer_dir(pdir, i), layer, extra={"rows": rows})
+    crash_point("run.layer-committed")
+
+
+def _load_partial(pdir: str, params) -> tuple[dict, int, list[dict]]:
+    """Plug the finished layers saved in ``pdir`` into ``params``.
+
+    Returns (params, first missing layer, their report rows). A layer that fails to load (damaged
+    file, checksum mismatch, written by an older lowbit) is discarded with a warning together with
+    every later layer, and recomputed.
+    """
+    layers, rows = list(params["layers"]), []
     i = 0
-    while os.path.isdir(os.path.join(pdir, f"layer_{i:04d}")) and i < len(layers):
-        layers[i] = checkpoint.restore(os.path.join(pdir, f"layer_{i:04d}"))
+    while i < len(layers) and os.path.isdir(_layer_dir(pdir, i)):
+        try:
+            layer = checkpoint.restore(_layer_dir(pdir, i))
+            layer_rows = checkpoint.read_extra(_layer_dir(pdir, i)).get("rows")
+            if not isinstance(layer_rows, list):
+                raise checkpoint.CheckpointError(f"checkpoint {_layer_dir(pdir, i)}: no report rows")
+        except (checkpoint.CheckpointError, OSError, ValueError) as e:
+            _log(f"warning: discarding saved layers {i}.. of {pdir}: {e}; recomputing them")
+            for j in range(i, len(layers)):
+                shutil.rmtree(_layer_dir(pdir, j), ignore_errors=True)
+            break
+        layers[i] = layer
+        rows.extend(layer_rows)
         i += 1
-    return {**params, "layers": layers}, i
+    return {**params, "layers": layers}, i, rows
+
+
+def _clean_stray_temps(exp_dir: str) -> None:
+    """Remove the temporary files and directories that killed runs left behind (``.X.tmp-*``,
+    ``X.tmp-*``); only called while holding the directory's lock, so none belongs to a live run."""
+    pats = [os.path.join(exp_dir, p) for p in (".*.tmp-*", "*.tmp-*", ".partial-*/.*.tmp-*",
+                                               ".partial-*/*.tmp-*", "*/.*.tmp-*", "*/*.tmp-*")]
+    stray = sorted({p for pat in pats for p in glob.glob(pat)})
+    for p in stray:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+    if stray:
+        _log(f"removed {len(stray)} temporary file(s) left by an interrupted run in {exp_dir}")
 
 
 # ----------------------------------------------------------------------------- plots and tables
+
+
+def _save_figure(fig, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
 
 
 def _plot_layers(rows: list[dict], path: str, title: str) -> None:
@@ -179,7 +245,7 @@ def _plot_layers(rows: list[dict], path: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -215,7 +281,7 @@ def _plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) 
         ax.set_title(f"{title}: {ds}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -225,12 +291,48 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}" if v >= 1000 else f"{v:.2f}"
 
 
+def _protocol(run_config: dict) -> dict:
+    """What makes two rows' perplexities comparable: the model and the evaluation settings (not
+    ``eval.batch_size``, which does not change the numbers); missing keys read as their defaults."""
+    ev = to_dict(from_dict(EvalCfg, dict(run_config.get("eval") or {}), "eval"))
+    ev.pop("batch_size", None)
+    return {"model": run_config.get("model"), "eval": ev}
+
+
+def _protocol_diff(a: dict, b: dict) -> str:
+    diffs = [f"model {a['model']} vs {b['model']}"] if a["model"] != b["model"] else []
+    diffs += [f"eval.{k} {a['eval'].get(k)!r} vs {b['eval'].get(k)!r}" for k in sorted(a["eval"])
+              if a["eval"].get(k) != b["eval"].get(k)]
+    return ", ".join(diffs)
+
+
 def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
-    """Rebuild ``summary.{json,csv,md}`` and ``ppl_vs_bits.png`` from the run directories present."""
-    runs = []
+    """Rebuild ``summary.{json,csv,md}`` and ``ppl_vs_bits.png`` from the run directories present.
+
+    With ``cfg``, rows evaluated under another protocol than ``cfg``'s (another model, eval data,
+    split, seqlen, window count or BOS setting: e.g. left over from an earlier config) are left out
+    of the table and of the "Δ vs fp" columns, and named in a note below it.
+    """
+    runs, excluded = [], []
+    want = _protocol(to_dict(cfg)) if cfg is not None else None
     for mf in sorted(glob.glob(os.path.join(exp_dir, "*", "metrics.json"))):
-        with open(mf) as f:
-            m = json.load(f)
+        try:
+            with open(mf) as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            _log(f"warning: skipping {mf}: unreadable ({e})")
+            continue
+        if want is not None:
+            rc = os.path.join(os.path.dirname(mf), "config.yaml")
+            try:
+                with open(rc) as f:
+                    got = _protocol(yaml.safe_load(f) or {})
+            except (OSError, ValueError, yaml.YAMLError):
+                got = None
+            if got != want:
+                why = "no readable config.yaml" if got is None else _protocol_diff(got, want)
+                excluded.append({"name": m.get("name", os.path.basename(os.path.dirname(mf))), "why": why})
+                continue
         runs.append({"name": m["name"], "method": m["method"], "bits": m.get("bits"),
                      "group_size": m.get("group_size"), "linear_bits_per_param": m["size"]["linear_bits_per_param"],
                      "size_mb": m["size"]["size_mb"], "quantize_s": m["timings"].get("quantize_s"),
@@ -258,16 +360,23 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
         table.append(dict(zip(header, row)))
     md = "\n".join(lines) + "\n"
+    if excluded:
+        md += ("\nNot in this table (evaluated under another protocol than this config's; rerun them "
+               "with this config to include them): "
+               + "; ".join(f"{e['name']} ({e['why']})" for e in excluded) + ".\n")
+        _log(f"left out of the table (another evaluation protocol): {', '.join(e['name'] for e in excluded)}")
     summary = {"experiment": os.path.basename(exp_dir), "datasets": datasets, "runs": runs}
-    with open(os.path.join(exp_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(exp_dir, "summary.md"), "w") as f:
-        f.write(md)
+    if excluded:
+        summary["excluded"] = excluded
+    crash_point("run.summary")
+    write_json(os.path.join(exp_dir, "summary.json"), summary)
+    write_text(os.path.join(exp_dir, "summary.md"), md)
     if table:
-        with open(os.path.join(exp_dir, "summary.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header)
-            w.writeheader()
-            w.writerows(table)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header)
+        w.writeheader()
+        w.writerows(table)
+        write_text(os.path.join(exp_dir, "summary.csv"), buf.getvalue())
         _plot_summary(runs, datasets, os.path.join(exp_dir, "ppl_vs_bits.png"), os.path.basename(exp_dir))
     summary["markdown"] = md
     return summary
@@ -284,43 +393,63 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
                    progress: bool = True, stop_after_layer: int | None = None) -> dict:
     """Run every method of ``cfg``; returns the experiment summary (see the module docstring).
 
-    ``stop_after_layer`` (testing the resume path) raises ``KeyboardInterrupt`` after that layer
-    has been checkpointed.
+    Holds ``<experiment dir>/.lock`` for the whole run (a second run on the same directory stops
+    at once). Everything that can be checked before the model is loaded is: the results directory
+    is writable, the evaluation and calibration texts exist; the sequence lengths and window counts
+    are checked right after the model is loaded, before anything is written. ``stop_after_layer``
+    (testing the resume path) raises ``KeyboardInterrupt`` after that layer has been checkpointed.
     """
+    exp_dir = experiment_dir(cfg, results_dir)
+    with lock.hold(exp_dir, what="lowbit run"):
+        _clean_stray_temps(exp_dir)
+        return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer)
+
+
+def _up_to_date(mf: str, h: str) -> bool:
+    try:
+        with open(mf) as f:
+            return json.load(f).get("config_hash") == h
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as e:
+        _log(f"warning: {mf} is unreadable ({e}); recomputing that row")
+        return False
+
+
+def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool,
+                stop_after_layer: int | None) -> dict:
     from lowbit import data
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
-
-    exp_dir = experiment_dir(cfg, results_dir)
-    os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    env = environment_info()
 
     pending = []
     for m in cfg.methods:
         h = config_hash(_run_config(cfg, m))
         mf = os.path.join(exp_dir, m.name, "metrics.json")
-        if not force and os.path.isfile(mf):
-            with open(mf) as f:
-                if json.load(f).get("config_hash") == h:
-                    _log(f"{m.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
-                    continue
+        if not force and _up_to_date(mf, h):
+            _log(f"{m.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
+            continue
         pending.append((m, h))
 
+    env = environment_info()
     if pending:
+        # texts first: a wrong data path or split fails before the (slow) model load
+        quantizing = any(m.quantizes for m, _ in pending)
+        eval_texts = {d: data.corpus_text(d, cfg.eval.split) for d in cfg.eval.data}
+        if quantizing and cfg.calib.source == "corpus":
+            data.corpus_text(cfg.calib.data, cfg.calib.split)  # parsed and cached for calibration_data
+
         t0 = time.perf_counter()
         _log(f"loading model {cfg.model}")
         params, mcfg, tok = load_model(cfg.model)
         if tok is None:
             raise ValueError(f"model {cfg.model}: has no tokenizer; lowbit run needs one to tokenize the data")
+        ctx = getattr(mcfg, "max_position_embeddings", None)
+        for key, n in (("eval.seqlen", cfg.eval.seqlen), ("calib.seqlen", cfg.calib.seqlen if quantizing else 0)):
+            if ctx is not None and n > ctx:
+                raise ValueError(f"{key}={n}: exceeds the context of {cfg.model} (max_position_embeddings={ctx})")
         fingerprint = model_fingerprint(cfg.model)
         load_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if any(m.quantizes for m, _ in pending):
-            calib, calib_record = calibration_data(cfg.calib, params, mcfg, tok, cfg.seed, progress=progress)
-        calib_s = time.perf_counter() - t0
 
         evals = {}
         bos_id = None
@@ -328,12 +457,22 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
             if tok.bos_id is None:
                 raise ValueError(f"eval.bos=true but the tokenizer of {cfg.model} has no BOS token")
             bos_id = tok.bos_id
-        for d in cfg.eval.data:
-            text = data.corpus_text(d, cfg.eval.split)
+        for d, text in eval_texts.items():
             # with a BOS, windows hold seqlen - 1 text tokens (perplexity prepends the BOS)
-            evals[d] = data.eval_windows(tok.encode(text), cfg.eval.seqlen - (bos_id is not None),
-                                         cfg.eval.max_windows)
+            try:
+                evals[d] = data.eval_windows(tok.encode(text), cfg.eval.seqlen - (bos_id is not None),
+                                             cfg.eval.max_windows)
+            except ValueError as e:
+                raise ValueError(f"eval.data {d}/{cfg.eval.split}: {e}") from None
             _log(f"eval data {d}/{cfg.eval.split}: {evals[d].shape[0]} windows of {cfg.eval.seqlen} tokens")
+
+        t0 = time.perf_counter()
+        if quantizing:
+            calib, calib_record = calibration_data(cfg.calib, params, mcfg, tok, cfg.seed, progress=progress)
+        calib_s = time.perf_counter() - t0
+
+    # every check passed: only now does the results directory change
+    write_text(os.path.join(exp_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     for m, h in pending:
         _log(f"=== {m.name} ({m.method}) ===")
@@ -346,26 +485,20 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
             qparams = params
         else:
             pdir = _partial_dir(exp_dir, m, h)
-            start_params, start = _load_partial(pdir, params) if os.path.isdir(pdir) else (params, 0)
+            if force:
+                shutil.rmtree(pdir, ignore_errors=True)
+            start_params, start, rows = _load_partial(pdir, params) if os.path.isdir(pdir) else (params, 0, [])
             if start:
                 _log(f"{m.name}: resuming after layer {start - 1} from {pdir}")
-                with open(os.path.join(pdir, "rows.json")) as f:
-                    rows = [r for r in json.load(f) if r["layer"] < start]
 
             def on_layer(i, new_params, layer_rows, pdir=pdir):
-                checkpoint.save(os.path.join(pdir, f"layer_{i:04d}"), new_params["layers"][i])
-                done_rows.extend(layer_rows)
-                tmp = os.path.join(pdir, "rows.json.tmp")
-                with open(tmp, "w") as f:
-                    json.dump(done_rows, f)
-                os.replace(tmp, os.path.join(pdir, "rows.json"))
+                _save_layer(pdir, i, new_params["layers"][i], layer_rows)
                 if stop_after_layer is not None and i >= stop_after_layer:
                     raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 
-            done_rows = list(rows)
             qparams, new_rows = quantize(start_params, mcfg, m, calib, cfg.calib, start_layer=start,
                                          on_layer=on_layer, progress=progress, recipe=recipe)
-            rows = [r for r in rows if r["layer"] < start] + new_rows
+            rows = rows + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
 
         results = {}
@@ -398,6 +531,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
                     w.writeheader()
                     w.writerows(rows)
                 _plot_layers(rows, os.path.join(tmp, "layers.png"), m.name)
+            crash_point("run.row-written")
+        crash_point("run.row-committed")
         if recipe is not None:
             shutil.rmtree(_partial_dir(exp_dir, m, h), ignore_errors=True)
 

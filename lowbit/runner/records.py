@@ -3,6 +3,7 @@ lowbit writes about a run (``metrics.json``, ``lowbit eval --out``, checkpoint m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import resource
 import subprocess
 import sys
 
-__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json"]
+__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json", "write_text"]
 
 
 def _git_info() -> dict:
@@ -50,10 +51,21 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_json(path: str, record: dict) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same directory, then
+    ``os.replace``): a reader sees the old file or the new one, never a truncated mix."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, record: dict) -> None:
+    """:func:`write_text` of ``record`` as indented JSON."""
+    write_text(path, json.dumps(record, indent=2, default=str) + "\n")
