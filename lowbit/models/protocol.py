@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-__all__ = ["Family", "register_family", "family_of", "FAMILIES", "hidden_layerwise", "forward_layerwise"]
+__all__ = ["Family", "register_family", "family_of", "FAMILIES", "hidden_layerwise", "forward_layerwise",
+           "check_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,15 @@ def family_of(cfg) -> Family:
                      f"(registered: {sorted(FAMILIES)}); see lowbit.models.protocol")
 
 
+def check_tokens(tokens, cfg) -> None:
+    """``tokens`` is a ``(batch, seq)`` array no longer than the model's context (clear errors)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens: expected shape (batch, seq), got {tokens.shape}")
+    if tokens.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds the model's context "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+
 def hidden_layerwise(params, tokens, cfg):
     """Final hidden states ``(B, T, D)`` (before the final norm) of any registered family, computed
     with one jitted call per layer instead of one program for the whole model: the same numbers as
@@ -92,11 +102,7 @@ def hidden_layerwise(params, tokens, cfg):
 
     fam = family_of(cfg)
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected shape (batch, seq), got {tokens.shape}")
-    if tokens.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds the model's context "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    check_tokens(tokens, cfg)
     x = fam.embed_jit(fam.embed_params(params), tokens, cfg)
     for i, layer in enumerate(fam.layers(params)):
         x = fam.block_jit(layer, x, cfg, **fam.layer_kwargs(cfg, i))

@@ -38,7 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lowbit.models.protocol import family_of
+from lowbit.models.protocol import check_tokens, family_of
 
 __all__ = ["cross_entropy", "kd_kl", "hidden_mse", "forward_train", "causal_lm_loss", "distill_loss",
            "tokens_and_mask", "NORM_EPS"]
@@ -111,11 +111,7 @@ def forward_train(params, tokens, cfg, *, remat: bool = True, hidden_layers: tup
     bad = [i for i in hidden_layers if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"hidden_layers={tuple(hidden_layers)}: {bad} outside the model's 0..{len(layers) - 1}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected shape (batch, seq), got {tokens.shape}")
-    if tokens.shape[1] > cfg.max_position_embeddings:
-        raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds the model's context "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    check_tokens(tokens, cfg)
     x = fam.embed_jit(fam.embed_params(params), tokens, cfg)
     hidden = []
     for i, layer in enumerate(layers):
