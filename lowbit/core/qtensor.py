@@ -20,7 +20,11 @@ Invariant of a ``QuantizedTensor`` ``q`` holding a matrix of ``q.shape == (rows,
 ``scales`` is a pair ``(nested, offset)``: ``nested`` a ``QuantizedTensor`` of the scales minus
 their mean, in blocks (one row per block), and ``offset`` that mean as a ``(1,)`` float32 array; the
 scale table is ``dequantize(nested)`` flattened, cut to ``rows_s * n_groups``, plus ``offset``
-(:func:`lowbit.core.quantizers.scale_table`). ``zeros`` are integer codes packed like ``data``.
+(:func:`lowbit.core.quantizers.scale_table`). ``nested`` is a symmetric ``"int"`` tensor
+(``dq_map="linear"``) or, for bitsandbytes' double quantization (``dq_map="dynamic"``), a
+``"codebook"`` tensor with ``levels = numerics.DYNAMIC_MAP`` (256 levels, 8 bits), one float32
+absmax per block: ``scale = DYNAMIC_MAP[code] * block_absmax + offset``. ``zeros`` are integer
+codes packed like ``data``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import numpy as np
 
 from lowbit.core import numerics
 
-__all__ = ["QuantSpec", "QuantizedTensor", "FORMATS"]
+__all__ = ["QuantSpec", "QuantizedTensor", "FORMATS", "DQ_MAPS"]
 
 FORMATS = ("int", "nf4", "fp4", "codebook", "sign", "onebit")
+DQ_MAPS = ("linear", "dynamic")  # QuantSpec.dq_map: the grid of the double-quantized scales
 _TABLE_FORMATS = ("nf4", "fp4", "codebook")
 
 
@@ -81,8 +86,20 @@ class QuantSpec:
         is then an error.
       clip: search a shrink factor of the range per group minimising ``sum |w - q|**clip_norm``
         (the ``mse=True`` grid search of the GPTQ reference code).
-      double_quant: quantize the scales to ``dq_bits`` (asymmetric) in blocks of ``dq_block``
-        (QLoRA's double quantization).
+      double_quant: store the scales themselves quantized (QLoRA's double quantization): their
+        mean (one float32) is subtracted and the rest quantized to ``dq_bits`` in blocks of
+        ``dq_block`` consecutive scales (row-major over the scale table), one float32 per block.
+      dq_map: the grid of the double quantization. ``"linear"`` (default): a symmetric
+        ``dq_bits``-bit integer grid per block (steps of ``2 * absmax / (2**dq_bits - 1)``, zero at
+        the mid code); the weights are then rounded against the scales *as stored*.
+        ``"dynamic"``: bitsandbytes' double quantization (``quantize_4bit(...,
+        compress_statistics=True)``): the 8-bit dynamic map (:data:`lowbit.core.numerics.DYNAMIC_MAP`),
+        blockwise absmax, nearest code with the CUDA kernel's tie rule
+        (:func:`lowbit.core.numerics.nearest_dynamic_code`); as bitsandbytes does, :func:`quantize`
+        rounds the weights against the exact (pre-double-quantization) scales and only the stored
+        statistics are compressed (GPTQ, which needs the final scales up front, rounds against the
+        stored ones). Needs ``dq_bits=8``. Ignored without ``double_quant``.
+        :meth:`QuantSpec.qlora_nf4` is QLoRA's full base-weight format.
       scale_dtype: storage dtype of scales (and of the OneBit value vectors).
     """
 
@@ -100,6 +117,7 @@ class QuantSpec:
     double_quant: bool = False
     dq_bits: int = 8
     dq_block: int = 256
+    dq_map: str = "linear"
     scale_dtype: str = "float16"
 
     def __post_init__(self):
@@ -113,6 +131,11 @@ class QuantSpec:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool")
         _check_int("dq_bits", self.dq_bits, 2, 8)
         _check_int("dq_block", self.dq_block, 1)
+        if self.dq_map not in DQ_MAPS:
+            raise ValueError(f"dq_map={self.dq_map!r}: expected one of {DQ_MAPS}")
+        if self.dq_map == "dynamic" and self.dq_bits != 8:
+            raise ValueError(f"dq_bits={self.dq_bits}: dq_map='dynamic' is bitsandbytes' 8-bit dynamic map "
+                             "(use dq_bits=8, or dq_map='linear' for other widths)")
         _check_int("clip_grid", self.clip_grid, 1)
         if not (_is_real(self.clip_maxshrink) and 0.0 < self.clip_maxshrink < 1.0):
             raise ValueError(f"clip_maxshrink={self.clip_maxshrink!r}: expected a number in (0, 1) "
@@ -147,6 +170,18 @@ class QuantSpec:
 
     def replace(self, **kw) -> "QuantSpec":
         return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def qlora_nf4(cls, **overrides) -> "QuantSpec":
+        """QLoRA's base-weight format, as bitsandbytes stores it (``Linear4bit`` with
+        ``bnb_4bit_quant_type="nf4"``, ``bnb_4bit_use_double_quant=True``): NF4 codes in groups of 64
+        with one float32 absmax each, the absmax constants double-quantized to bitsandbytes'
+        8-bit dynamic map in blocks of 256 around their float32 mean: 4 + 8/64 + 32/(64*256) =
+        4.127 bits per parameter (plus 32 bits per tensor for the mean). ``overrides`` replace
+        fields (e.g. ``group_size=128``)."""
+        base = dict(bits=4, format="nf4", group_size=64, symmetric=True, double_quant=True, dq_map="dynamic",
+                    dq_bits=8, dq_block=256, scale_dtype="float32")
+        return cls(**{**base, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +288,11 @@ class QuantizedTensor:
     def __repr__(self):
         extra = " perm" if self.perm is not None else ""
         extra += " col_scale" if self.col_scale is not None else ""
-        dq = " double-quant" if isinstance(self.scales, tuple) else ""
+        dq = ""
+        if isinstance(self.scales, tuple):
+            nested = self.scales[0]
+            dyn = isinstance(nested, QuantizedTensor) and nested.format == "codebook"
+            dq = " double-quant(dynamic)" if dyn else " double-quant"
         return (f"QuantizedTensor(shape={self.shape}, format={self.format!r}, bits={self.bits}, "
                 f"group_size={self.group_size}{dq}{extra})")
 

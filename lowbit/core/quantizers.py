@@ -18,8 +18,8 @@ from lowbit.core import numerics
 from lowbit.core.pack import pack, unpack
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 
-__all__ = ["quantize", "scale_table", "dequantize", "fake_quant", "qlinear", "bits_per_param", "compute_params",
-           "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
+__all__ = ["quantize", "nf4_qlora_spec", "scale_table", "dequantize", "fake_quant", "qlinear", "bits_per_param",
+           "compute_params", "quantize_codes", "dequantize_codes", "QParams", "check_matrix", "resolve_group_size",
            "group_params", "pack_result", "grouped", "check_scales"]
 
 
@@ -201,19 +201,44 @@ def compute_params(x, spec: QuantSpec, valid=None) -> QParams:
 # ----------------------------------------------------------------------------- quantize / dequantize
 
 def _double_quantize(scale, spec: QuantSpec):
-    """QLoRA double quantization: (scales - mean) to ``dq_bits`` symmetric, blocks of ``dq_block``."""
-    flat = scale.reshape(-1)
+    """QLoRA double quantization: (scales - mean) in blocks of ``dq_block``, to a symmetric
+    ``dq_bits`` integer grid (``dq_map="linear"``) or to bitsandbytes' dynamic map (``"dynamic"``)."""
+    flat = scale.reshape(-1).astype(jnp.float32)
     offset = jnp.mean(flat)
     n = flat.shape[0]
     nb = -(-n // spec.dq_block)
     blocks = jnp.pad(flat - offset, (0, nb * spec.dq_block - n)).reshape(nb, spec.dq_block)
-    inner = QuantSpec(bits=spec.dq_bits, group_size=None, symmetric=True, scale_dtype="float32")
-    nested = _quantize_impl(blocks, inner)
+    if spec.dq_map == "dynamic":
+        nested = _dynamic_blockwise(blocks)
+    else:
+        inner = QuantSpec(bits=spec.dq_bits, group_size=None, symmetric=True, scale_dtype="float32")
+        nested = _quantize_impl(blocks, inner)
     return (nested, offset.reshape(1).astype(jnp.float32))
 
 
+def _dynamic_blockwise(blocks) -> QuantizedTensor:
+    """bitsandbytes' ``quantize_blockwise`` (default dynamic code) of float32 ``blocks (nb, B)``, one
+    block per row: ``absmax = max |block|`` (float32, stored as is), codes = nearest entry of
+    :data:`numerics.DYNAMIC_MAP` to ``x * (1 / absmax)`` (the kernel multiplies by the float32
+    reciprocal) with the CUDA kernel's tie rule; a block of zeros stores absmax 0 and codes 0 (what
+    bitsandbytes writes). Zero padding in the last block never changes its absmax and maps to the
+    exact 0 code. Dequantizes (codebook format) as ``DYNAMIC_MAP[code] * absmax``, bitsandbytes'
+    ``dequantize_blockwise``."""
+    nb, b = blocks.shape
+    absmax = jnp.max(jnp.abs(blocks), axis=1, keepdims=True)
+    inv = 1.0 / jnp.where(absmax == 0, 1.0, absmax)
+    codes = numerics.nearest_dynamic_code(blocks * inv)
+    codes = jnp.where(absmax == 0, jnp.uint8(0), codes)
+    return QuantizedTensor(data=pack(codes, 8), scales=absmax, shape=(nb, b), bits=8, group_size=b,
+                           format="codebook", levels=numerics.DYNAMIC_MAP, per_tensor=False)
+
+
 def scale_table(q: QuantizedTensor):
-    """The logical ``(rows or 1, n_groups)`` float32 scale table of ``q``."""
+    """The logical ``(rows or 1, n_groups)`` float32 scale table of ``q``.
+
+    Double-quantized: ``dequantize(nested) + offset``, two float32 roundings as bitsandbytes'
+    ``dequantize_blockwise(...) + offset``. (Inside a larger jitted computation XLA may fuse the
+    multiply and the add into one FMA: the same value or 1 ulp closer to exact.)"""
     if isinstance(q.scales, tuple):  # double quantization: (nested QuantizedTensor, offset)
         nested, offset = q.scales
         rows, groups = q.scale_shape
@@ -229,6 +254,13 @@ def group_params(w, spec: QuantSpec):
     *as stored* (after fp16 rounding or double quantization), ``zero`` the matching float32 integer
     zero codes or ``None``, and ``scales_leaf`` what a :class:`QuantizedTensor` stores in ``scales``.
     """
+    return _group_params(w, spec)[2:]
+
+
+def _group_params(w, spec: QuantSpec):
+    """:func:`group_params` plus the scale and zero *before* double quantization (what the scales
+    were computed as; the same as stored without ``double_quant``):
+    ``(raw_scale, raw_zero, stored_scale, stored_zero, scales_leaf)``."""
     rows, cols = w.shape
     g = resolve_group_size(spec, cols)
     if spec.per_tensor:
@@ -237,7 +269,8 @@ def group_params(w, spec: QuantSpec):
         red, valid = grouped(w, g)
     scale, zero = compute_params(red, spec, valid)
     if not spec.double_quant:
-        return scale, zero, scale.astype(spec.scale_dtype)
+        return scale, zero, scale, zero, scale.astype(spec.scale_dtype)
+    raw_scale, raw_zero = scale, zero
     scales_leaf = _double_quantize(scale, spec)
     tmp = QuantizedTensor(data=None, scales=scales_leaf, group_size=g, shape=(rows, cols), bits=spec.bits,
                           format=spec.format, levels=spec.table, per_tensor=spec.per_tensor)
@@ -245,7 +278,7 @@ def group_params(w, spec: QuantSpec):
     if zero is not None:  # the zero point follows the scale actually stored
         lo = jnp.minimum(red.min(axis=-1), 0.0)
         zero = jnp.clip(jnp.round(-lo / stored), 0, 2**spec.bits - 1)
-    return stored, zero, scales_leaf
+    return raw_scale, raw_zero, stored, zero, scales_leaf
 
 
 @functools.partial(jax.jit, static_argnames="spec")
@@ -264,7 +297,11 @@ def _quantize_impl(w, spec: QuantSpec) -> QuantizedTensor:
                                col_scale=b.astype(spec.scale_dtype), group_size=cols, **meta)
     g = resolve_group_size(spec, cols)
     wg, _ = grouped(w, g)
-    scale, zero, scales_leaf = group_params(w, spec)
+    raw_scale, raw_zero, scale, zero, scales_leaf = _group_params(w, spec)
+    if spec.double_quant and spec.dq_map == "dynamic":
+        # bitsandbytes (quantize_4bit with compress_statistics=True) rounds the weights against the
+        # exact absmax and compresses the statistics afterwards; "linear" rounds against the stored ones.
+        scale, zero = raw_scale, raw_zero
     zz = None if zero is None else zero[..., None]
     codes = quantize_codes(wg, scale[..., None], zz, spec).reshape(rows, -1)[:, :cols]
     return pack_result(codes, scales_leaf, zero, spec, group_size=g)
@@ -276,6 +313,13 @@ def pack_result(codes, scales_leaf, zero, spec: QuantSpec, *, group_size: int, p
     return QuantizedTensor(data=pack(codes, spec.bits), scales=scales_leaf, zeros=zeros, perm=perm,
                            shape=tuple(codes.shape), bits=spec.bits, group_size=group_size,
                            format=spec.format, levels=spec.table, per_tensor=spec.per_tensor)
+
+
+def nf4_qlora_spec(**overrides) -> QuantSpec:
+    """QLoRA's base-weight format (NF4, groups of 64, bitsandbytes' double quantization of the
+    float32 absmax in blocks of 256 with the dynamic map): :meth:`QuantSpec.qlora_nf4`, 4.127 bits
+    per parameter."""
+    return QuantSpec.qlora_nf4(**overrides)
 
 
 def quantize(w, spec: QuantSpec) -> QuantizedTensor:
