@@ -68,6 +68,16 @@ def _encode(x) -> tuple[Any, Any]:
             arrays[f], fields[f] = _encode(v)
         meta = {k: getattr(x, k) for k in _QT_META}
         return arrays, {"__qtensor__": meta, "fields": fields}
+    import sys
+
+    lora = sys.modules.get("lowbit.train.lora")  # no LoraWeight exists before that module is loaded
+    if lora is not None and isinstance(x, lora.LoraWeight):
+        # a LoRA adapter (lowbit.train.lora.LoraWeight): its base (dense or QuantizedTensor) and a / b
+        # as a dict of arrays, the static scale / rank / dropout as metadata; the per-step dropout key
+        # is transient and never saved. The "__dict__" entry lets _verify walk it like a dict.
+        enc = {f: _encode(getattr(x, f)) for f in ("base", "a", "b")}
+        meta = {"scale": float(x.scale), "rank": int(x.rank), "dropout": float(x.dropout)}
+        return {k: v[0] for k, v in enc.items()}, {"__lora__": meta, "__dict__": {k: v[1] for k, v in enc.items()}}
     if isinstance(x, dict):
         enc = {str(k): _encode(v) for k, v in x.items()}
         return {k: v[0] for k, v in enc.items()}, {"__dict__": {k: v[1] for k, v in enc.items()}}
@@ -82,6 +92,8 @@ def _encode(x) -> tuple[Any, Any]:
 def _abstract(spec) -> Any:
     if "__qtensor__" in spec:
         return {f: _abstract(s) for f, s in spec["fields"].items()}
+    if "__lora__" in spec:
+        return {f: _abstract(s) for f, s in spec["__dict__"].items()}
     if "__dict__" in spec:
         return {k: _abstract(s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:
@@ -96,6 +108,13 @@ def _decode(plain, spec) -> Any:
         meta["levels"] = None if meta["levels"] is None else tuple(meta["levels"])
         fields = {f: _decode(plain[f], s) for f, s in spec["fields"].items()}
         return QuantizedTensor(**fields, **meta)
+    if "__lora__" in spec:
+        from lowbit.train.lora import LoraWeight
+
+        meta = spec["__lora__"]
+        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
+        return LoraWeight(**fields, scale=float(meta["scale"]), rank=int(meta["rank"]),
+                          dropout=float(meta["dropout"]))
     if "__dict__" in spec:
         return {k: _decode(plain[k], s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:

@@ -19,6 +19,10 @@ The mode is read when ``linear`` is traced and is part of ``jax.jit``'s cache ke
 another, never silently run with the stale path. ``$LOWBIT_KERNELS`` is read once, at import. A ``QuantizedTensor`` is
 converted to the kernel layout on every call (an unpack + repack of the weight); convert once at
 load time with :func:`lowbit.ops.kernel_format.prepare` and pass the resulting ``KernelWeight``.
+
+A :class:`lowbit.train.lora.LoraWeight` (a base weight of any of these kinds plus a LoRA adapter)
+runs its base through the same dispatch (kernel or reference, unchanged) and adds the adapter term
+``scale * (dropout(x) @ a.T) @ b.T``, computed in the activation dtype (:func:`_lora_linear`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -130,13 +135,46 @@ def _kernel_weight_linear(x, w):
     return quant_matmul_reference(x, w)
 
 
+def _lora_linear(x, w):
+    """``linear(x, w.base) + scale * (dropout(x) @ a.T) @ b.T`` for a LoraWeight ``w``.
+
+    The base goes through :func:`linear` (kernel / reference dispatch and on-the-fly dequantization
+    as for the base alone). The adapter term runs in the activation dtype (``a`` and ``b`` cast to
+    ``x.dtype``, as a dense weight is). Dropout (PEFT's ``lora_dropout``) applies to the adapter's
+    input only, inverted (kept entries scaled by ``1 / (1 - rate)``), and only when the node
+    carries a ``dropout_key`` (training); without one the term is deterministic.
+    """
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x: last axis {x.shape[-1]} does not match in_features {w.shape[1]} of {w!r}")
+    y = linear(x, w.base)
+    h = x
+    if w.dropout > 0 and w.dropout_key is not None:
+        keep = 1.0 - float(w.dropout)
+        mask = jax.random.bernoulli(w.dropout_key, keep, x.shape)
+        h = jnp.where(mask, (x.astype(jnp.float32) / keep).astype(x.dtype), jnp.zeros((), x.dtype))
+    t = jnp.einsum("...i,ri->...r", h, w.a.astype(x.dtype))
+    d = jnp.einsum("...r,or->...o", t, w.b.astype(x.dtype)) * jnp.asarray(w.scale, x.dtype)
+    return y + d.astype(y.dtype)
+
+
+def _lora_type():
+    """:class:`lowbit.train.lora.LoraWeight` when that module is loaded, else None (no LoraWeight can
+    exist before it is imported; this keeps ``linear`` from importing the training library)."""
+    mod = sys.modules.get("lowbit.train.lora")
+    return None if mod is None else mod.LoraWeight
+
+
 def linear(x, w, bias=None):
-    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor or
-    KernelWeight (see the module docstring for when the Pallas kernels run)."""
+    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor,
+    KernelWeight, or a LoraWeight over any of them (see the module docstring for when the Pallas
+    kernels run)."""
     from lowbit.ops.kernel_format import KernelWeight
     from lowbit.core.qtensor import QuantizedTensor  # local: qtensor imports numerics only
 
-    if isinstance(w, QuantizedTensor):
+    lora = _lora_type()
+    if lora is not None and isinstance(w, lora):
+        y = _lora_linear(x, w)
+    elif isinstance(w, QuantizedTensor):
         y = _quantized_linear(x, w)
     elif isinstance(w, KernelWeight):
         y = _kernel_weight_linear(x, w)

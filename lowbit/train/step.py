@@ -218,12 +218,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 @functools.lru_cache(maxsize=32)
 def make_eval_step(loss_fn: Callable, partition: Partition, compute_dtype: str = "float32") -> Callable:
     """``evaluate(trainable, frozen, batch, consts=None) -> (loss, aux)``, jitted, no gradient (the
-    loss function gets a fixed key: evaluation is deterministic)."""
+    loss function gets ``rng=None``: evaluation is deterministic, e.g. LoRA dropout is off)."""
     dt = _check_dtype(compute_dtype)
 
     def evaluate(trainable, frozen, batch, consts=None):
         cast = jax.tree.map(lambda x: x.astype(dt), trainable)
-        loss, aux = loss_fn(partition.merge(cast, frozen), batch, jax.random.key(0), consts)
+        loss, aux = loss_fn(partition.merge(cast, frozen), batch, None, consts)
         return loss.astype(jnp.float32), aux
 
     return jax.jit(evaluate)
