@@ -113,3 +113,18 @@ def pytest_configure(config):
     if os.environ.get("LOWBIT_REQUIRE_TORCH") == "1":
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. One pytest process compiles thousands
+    of XLA:CPU executables; kept alive they exhaust the kernel's memory-map limit
+    (vm.max_map_count, 65530 by default) and LLVM's JIT then crashes the process (a segfault
+    inside backend_compile late in the suite). Modules share nothing compiled, so nothing is lost."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

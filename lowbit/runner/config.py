@@ -53,7 +53,7 @@ import yaml
 from lowbit import methods as method_registry
 from lowbit.data.corpora import SPLITS
 
-__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "ExperimentCfg", "load_config",
+__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "FinetuneCfg", "ExperimentCfg", "load_config",
            "config_hash", "to_dict", "from_dict"]
 
 
@@ -68,6 +68,12 @@ class QuantCfg:
     format: str = "int"
     clip: bool = False
     double_quant: bool = False
+    dq_map: str = "linear"        # "dynamic": bitsandbytes' double quantization (QLoRA)
+    scale_dtype: str = "float16"  # storage dtype of the scales (QLoRA / bitsandbytes: float32)
+
+#: QuantCfg fields added after results were published, left out of a row's config hash while they
+#: hold their default (so existing results stay up to date)
+QUANT_HASH_DEFAULTS = {"dq_map": "linear", "scale_dtype": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +86,7 @@ class MethodCfg:
     quant: QuantCfg = QuantCfg()
     options: Any = None
     skip: str = r"^(embed_tokens|lm_head)$"
+    finetune: bool = False   # then LoRA adapters are trained on the row's model (the experiment's ``finetune:``)
 
     def __post_init__(self):
         m = method_registry.get(self.method)
@@ -141,6 +148,48 @@ class ExpectCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneCfg:
+    """LoRA fine-tuning of the rows marked ``finetune: true`` (QLoRA when the row quantizes the
+    base first): adapters of ``rank``/``alpha``/``dropout`` on every linear matching ``targets``,
+    trained for ``steps`` optimizer steps of ``batch_size`` x ``accum`` windows of ``seqlen``
+    tokens from ``data``'s ``split`` (the evaluation split is never trained on). Defaults: the QLoRA
+    paper's (r 64, alpha 16, AdamW lr 2e-4 constant after 3% warmup, max grad norm 0.3, beta2 0.999)."""
+    data: str = "austen"
+    split: str = "calib"
+    steps: int = 100
+    batch_size: int = 4
+    seqlen: int = 256
+    accum: int = 1
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.1      # the QLoRA paper's LoRA dropout for models up to 13B
+    targets: str = r"^layers/\d+/.*_proj$"
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    clip_norm: float = 0.3
+    compute_dtype: str = "bfloat16"
+    save_every: int = 25
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "seqlen", "accum", "rank", "save_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"finetune.{key}={v!r}: expected a positive integer")
+        for key in ("alpha", "lr", "clip_norm"):
+            v = getattr(self, key)
+            if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"finetune.{key}={v!r}: expected a finite positive number")
+        if not (0 <= self.dropout < 1 and 0 <= self.warmup_ratio < 1):
+            raise ValueError(f"finetune.dropout={self.dropout!r} / warmup_ratio={self.warmup_ratio!r}: "
+                             "expected fractions in [0, 1)")
+        if self.split not in SPLITS or self.split == "all":
+            raise ValueError(f"finetune.split={self.split!r}: expected 'calib' or 'eval' (a split that the "
+                             "evaluation does not use)")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"finetune.compute_dtype={self.compute_dtype!r}: expected float32 or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentCfg:
     experiment: str
     methods: tuple[MethodCfg, ...]
@@ -150,6 +199,7 @@ class ExperimentCfg:
     calib: CalibCfg = CalibCfg()
     eval: EvalCfg = EvalCfg()
     expect: ExpectCfg = ExpectCfg()
+    finetune: FinetuneCfg = FinetuneCfg()
     variant: str | None = None
 
     def __post_init__(self):
@@ -186,6 +236,10 @@ class ExperimentCfg:
         for key, split in (("calib.split", self.calib.split), ("eval.split", self.eval.split)):
             if split not in SPLITS:
                 raise ValueError(f"{key}={split!r}: expected one of {list(SPLITS)}")
+        for m in self.methods:
+            if m.finetune and (self.finetune.data, self.finetune.split) in {(d, self.eval.split) for d in self.eval.data}:
+                raise ValueError(f"methods.{m.name}: finetune.data {self.finetune.data}/{self.finetune.split} is an "
+                                 "evaluation split; train on another split")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
 

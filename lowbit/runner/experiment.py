@@ -36,6 +36,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -52,13 +53,14 @@ from lowbit.core.transforms import Transform, flatten, identity, partition
 from lowbit.faults import crash_point
 from lowbit.io import checkpoint
 from lowbit.runner import lock
-from lowbit.runner.config import CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash, from_dict, to_dict
+from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
+                                  from_dict, to_dict)
 from lowbit.runner.records import environment_info, peak_rss_mb, write_json, write_text
 
 __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
            "experiment_dir", "model_size", "check_expectations"]
 
-PURPOSE_CALIB, PURPOSE_SELF_GENERATED = 1, 2
+PURPOSE_CALIB, PURPOSE_SELF_GENERATED, PURPOSE_LORA_INIT = 1, 2, 3
 
 
 def build_recipe(m: MethodCfg) -> Transform | None:
@@ -68,7 +70,8 @@ def build_recipe(m: MethodCfg) -> Transform | None:
         return None
     q = m.quant
     spec = QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format,
-                     clip=q.clip, double_quant=q.double_quant, partial_groups=q.partial_groups)
+                     clip=q.clip, double_quant=q.double_quant, partial_groups=q.partial_groups,
+                     dq_map=q.dq_map, scale_dtype=q.scale_dtype)
     t = method_registry.build(m.method, spec, m.options)
     return None if t is None else partition([(m.skip, identity()), (r"_proj$", t)])
 
@@ -149,7 +152,14 @@ def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
 def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
     """The config of one row (what its results depend on: not the other rows, not ``expect``)."""
     d = to_dict(cfg)
-    d["methods"] = [to_dict(m)]
+    row = to_dict(m)
+    for k, default in QUANT_HASH_DEFAULTS.items():
+        if row.get("quant", {}).get(k) == default:
+            del row["quant"][k]
+    if not m.finetune:  # rows that do not fine-tune depend on neither flag nor settings
+        row.pop("finetune", None)
+        d.pop("finetune", None)
+    d["methods"] = [row]
     d.pop("expect", None)
     return d
 
@@ -201,6 +211,40 @@ def _load_partial(pdir: str, params) -> tuple[dict, int, list[dict]]:
         rows.extend(layer_rows)
         i += 1
     return {**params, "layers": layers}, i, rows
+
+
+def _train_dir(exp_dir: str, m: MethodCfg, h: str) -> str:
+    return os.path.join(exp_dir, f".train-{m.name}-{h}")
+
+
+def _finetune(params, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, exp_dir: str, train_tokens,
+              progress: bool) -> tuple[dict, dict]:
+    """Train LoRA adapters (``cfg.finetune``) on the row's model (quantized base: QLoRA). Resumable:
+    the training run lives in ``.train-<row>-<hash>/`` with its orbax checkpoints until the row is
+    committed. Returns the params with trained adapters and a record for ``metrics.json``."""
+    from lowbit.train import TrainCfg, causal_lm_loss, lora, train
+    from lowbit.train.optim import OptimCfg
+
+    ft = cfg.finetune
+    lparams = lora.add_lora(params, rank=ft.rank, alpha=ft.alpha, dropout=ft.dropout, targets=ft.targets,
+                            key=jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_LORA_INIT))
+    optim = OptimCfg(lr=ft.lr, warmup_steps=int(math.ceil(ft.warmup_ratio * ft.steps)), schedule="constant",
+                     clip_norm=ft.clip_norm, b1=0.9, b2=0.999, weight_decay=0.0)
+    tcfg = TrainCfg(steps=ft.steps, batch_size=ft.batch_size, seqlen=ft.seqlen, accum=ft.accum, optim=optim,
+                    compute_dtype=ft.compute_dtype, trainable=lora.trainable_regex(), seed=cfg.seed,
+                    save_every=ft.save_every)
+    compute_cfg = mcfg.replace(dtype=ft.compute_dtype) if hasattr(mcfg, "replace") else mcfg
+    res = train(lparams, mcfg, tcfg, _train_dir(exp_dir, m, h), train_tokens=train_tokens,
+                loss_fn=lora.lora_loss(causal_lm_loss(compute_cfg, tcfg.remat)), progress=progress)
+    hist = res.history
+    record = {"adapter_params": lora.count_trainable(res.params), "steps": ft.steps,
+              "tokens": ft.steps * ft.batch_size * ft.accum * ft.seqlen,
+              "final_loss": hist[-1]["loss"] if hist else None,
+              "tokens_per_s": (float(np.mean([r["tokens_per_s"] for r in hist[1:]])) if len(hist) > 1 else None),
+              "peak_rss_mb": peak_rss_mb(), "compute_dtype": ft.compute_dtype}
+    _log(f"{m.name}: fine-tuned {record['adapter_params']} adapter parameters for {ft.steps} steps "
+         f"(final loss {record['final_loss']:.4f})")
+    return res.params, record
 
 
 def _clean_stray_temps(exp_dir: str) -> None:
@@ -470,6 +514,10 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         if quantizing:
             calib, calib_record = calibration_data(cfg.calib, params, mcfg, tok, cfg.seed, progress=progress)
         calib_s = time.perf_counter() - t0
+        train_tokens = None
+        if any(m.finetune for m, _ in pending):
+            train_tokens = tok.encode(data.corpus_text(cfg.finetune.data, cfg.finetune.split))
+            _log(f"fine-tuning data {cfg.finetune.data}/{cfg.finetune.split}: {len(train_tokens)} tokens")
 
     # every check passed: only now does the results directory change
     write_text(os.path.join(exp_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -500,6 +548,11 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                                          on_layer=on_layer, progress=progress, recipe=recipe)
             rows = rows + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
+        train_record = None
+        if m.finetune:
+            t0 = time.perf_counter()
+            qparams, train_record = _finetune(qparams, mcfg, cfg, m, h, exp_dir, train_tokens, progress)
+            timings["finetune_s"] = time.perf_counter() - t0
 
         results = {}
         for d, windows in evals.items():
@@ -516,6 +569,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                    "eval": results, "size": model_size(qparams), "timings": timings,
                    "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
                    "peak_rss_mb": peak_rss_mb(), "environment": env}
+        if train_record is not None:
+            metrics["finetune"] = train_record
         with checkpoint.atomic_directory(os.path.join(exp_dir, m.name)) as tmp:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 yaml.safe_dump(run_cfg, f, sort_keys=False)
@@ -531,10 +586,16 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                     w.writeheader()
                     w.writerows(rows)
                 _plot_layers(rows, os.path.join(tmp, "layers.png"), m.name)
+            if train_record is not None:  # the training curve and its per-step metrics
+                for f in ("metrics.csv", "loss.png"):
+                    shutil.copyfile(os.path.join(_train_dir(exp_dir, m, h), f),
+                                    os.path.join(tmp, "train_" + f))
             crash_point("run.row-written")
         crash_point("run.row-committed")
         if recipe is not None:
             shutil.rmtree(_partial_dir(exp_dir, m, h), ignore_errors=True)
+        if m.finetune:
+            shutil.rmtree(_train_dir(exp_dir, m, h), ignore_errors=True)
 
     summary = write_summary(exp_dir, cfg)
     _print_table(summary)
