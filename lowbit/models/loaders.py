@@ -409,17 +409,19 @@ def _hf_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer | None:
 # ----------------------------------------------------------------------------- lowbit checkpoints
 
 def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None, *,
-               extra_files: dict | None = None, overwrite: bool = False) -> str:
+               extra_files: dict | None = None, overwrite: bool = False, check_view=None) -> str:
     """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention).
 
     ``extra_files`` ({relative name: str or bytes}, e.g. ``layers.csv``) are written inside the atomic
     write and listed in the directory's marker; an existing ``path`` is replaced only as
     :func:`lowbit.io.outputs.prepare_output_dir` allows (``overwrite``: also another kind of lowbit output).
+    ``check_view`` maps ``params`` to what the family's shape check sees (e.g.
+    :func:`lowbit.train.lora.strip_lora` for a model with LoRA adapters: the check runs on the bases).
     """
     from lowbit.io import checkpoint
 
     family, _, check = _family_api(cfg)
-    check(params, cfg)
+    check(params if check_view is None else check_view(params), cfg)
     meta = dict(extra or {})
     clash = {"lowbit_model", "model_config", "tokenizer", "model_family"} & set(meta)
     if clash:
@@ -431,9 +433,10 @@ def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None,
     return checkpoint.save(path, params, extra=meta, extra_files=extra_files, overwrite=overwrite)
 
 
-def load_checkpoint(path: str, *, dtype=None):
+def load_checkpoint(path: str, *, dtype=None, check_view=None):
     """Read a directory written by :func:`save_model` -> ``(params, cfg, tokenizer)``; a damaged
-    checkpoint raises :class:`lowbit.io.checkpoint.CheckpointError` naming the directory."""
+    checkpoint raises :class:`lowbit.io.checkpoint.CheckpointError` naming the directory.
+    ``check_view``: as for :func:`save_model`."""
     from lowbit.io import checkpoint
 
     extra = checkpoint.read_extra(path)
@@ -453,7 +456,7 @@ def load_checkpoint(path: str, *, dtype=None):
             lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
             is_leaf=lambda x: isinstance(x, QuantizedTensor))
         cfg = cfg.replace(dtype=str(dt))
-    check(params, cfg)
+    check(params if check_view is None else check_view(params), cfg)
     tok = extra.get("tokenizer")
     if tok is None:
         tokenizer = None

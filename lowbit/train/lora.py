@@ -58,10 +58,9 @@ the 4-bit base instead (re-quantizing ``W'`` onto the base's grid) loses the fin
 ``lowbit merge CHECKPOINT --out DIR [--requantize METHOD ...]`` does it on a saved model.
 
 **Checkpoints.** :mod:`lowbit.io.checkpoint` stores LoraWeight nodes (base, a, b and the static
-scale / rank / dropout). :func:`lowbit.models.loaders.save_model` / ``load_checkpoint`` check the
-params against the model's shapes with a flattening that opens a LoraWeight into ``base`` / ``a``
-/ ``b`` paths and so refuse adapted models: use :func:`save_lora_model` / :func:`load_lora_model`
-(same directory layout and ``extra.json``; the shape check runs on the bases).
+scale / rank / dropout). :func:`save_lora_model` / :func:`load_lora_model` are
+:func:`lowbit.models.loaders.save_model` / ``load_checkpoint`` with the family's shape check run on
+the bases (``check_view=strip_lora``); same directory layout and ``extra.json``.
 """
 
 from __future__ import annotations
@@ -417,67 +416,21 @@ def qlora_dropout(n_params: float) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _family_check(cfg_or_name, where: str = ""):
-    from lowbit.models import loaders
-
-    return loaders._family_api(cfg_or_name, where)  # (family name, config class, check_params)
-
-
 def save_lora_model(path: str, params, cfg, tokenizer, extra: dict | None = None, *,
                     extra_files: dict | None = None, overwrite: bool = False) -> str:
     """:func:`lowbit.models.loaders.save_model` for a params tree with :class:`LoraWeight` nodes (same
     directory layout and ``extra.json`` convention; the adapters are stored with their base, the
-    dropout keys are not). ``save_model`` itself refuses such a tree: its shape check flattens a
-    LoraWeight into ``base`` / ``a`` / ``b``; here the check runs on the bases."""
-    from lowbit.io import checkpoint
+    dropout keys are not; the family's shape check runs on the bases)."""
+    from lowbit.models.loaders import save_model
 
-    family, _, check = _family_check(cfg)
-    check(strip_lora(params), cfg)
-    meta = dict(extra or {})
-    clash = {"lowbit_model", "model_config", "tokenizer", "model_family"} & set(meta)
-    if clash:
-        raise ValueError(f"extra: keys {sorted(clash)} are reserved by save_model")
-    meta.update({"lowbit_model": 1, "model_config": cfg.to_dict(),
-                 "tokenizer": tokenizer.to_json() if tokenizer is not None else None})
-    if family != "llama":
-        meta["model_family"] = family
-    return checkpoint.save(path, with_dropout(params, None), extra=meta, extra_files=extra_files,
-                           overwrite=overwrite)
+    return save_model(path, with_dropout(params, None), cfg, tokenizer, extra, extra_files=extra_files,
+                      overwrite=overwrite, check_view=strip_lora)
 
 
 def load_lora_model(path: str, *, dtype=None):
     """Read a model checkpoint that may hold :class:`LoraWeight` nodes -> ``(params, cfg, tokenizer)``
     (:func:`lowbit.models.loaders.load_checkpoint`'s counterpart of :func:`save_lora_model`; plain
     checkpoints load too). ``dtype`` casts the float leaves (bases and adapters), not QuantizedTensors."""
-    import os
+    from lowbit.models.loaders import load_checkpoint
 
-    from lowbit.data.tokenizer import Tokenizer
-    from lowbit.io import checkpoint
-
-    extra = checkpoint.read_extra(path)
-    if not isinstance(extra, dict) or "model_config" not in extra:
-        raise checkpoint.CheckpointError(f"{path}: lowbit checkpoint without 'model_config' in extra.json "
-                                         "(not written by lowbit.models.save_model)")
-    _, config_cls, check = _family_check(extra.get("model_family", "llama"), path)
-    cfg = config_cls.from_dict(extra["model_config"])
-    params = checkpoint.restore(path)
-    if dtype is not None:
-        dt = jnp.dtype(dtype)
-        params = jax.tree_util.tree_map(lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
-                                        is_leaf=lambda x: isinstance(x, QuantizedTensor))
-        cfg = cfg.replace(dtype=str(dt))
-    check(strip_lora(params), cfg)
-    tok = extra.get("tokenizer")
-    if tok is None:
-        tokenizer = None
-    elif tok.lstrip().startswith("{"):
-        tokenizer = Tokenizer.from_json(tok)
-    else:
-        tp = tok if os.path.isabs(tok) else os.path.join(path, tok)
-        with open(tp) as f:
-            text = f.read()
-        try:
-            tokenizer = Tokenizer.from_json(text)
-        except ValueError:  # a plain HF tokenizer.json
-            tokenizer = Tokenizer.from_file(tp, cfg.bos_token_id, cfg.eos_token_id)
-    return params, cfg, tokenizer
+    return load_checkpoint(path, dtype=dtype, check_view=strip_lora)
