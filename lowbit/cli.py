@@ -100,6 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.out:  # before the evaluation: a record that cannot be written is found out now
         prepare_output_file(args.out)
+    text = data.corpus_text(args.data, args.split)  # a wrong data path or split fails before the model load
+    t_text = time.perf_counter() - t0
     fp = model_fingerprint(args.model)
     params, cfg, tok = load_model(args.model, dtype=args.dtype)
     if tok is None:
@@ -107,8 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.seqlen > cfg.max_position_embeddings:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    t_load = time.perf_counter() - t0
-    text = data.corpus_text(args.data, args.split)
+    t_load = time.perf_counter() - t0 - t_text
     t1 = time.perf_counter()
     tokens = tok.encode(text)
     t_tok = time.perf_counter() - t1
@@ -235,6 +236,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                      skip_first=args.skip_first, token_cap=args.token_cap)
     prepare_output_dir(args.out, "checkpoint", args.overwrite)  # before loading anything
+    if calib.source == "corpus":  # a wrong calibration path or split fails before the model load
+        from lowbit import data
+
+        data.corpus_text(calib.data, calib.split)
     params, cfg, tok = load_model(args.model)
     if tok is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; cannot tokenize the calibration text")

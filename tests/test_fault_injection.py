@@ -241,3 +241,16 @@ def test_cli_rejects_bad_numbers_before_loading_anything(tmp_path, monkeypatch, 
         rc = cli.main(["quantize", "--method", "gptq", "--bits", "4", "--damp", damp, "--out", str(tmp_path / "q")])
         err = capsys.readouterr().err
         assert rc == 2 and "damp" in err and err.count("\n") == 1, err
+
+
+def test_cli_checks_data_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from lowbit import cli
+    import lowbit.models.loaders as loaders
+
+    monkeypatch.setattr(loaders, "load_model", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    missing = str(tmp_path / "missing.txt")
+    for argv in (["eval", "--data", missing], ["eval", "--data", "brown", "--split", "test"],
+                 ["quantize", "--method", "rtn", "--bits", "4", "--calib", missing, "--out", str(tmp_path / "q")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("missing.txt" in err or "split" in err), err
