@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Callable
 
-from lowbit.runner.records import environment_info, peak_rss_mb, sha256_text, write_json
+from lowbit.runner.records import environment_info, layers_csv, peak_rss_mb, sha256_text, write_json
 
 __all__ = ["main", "register", "COMMANDS", "Command"]
 
@@ -197,28 +197,35 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     _method_option_flags(p)
     p.add_argument("--no-true-sequential", action="store_true", help="calibrate a block's linears at once")
     p.add_argument("--skip", default=r"^(embed_tokens|lm_head)$", help="regex of weights kept dense")
-    p.add_argument("--calib", default="brown", help="calibration corpus (name or local text)")
+    _calibration_args(p, calib_default="brown", calib_help="calibration corpus (name or local text)")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="leave the first K positions of each window (attention sinks) out of the statistics")
+    p.add_argument("--token-cap", type=float, default=None,
+                   help="cap each token's input norm at this multiple of the median in the statistics")
+    _checkpoint_out_args(p)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _calibration_args(p: argparse.ArgumentParser, *, calib_default, calib_help: str) -> None:
+    """The calibration-data flags shared by ``quantize`` and ``merge --requantize``."""
+    p.add_argument("--calib", default=calib_default, help=calib_help)
     p.add_argument("--calib-split", default="calib")
     p.add_argument("--nsamples", type=positive_int, default=128)
     p.add_argument("--seqlen", type=positive_int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward pass")
-    p.add_argument("--skip-first", type=int, default=0,
-                   help="leave the first K positions of each window (attention sinks) out of the statistics")
-    p.add_argument("--token-cap", type=float, default=None,
-                   help="cap each token's input norm at this multiple of the median in the statistics")
+
+
+def _checkpoint_out_args(p: argparse.ArgumentParser) -> None:
+    """``--out`` / ``--overwrite`` of the commands that write a lowbit checkpoint."""
     p.add_argument("--out", required=True,
                    help="output checkpoint directory (written atomically); an existing one is replaced only if "
                         "it is a lowbit checkpoint (never if it holds files lowbit did not write)")
     p.add_argument("--overwrite", action="store_true",
                    help="also replace another kind of lowbit output (e.g. an HF export) at --out")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import csv
-    import io
-
     from lowbit import methods
     from lowbit.io.outputs import prepare_output_dir
     from lowbit.models.loaders import load_model, model_fingerprint, save_model
@@ -253,14 +260,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                     **{k: v for k, v in calib_record.items() if k == "starts"}},
                           "source_model": {"name_or_path": args.model, "sha256": fp["sha256"]},
                           "size": model_size(qparams), "env": environment_info()}}
-    files = {}
-    if rows:  # written inside the atomic write, listed in the checkpoint's marker
-        fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
-        buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        files["layers.csv"] = buf.getvalue()
+    files = {"layers.csv": layers_csv(rows)} if rows else {}  # inside the atomic write, listed in the marker
     save_model(args.out, qparams, cfg, tok, extra=extra, extra_files=files, overwrite=args.overwrite)
     size = extra["quantize"]["size"]
     print(f"quantized {args.model} with {args.method} w{args.bits}g{args.group_size or 'channel'} in {seconds:.1f} s "
@@ -338,11 +338,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.description = _MERGE_HELP
     quantizing = [n for n, m in methods.METHODS.items() if m.quantizes]
     p.add_argument("checkpoint", help="a lowbit checkpoint with LoRA adapters (lowbit.train.lora.save_lora_model)")
-    p.add_argument("--out", required=True,
-                   help="output checkpoint directory (written atomically); an existing one is replaced only if "
-                        "it is a lowbit checkpoint (never if it holds files lowbit did not write)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="also replace another kind of lowbit output (e.g. an HF export) at --out")
+    _checkpoint_out_args(p)
     p.add_argument("--requantize", choices=quantizing, default=None, metavar="METHOD",
                    help="re-quantize the merged float model with this registered method ("
                         + ", ".join(quantizing) + "); default: keep the merged float32 weights. "
@@ -354,13 +350,8 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="int", help="with --requantize: int | nf4 | fp4 | sign (see lowbit.QuantSpec)")
     p.add_argument("--skip", default=r"^(embed_tokens|lm_head)$",
                    help="with --requantize: regex of weights kept dense")
-    p.add_argument("--calib", default=None,
-                   help="with --requantize of a method that needs data: calibration corpus (name or local text)")
-    p.add_argument("--calib-split", default="calib")
-    p.add_argument("--nsamples", type=positive_int, default=128)
-    p.add_argument("--seqlen", type=positive_int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration windows per forward pass")
+    _calibration_args(p, calib_default=None, calib_help="with --requantize of a method that needs data: "
+                                                        "calibration corpus (name or local text)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -417,17 +408,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         info["requantize"] = to_dict(method)
         extra["quantize"] = {"argv": sys.argv[1:], "method": to_dict(method), "size": model_size(merged),
                              "source_model": info["source"]}
-    files = {}
-    if rows:
-        import csv
-        import io
-
-        fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
-        buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        files["layers.csv"] = buf.getvalue()
+    files = {"layers.csv": layers_csv(rows)} if rows else {}
     save_model(args.out, merged, cfg, tok, extra=extra, extra_files=files, overwrite=args.overwrite)
     what = ("float32" if quant is None else
             f"re-quantized with {args.requantize} w{args.bits}g{args.group_size or 'channel'} {args.format}")

@@ -55,7 +55,7 @@ from lowbit.io import checkpoint
 from lowbit.runner import lock
 from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
                                   from_dict, to_dict)
-from lowbit.runner.records import environment_info, peak_rss_mb, write_json, write_text
+from lowbit.runner.records import environment_info, layers_csv, peak_rss_mb, write_json, write_text
 
 __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
            "experiment_dir", "model_size", "check_expectations"]
@@ -580,11 +580,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                 with open(os.path.join(tmp, "calib_windows.json"), "w") as f:
                     json.dump(calib_record, f)
             if rows:
-                fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
                 with open(os.path.join(tmp, "layers.csv"), "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=fields)
-                    w.writeheader()
-                    w.writerows(rows)
+                    f.write(layers_csv(rows))
                 _plot_layers(rows, os.path.join(tmp, "layers.png"), m.name)
             if train_record is not None:  # the training curve and its per-step metrics
                 for f in ("metrics.csv", "loss.png"):

@@ -4,7 +4,9 @@ lowbit writes about a run (``metrics.json``, ``lowbit eval --out``, checkpoint m
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -12,7 +14,7 @@ import resource
 import subprocess
 import sys
 
-__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json", "write_text"]
+__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json", "write_text", "layers_csv"]
 
 
 def _git_info() -> dict:
@@ -69,3 +71,14 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, record: dict) -> None:
     """:func:`write_text` of ``record`` as indented JSON."""
     write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def layers_csv(rows: list[dict]) -> str:
+    """The per-weight report rows as ``layers.csv`` text: every key of any row a column, ``layer`` and
+    ``path`` first, the rest sorted (one format for ``lowbit run``, ``lowbit quantize`` and ``lowbit merge``)."""
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("layer", "path"), k))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
