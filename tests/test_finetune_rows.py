@@ -10,6 +10,7 @@ import os
 import pytest
 import yaml
 
+from lowbit.runner import paper
 from lowbit.runner.config import load_config
 from lowbit.runner.experiment import _run_config, experiment_dir, run_experiment
 from lowbit.runner.config import config_hash
@@ -53,6 +54,19 @@ def test_finetune_rows_train_adapters_and_improve_the_eval_loss(ft_cfg, tmp_path
                                                                  (64, 128), (64, 128), (128, 64)))
     assert ft["steps"] == 6 and os.path.isfile(os.path.join(d, "qlora-nf4", "train_loss.png"))
     assert "finetune" not in _m(d, "nf4")
+    assert ft["train_step_mb"] > 0 and ft["train_step_memory"]["temp"] > 0
+    # the report's training block: one line per fine-tuning row, the runner's combined loss figure
+    assert os.path.isfile(os.path.join(d, "train_loss.png"))
+    report = tmp_path / "paper" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# r\n<!-- lowbit:training ft -->\n<!-- /lowbit -->\n")
+    paper.render(str(report), results=str(tmp_path))
+    text = report.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("| lora-fp") or ln.startswith("| qlora-nf4")]
+    assert [ln.split(" | ")[1] for ln in lines] == ["float32", "nf4 g32"], text
+    assert f"| {ft['adapter_params']:,} | 6 x 2 x 32 | 384 |" in lines[1], text
+    assert "![training loss: ft](figures/ft-train_loss.png)" in text
+    assert os.path.isfile(tmp_path / "paper" / "figures" / "ft-train_loss.png")
     assert not [f for f in os.listdir(d) if f.startswith(".train-")], "committed rows leave no training dirs"
     # rows that do not fine-tune do not depend on the finetune block (their results stay up to date)
     other = load_config(str(ft_cfg), overrides=["finetune.steps=7"])

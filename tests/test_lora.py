@@ -413,3 +413,47 @@ def test_cli_merge_requantize_with_calibration(lora_checkpoint, tmp_path):
     assert isinstance(flatten(params)["layers/1/mlp/down_proj"], QuantizedTensor)
     assert os.path.isfile(os.path.join(out, "layers.csv"))
     assert checkpoint.read_extra(out)["merge"]["calib"]["nsamples"] == 4
+
+
+def test_step_memory_holds_the_packed_base(trained, tmp_path):
+    """The compiled train step's memory accounting (TrainResult.step_memory): the frozen NF4 base
+    enters the step packed, so the step's inputs are smaller than over the float base by exactly
+    the bytes the quantization saves (trainable masters, Adam moments and batch are the same)."""
+    _, res = trained
+    m = res.step_memory
+    assert m["total"] == m["argument"] + m["output"] + m["temp"] - m["alias"] > 0 and m["temp"] > 0
+    tc = TrainCfg(steps=1, batch_size=4, seqlen=16, optim=qlora_optim(1), trainable=trainable_regex(),
+                  compute_dtype="bfloat16", save_every=0)
+    dense = train(add_lora(_dense(), rank=8, alpha=16.0, dropout=0.1, key=jax.random.key(1)), CFG, tc,
+                  str(tmp_path / "dense"), train_tokens=_tokens()[0],
+                  loss_fn=lora_loss(causal_lm_loss(CFG.replace(dtype="bfloat16"))), progress=False)
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    saved = sum(nbytes(_flat(_dense())[p]) - nbytes(_flat(_quantized(NF4))[p]) for p in LINEARS)
+    assert saved > 0 and dense.step_memory["argument"] - m["argument"] == saved
+
+
+def test_cli_eval_reads_adapter_checkpoints(lora_checkpoint, tmp_path):
+    """``lowbit eval --model ADAPTER_CKPT`` evaluates the packed base plus adapters; its perplexity
+    equals the merged float model's (``lowbit merge``) and differs from the bare base's."""
+    import json
+
+    from lowbit.cli import main
+
+    root, src, adapted, cfg = lora_checkpoint
+    merged = str(tmp_path / "merged")
+    assert main(["merge", src, "--out", merged]) == 0
+    ppl = {}
+    for name, model in (("adapter", src), ("merged", merged)):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", model, "--data", str(root / "corpus.txt"), "--split", "all",
+                     "--seqlen", "32", "--max-windows", "3", "--out", str(out), "--no-progress"]) == 0
+        ppl[name] = json.loads(out.read_text())["ppl"]
+    np.testing.assert_allclose(ppl["adapter"], ppl["merged"], rtol=1e-4)
+    from lowbit.data.corpora import corpus_text  # the bare base differs: the adapters were used
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.models.loaders import load_checkpoint
+
+    _, _, tok = load_checkpoint(src)
+    tokens = np.asarray(tok.encode(corpus_text(str(root / "corpus.txt"), "all")))
+    bare = perplexity(strip_lora(adapted), cfg, tokens, seqlen=32, max_windows=3, progress=False)["ppl"]
+    assert abs(bare - ppl["adapter"]) / bare > 1e-3, (bare, ppl)

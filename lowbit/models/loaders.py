@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import warnings
 from typing import Any
@@ -408,6 +409,14 @@ def _hf_tokenizer(path: str, cfg: LlamaConfig) -> Tokenizer | None:
 
 # ----------------------------------------------------------------------------- lowbit checkpoints
 
+def _bases_view(params):
+    """What a family's shape check sees of ``params``: LoRA adapters (:class:`lowbit.train.lora.
+    LoraWeight`, restored by :mod:`lowbit.io.checkpoint` from adapter checkpoints) replaced by their
+    bases. No LoraWeight can exist before :mod:`lowbit.train.lora` is imported."""
+    lora = sys.modules.get("lowbit.train.lora")
+    return params if lora is None else lora.strip_lora(params)
+
+
 def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None, extra: dict | None = None, *,
                extra_files: dict | None = None, overwrite: bool = False, check_view=None) -> str:
     """Write a lowbit model checkpoint (see the module docstring for the ``extra.json`` convention).
@@ -415,13 +424,13 @@ def save_model(path: str, params, cfg: LlamaConfig, tokenizer: Tokenizer | None,
     ``extra_files`` ({relative name: str or bytes}, e.g. ``layers.csv``) are written inside the atomic
     write and listed in the directory's marker; an existing ``path`` is replaced only as
     :func:`lowbit.io.outputs.prepare_output_dir` allows (``overwrite``: also another kind of lowbit output).
-    ``check_view`` maps ``params`` to what the family's shape check sees (e.g.
-    :func:`lowbit.train.lora.strip_lora` for a model with LoRA adapters: the check runs on the bases).
+    ``check_view`` maps ``params`` to what the family's shape check sees (default: LoRA adapters
+    replaced by their bases, so a model with adapters is checked on its bases).
     """
     from lowbit.io import checkpoint
 
     family, _, check = _family_api(cfg)
-    check(params if check_view is None else check_view(params), cfg)
+    check((check_view or _bases_view)(params), cfg)
     meta = dict(extra or {})
     clash = {"lowbit_model", "model_config", "tokenizer", "model_family"} & set(meta)
     if clash:
@@ -456,7 +465,7 @@ def load_checkpoint(path: str, *, dtype=None, check_view=None):
             lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
             is_leaf=lambda x: isinstance(x, QuantizedTensor))
         cfg = cfg.replace(dtype=str(dt))
-    check(params if check_view is None else check_view(params), cfg)
+    check((check_view or _bases_view)(params), cfg)
     tok = extra.get("tokenizer")
     if tok is None:
         tokenizer = None

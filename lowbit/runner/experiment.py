@@ -241,7 +241,11 @@ def _finetune(params, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, exp_dir: s
               "tokens": ft.steps * ft.batch_size * ft.accum * ft.seqlen,
               "final_loss": hist[-1]["loss"] if hist else None,
               "tokens_per_s": (float(np.mean([r["tokens_per_s"] for r in hist[1:]])) if len(hist) > 1 else None),
-              "peak_rss_mb": peak_rss_mb(), "compute_dtype": ft.compute_dtype}
+              "compute_dtype": ft.compute_dtype,
+              # XLA's accounting of the compiled train step (params + optimizer state + frozen base +
+              # activations + gradients); the process's peak RSS also counts every earlier row's work
+              "train_step_mb": res.step_memory["total"] / 2**20 if res.step_memory else None,
+              "train_step_memory": res.step_memory, "peak_rss_mb": peak_rss_mb()}
     _log(f"{m.name}: fine-tuned {record['adapter_params']} adapter parameters for {ft.steps} steps "
          f"(final loss {record['final_loss']:.4f})")
     return res.params, record
@@ -324,6 +328,33 @@ def _plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) 
         ax.set_ylabel(f"perplexity ({ds})")
         ax.set_title(f"{title}: {ds}")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _smooth(xs: list[float], k: int) -> list[float]:
+    """Trailing mean over ``k`` points (the first points average what exists)."""
+    c = np.cumsum(np.asarray(xs, dtype=np.float64))
+    return [float((c[i] - (c[i - k] if i >= k else 0.0)) / min(i + 1, k)) for i in range(len(xs))]
+
+
+def _plot_training(curves: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
+    """Every fine-tuning row's training loss in one figure: per step (faint) and an 8-step mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (name, curve) in enumerate(curves.items()):
+        steps, losses = [s for s, _ in curve], [v for _, v in curve]
+        ax.plot(steps, losses, color=f"C{i}", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smooth(losses, 8), color=f"C{i}", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"{title}: training loss (faint: per step; solid: 8-step mean)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -422,6 +453,15 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         w.writerows(table)
         write_text(os.path.join(exp_dir, "summary.csv"), buf.getvalue())
         _plot_summary(runs, datasets, os.path.join(exp_dir, "ppl_vs_bits.png"), os.path.basename(exp_dir))
+    curves = {}
+    for r in runs:   # fine-tuning rows: their training curves side by side
+        tm = os.path.join(exp_dir, r["name"], "train_metrics.csv")
+        if os.path.isfile(tm):
+            with open(tm, newline="") as f:
+                curves[r["name"]] = [(int(x["step"]), float(x["loss"])) for x in csv.DictReader(f)]
+    if any(curves.values()):
+        _plot_training({k: v for k, v in curves.items() if v}, os.path.join(exp_dir, "train_loss.png"),
+                       os.path.basename(exp_dir))
     summary["markdown"] = md
     return summary
 

@@ -11,6 +11,8 @@ is rewritten on every run, everything outside is prose::
     <!-- /lowbit -->
     <!-- lowbit:rows bench_gptq -->             the "rows" of results/bench_gptq/results.json
     <!-- /lowbit -->
+    <!-- lowbit:training qlora_smollm2 -->      its fine-tuning rows (adapters, steps, loss, tokens/s,
+    <!-- /lowbit -->                            memory) and their loss curves in one figure
 
 Results are read from ``paper/results/`` by default: the small files behind every block
 (``metrics.json``, ``summary.*``, per-layer CSVs, the resolved configs; no checkpoints) are
@@ -121,7 +123,81 @@ def _rows(results: str, name: str, **_) -> str:
     return "\n".join(out) + "\n"
 
 
-_KINDS = {"table": _table, "figure": _figure, "provenance": _provenance, "rows": _rows}
+def _base_name(run_cfg: dict) -> str:
+    """A row's base weights in words: ``float32`` or e.g. ``nf4 g64 + DQ (dynamic)``."""
+    m = (run_cfg.get("methods") or [{}])[0]
+    q = m.get("quant") or {}
+    if m.get("method") == "fp" or not q:
+        return "float32"
+    fmt = q.get("format", "int")
+    name = f"{fmt}{q.get('bits')}" if fmt == "int" else fmt
+    name += f" g{q['group_size']}" if q.get("group_size") else ""
+    if q.get("double_quant"):
+        name += f" + DQ ({q.get('dq_map', 'int8')})"
+    return name
+
+
+def _training(results: str, name: str, figures: str, report_dir: str) -> str:
+    """The fine-tuning rows of experiment ``name``: a table (adapters, data, loss, speed, memory) and
+    the runner's figure of every row's training loss (``train_loss.png``)."""
+    import csv
+
+    import yaml
+
+    rows = []
+    for mf in glob.glob(os.path.join(results, name, "*", "metrics.json")):
+        with open(mf) as f:
+            m = json.load(f)
+        if "finetune" not in m:
+            continue
+        row_dir = os.path.dirname(mf)
+        with open(os.path.join(row_dir, "config.yaml")) as f:
+            run_cfg = yaml.safe_load(f) or {}
+        curve = []
+        if os.path.isfile(os.path.join(row_dir, "train_metrics.csv")):
+            with open(os.path.join(row_dir, "train_metrics.csv"), newline="") as f:
+                curve = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        rows.append((m, run_cfg, curve))
+    if not rows:
+        return _missing("training", name)
+    order = {}
+    exp_cfg = os.path.join(results, name, "config.yaml")
+    if os.path.isfile(exp_cfg):
+        with open(exp_cfg) as f:
+            order = {mm["name"]: i for i, mm in enumerate((yaml.safe_load(f) or {}).get("methods", []))}
+    rows.sort(key=lambda r: (order.get(r[0]["name"], len(order)), r[0]["name"]))
+    head = ["row", "base", "adapter params", "steps x batch x seqlen", "tokens", "loss first 8 → last 8 steps",
+            "tokens/s", "train step MiB (XLA)", "process peak RSS MiB"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    for m, run_cfg, curve in rows:
+        ft, fcfg = m["finetune"], run_cfg.get("finetune", {})
+        losses = [v for _, v in curve]
+        mem = ft.get("train_step_mb")
+        out.append("| " + " | ".join([
+            m["name"], _base_name(run_cfg), f"{ft['adapter_params']:,}",
+            f"{ft['steps']} x {fcfg.get('batch_size', '?')} x {fcfg.get('seqlen', '?')}", f"{ft['tokens']:,}",
+            f"{mean(losses[:8]):.3f} → {mean(losses[-8:]):.3f}" if losses else "-",
+            f"{ft['tokens_per_s']:.0f}" if ft.get("tokens_per_s") else "-",
+            f"{mem:,.0f}" if mem else "-", f"{ft['peak_rss_mb']:,.0f}"]) + " |")
+    f0 = rows[0][1].get("finetune", {})
+    out.append("")
+    out.append(f"_Adapters r {f0.get('rank')}, alpha {f0.get('alpha')}, dropout {f0.get('dropout')}; AdamW lr "
+               f"{f0.get('lr')} (warmup {f0.get('warmup_ratio')}), clip {f0.get('clip_norm')}; compute "
+               f"{f0.get('compute_dtype')}; data `{f0.get('data')}` ({f0.get('split')}). Train step MiB: XLA's "
+               "allocation plan of the compiled step (inputs incl. the frozen base, outputs, temporaries). "
+               "Process peak RSS: the whole run's process up to that row (it includes earlier rows)._")
+    src = os.path.join(results, name, "train_loss.png")   # written by the runner's write_summary
+    if os.path.isfile(src):
+        os.makedirs(figures, exist_ok=True)
+        dst = os.path.join(figures, f"{name}-train_loss.png")
+        shutil.copyfile(src, dst)
+        out.append("")
+        out.append(f"![training loss: {name}]({os.path.relpath(dst, report_dir)})")
+    return "\n".join(out) + "\n"
+
+
+_KINDS = {"table": _table, "figure": _figure, "provenance": _provenance, "rows": _rows, "training": _training}
 
 
 def render(report: str = "paper/report.md", results: str = DEFAULT_RESULTS, figures: str | None = None) -> dict:

@@ -17,7 +17,7 @@ bit allocation), with checkpoints that resume bit-identically.
 
 from lowbit.train.ckpt import ConfigMismatchError, TrainCheckpoints, tree_checksums
 from lowbit.train.data import TokenWindows, corpus_tokens, train_eval_tokens
-from lowbit.train.loop import NonFiniteLossError, TrainCfg, TrainResult, read_metrics, train
+from lowbit.train.loop import NonFiniteLossError, TrainCfg, TrainResult, read_metrics, step_memory, train
 from lowbit.train.lora import (LoraWeight, add_lora, count_trainable, load_lora_model, lora_loss, lora_paths,
                                merge_lora, qlora_dropout, qlora_optim, save_lora_model, strip_lora, trainable_regex,
                                with_dropout)
@@ -30,6 +30,6 @@ __all__ = ["OptimCfg", "build_optimizer", "grad_norm_of", "Partition", "partitio
            "loss_and_grads", "make_train_step", "make_eval_step", "cross_entropy", "kd_kl", "hidden_mse",
            "forward_train", "causal_lm_loss", "distill_loss", "TokenWindows", "corpus_tokens", "train_eval_tokens",
            "TrainCheckpoints", "ConfigMismatchError", "tree_checksums", "TrainCfg", "TrainResult",
-           "NonFiniteLossError", "train", "read_metrics", "LoraWeight", "add_lora", "lora_paths", "trainable_regex",
+           "NonFiniteLossError", "train", "step_memory", "read_metrics", "LoraWeight", "add_lora", "lora_paths", "trainable_regex",
            "with_dropout", "merge_lora", "strip_lora", "count_trainable", "lora_loss", "qlora_optim",
            "qlora_dropout", "save_lora_model", "load_lora_model"]

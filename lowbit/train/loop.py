@@ -70,7 +70,7 @@ from lowbit.train.optim import OptimCfg, build_optimizer
 from lowbit.train.step import (COMPUTE_DTYPES, TrainState, flat_paths, init_state, make_eval_step, make_train_step,
                                partition_params)
 
-__all__ = ["TrainCfg", "TrainResult", "NonFiniteLossError", "train", "RESUME_NEUTRAL", "METRICS_COLUMNS",
+__all__ = ["TrainCfg", "TrainResult", "NonFiniteLossError", "train", "step_memory", "RESUME_NEUTRAL", "METRICS_COLUMNS",
            "read_metrics", "RNG_PURPOSE"]
 
 #: TrainCfg fields that may differ between a run and its resumption (they change no number).
@@ -177,13 +177,32 @@ class TrainCfg:
 class TrainResult(NamedTuple):
     """``params``: the full params with the trained (float32) leaves; ``state``: the final
     :class:`~lowbit.train.step.TrainState`; ``history``: the metrics rows (dicts, one per optimizer
-    step); ``step``: the last step; ``resumed_from``: the checkpoint step it resumed from (or None)."""
+    step); ``step``: the last step; ``resumed_from``: the checkpoint step it resumed from (or None);
+    ``step_memory``: XLA's memory accounting of the compiled train step, in bytes
+    (:func:`step_memory`), or None when no step ran."""
     params: Any
     state: TrainState
     history: list
     step: int
     resumed_from: int | None
     run_dir: str
+    step_memory: dict | None = None
+
+
+def step_memory(compiled) -> dict:
+    """The memory XLA assigned to a compiled program, in bytes: ``argument`` (inputs: trainable
+    params, optimizer state, frozen base, batch), ``output``, ``alias`` (outputs sharing an input's
+    buffer), ``temp`` (everything live only inside the step: activations kept for the backward
+    pass, gradients, dequantized weights), ``total`` = argument + output + temp - alias (every
+    buffer the step's allocation plan holds) and ``peak`` as the backend reports it (0 where it does
+    not; XLA:CPU leaves the temporaries out of it, so compare ``total`` across runs). Exact and
+    deterministic, unlike a process's resident size, which also counts the runtime, the compiler
+    and earlier work."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    return out
 
 
 # ----------------------------------------------------------------------------- files
@@ -380,6 +399,10 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
                     "micro_step": step * cfg.accum, "elapsed_s": elapsed,
                     "tokens_seen": step * cfg.accum * data.tokens_per_batch}
 
+        mem = None
+        if start < cfg.steps:   # compile once, ahead of the loop, to read XLA's memory accounting
+            step_fn = step_fn.lower(state, frozen, jnp.asarray(data.batch(start * cfg.accum)), consts).compile()
+            mem = step_memory(step_fn)
         t_start = time.perf_counter()
         last_saved = start if restored is not None else None
         tokens_per_step = cfg.accum * data.tokens_per_batch
@@ -428,7 +451,7 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
         if history:
             _plot(plot_path, history, os.path.basename(run_dir))
     return TrainResult(part.merge(state.params, frozen), state, history, cfg.steps,
-                       restored.step if restored is not None else None, run_dir)
+                       restored.step if restored is not None else None, run_dir, mem)
 
 
 def _last_good(step: int | None, directory: str) -> str:

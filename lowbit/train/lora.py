@@ -59,8 +59,9 @@ the 4-bit base instead (re-quantizing ``W'`` onto the base's grid) loses the fin
 
 **Checkpoints.** :mod:`lowbit.io.checkpoint` stores LoraWeight nodes (base, a, b and the static
 scale / rank / dropout). :func:`save_lora_model` / :func:`load_lora_model` are
-:func:`lowbit.models.loaders.save_model` / ``load_checkpoint`` with the family's shape check run on
-the bases (``check_view=strip_lora``); same directory layout and ``extra.json``.
+:func:`lowbit.models.loaders.save_model` / ``load_checkpoint`` (whose shape check runs on the
+bases of adapted linears); same directory layout and ``extra.json``, so ``lowbit eval --model DIR``
+evaluates an adapter checkpoint as it is (the packed base plus the adapters).
 """
 
 from __future__ import annotations
@@ -424,13 +425,14 @@ def save_lora_model(path: str, params, cfg, tokenizer, extra: dict | None = None
     from lowbit.models.loaders import save_model
 
     return save_model(path, with_dropout(params, None), cfg, tokenizer, extra, extra_files=extra_files,
-                      overwrite=overwrite, check_view=strip_lora)
+                      overwrite=overwrite)
 
 
 def load_lora_model(path: str, *, dtype=None):
     """Read a model checkpoint that may hold :class:`LoraWeight` nodes -> ``(params, cfg, tokenizer)``
-    (:func:`lowbit.models.loaders.load_checkpoint`'s counterpart of :func:`save_lora_model`; plain
-    checkpoints load too). ``dtype`` casts the float leaves (bases and adapters), not QuantizedTensors."""
+    (the counterpart of :func:`save_lora_model`; plain checkpoints load too, and
+    :func:`lowbit.models.loaders.load_model` / ``lowbit eval`` read adapter checkpoints the same way).
+    ``dtype`` casts the float leaves (bases and adapters), not QuantizedTensors."""
     from lowbit.models.loaders import load_checkpoint
 
-    return load_checkpoint(path, dtype=dtype, check_view=strip_lora)
+    return load_checkpoint(path, dtype=dtype)
