@@ -12,7 +12,8 @@ Implemented::
     lowbit run CONFIG [--variant smoke] [--set key=value ...]      experiment -> results/ (lowbit.runner.experiment)
     lowbit quantize --model M --method METHOD --bits B --group-size G [--act-order ...] [--calib DATA
                     --nsamples N --seqlen L --seed S] --out DIR [--overwrite]  a lowbit checkpoint (orbax)
-    lowbit export DIR --format gptq --out HFDIR [--overwrite]        HF GPTQ safetensors (lowbit.io.export)
+    lowbit export DIR [--format gptq|awq] --out HFDIR [--overwrite]  HF GPTQ (default) or AutoAWQ GEMM
+                                                                     safetensors (lowbit.io.export)
     lowbit merge DIR --out DIR [--requantize METHOD --bits B --group-size G ...]  LoRA adapters folded into
                                                                      dequantized float weights (lowbit.train.lora)
     lowbit paper                                                     regenerate paper/report.md
@@ -278,9 +279,13 @@ register("quantize", "quantize a model with a registered method into a lowbit ch
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a lowbit checkpoint directory (from lowbit quantize)")
-    p.add_argument("--format", choices=["gptq"], default="gptq")
-    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq",
-                   help="gptq (v1: zero - 1 stored, what most engines read) or gptq_v2")
+    p.add_argument("--format", choices=["gptq", "awq"], default="gptq",
+                   help="gptq (default): HF GPTQ, any int 2/3/4/8-bit quantization; awq: AutoAWQ GEMM "
+                        "(quant_method awq, version gemm), needs 4-bit asymmetric group-wise weights "
+                        "(--bits 4 --group-size G, not symmetric, no act-order)")
+    p.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
+                   help="--format gptq only: gptq (the default; v1: zero - 1 stored, what most engines read) "
+                        "or gptq_v2")
     p.add_argument("--out", required=True,
                    help="output HF directory (written atomically); an existing one is replaced only if it is a "
                         "lowbit export of the same format (never if it holds files lowbit did not write)")
@@ -290,25 +295,33 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.io import checkpoint
-    from lowbit.io.export import KIND, export_gptq
+    from lowbit.io.export import KINDS, export_awq, export_gptq
     from lowbit.io.outputs import prepare_output_dir
     from lowbit.models.loaders import load_checkpoint
 
-    prepare_output_dir(args.out, KIND, args.overwrite)  # before loading anything
+    if args.format != "gptq" and args.checkpoint_format is not None:
+        raise ValueError(f"--checkpoint-format {args.checkpoint_format}: only for --format gptq "
+                         f"(--format {args.format} has one layout)")
+    prepare_output_dir(args.out, KINDS[args.format], args.overwrite)  # before loading anything
     params, cfg, tok = load_checkpoint(args.checkpoint)
+    if args.format == "awq":
+        out = export_awq(args.out, params, cfg, tok, overwrite=args.overwrite)
+        print(f"wrote {out} (awq, version=gemm)")
+        return 0
     q = checkpoint.read_extra(args.checkpoint).get("quantize", {})
     extra = {}
     if q.get("method", {}).get("method") == "gptq":
         g = q["method"].get("gptq", {})
         extra = {"damp_percent": g.get("damp", 0.01), "static_groups": g.get("static_groups", False),
                  "true_sequential": q.get("calib", {}).get("true_sequential", True)}
-    out = export_gptq(args.out, params, cfg, tok, checkpoint_format=args.checkpoint_format, extra_config=extra,
+    checkpoint_format = args.checkpoint_format or "gptq"
+    out = export_gptq(args.out, params, cfg, tok, checkpoint_format=checkpoint_format, extra_config=extra,
                       overwrite=args.overwrite)
-    print(f"wrote {out} ({args.format}, checkpoint_format={args.checkpoint_format})")
+    print(f"wrote {out} ({args.format}, checkpoint_format={checkpoint_format})")
     return 0
 
 
-register("export", "export a quantized checkpoint to the HF GPTQ layout", _export_args, cmd_export)
+register("export", "export a quantized checkpoint to the HF GPTQ or AutoAWQ GEMM layout", _export_args, cmd_export)
 
 
 # ----------------------------------------------------------------------------- merge (LoRA)

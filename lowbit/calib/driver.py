@@ -34,6 +34,8 @@ are returned and passed to ``on_layer``.
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,8 +45,8 @@ import numpy as np
 
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.quantizers import bits_per_param, dequantize
-from lowbit.core.transforms import Context, Transform, flatten, identity, needs_data, partition
-from lowbit.models.protocol import family_of
+from lowbit.core.transforms import Context, Transform, flatten, identity, needs_data, partition, unflatten
+from lowbit.models.protocol import FAMILIES, family_of
 from lowbit.progress import Bar
 
 __all__ = ["default_recipe", "quantize_model", "layer_inputs", "REPORT_ROWS"]
@@ -63,11 +65,30 @@ def _rel_err(x, w, wq):
     return jnp.linalg.norm(x @ (w - wq).T) / jnp.maximum(jnp.linalg.norm(x @ w.T), 1e-30)
 
 
+def _int8_type():
+    """:class:`lowbit.methods.llm_int8.Int8Weight` when that module is loaded, else None."""
+    mod = sys.modules.get("lowbit.methods.llm_int8")
+    return None if mod is None else mod.Int8Weight
+
+
+@jax.jit
+def _rel_err_linear(x, w, q):
+    from lowbit.ops import linear
+
+    y = x @ w.T
+    return jnp.linalg.norm(y - linear(x, q)) / jnp.maximum(jnp.linalg.norm(y), 1e-30)
+
+
 def _rel_out_err(x, w, q) -> float:
-    """``||X (W - Q)^T|| / ||X W^T||`` on (at most :data:`REPORT_ROWS` evenly spaced rows of) ``x``."""
+    """``||X (W - Q)^T|| / ||X W^T||`` on (at most :data:`REPORT_ROWS` evenly spaced rows of) ``x``;
+    for an LLM.int8() weight ``||X W^T - linear(X, Q)|| / ||X W^T||`` (its activation quantization
+    and outlier decomposition included)."""
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] > REPORT_ROWS:
         x = x[:: -(-x.shape[0] // REPORT_ROWS)]
+    int8 = _int8_type()
+    if int8 is not None and isinstance(q, int8):
+        return float(_rel_err_linear(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), q))
     wq = dequantize(q) if isinstance(q, QuantizedTensor) else q
     return float(_rel_err(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(wq, jnp.float32)))
 
@@ -97,6 +118,10 @@ def _describe(q) -> dict:
     if isinstance(q, QuantizedTensor):
         return dict(format=q.format, bits=q.bits, group_size=q.group_size, act_order=q.perm is not None,
                     bits_per_param=bits_per_param(q))
+    int8 = _int8_type()
+    if int8 is not None and isinstance(q, int8):   # one absmax per output row: a group is a whole row
+        return dict(format="llm_int8", bits=8, group_size=q.shape[1], act_order=False,
+                    bits_per_param=bits_per_param(q), threshold=q.threshold)
     return dict(format="dense", bits=16, group_size=0, act_order=False, bits_per_param=16.0)
 
 
@@ -147,6 +172,51 @@ def _context(fam, cfg, i, layer, prefix, x, recipe) -> Context | None:
     return Context(block_fn=block_fn, block_input=x, producers=producers)
 
 
+@functools.lru_cache(maxsize=64)
+def _module_fn(family: str, cfg, kw_items: tuple) -> Callable | None:
+    """``fn(layer, name, h)``: the family's sub-module forward with ``cfg`` and the block's static
+    options bound; one object per (family, config, options), so searches jitted over it compile once."""
+    fam = FAMILIES[family]
+    if fam.module_fn is None:
+        return None
+    kw = dict(kw_items)
+
+    def fn(layer, name, h):
+        return fam.module_fn(layer, name, h, cfg, **kw)
+
+    return fn
+
+
+def _prepare_block(fam, cfg, i, layer, prefix, X, recipe, batch_size):
+    """Run ``recipe.prepare`` on block ``i``: one pass of the float block over every calibration
+    window captures each linear's input (full windows: ``skip_first`` / ``token_cap`` do not apply)
+    and the float outputs. Returns ``(prepared layer, its metrics, float outputs of the block)``."""
+    kw = fam.layer_kwargs(cfg, i)
+    linears = [p for p in fam.linears(cfg) if p in flatten(layer)]
+    parts: dict[str, list] = {p: [] for p in linears}
+    outs = []
+    for b in range(0, X.shape[0], batch_size):
+        y, captured = fam.block_jit(layer, X[b:b + batch_size], cfg, capture=True, **kw)
+        outs.append(y)
+        for p in linears:
+            parts[p].append(captured[p])
+    joined: dict[tuple, Any] = {}   # q/k/v (and gate/up) share one input array: concatenate it once
+    inputs = {}
+    for p in linears:
+        key = tuple(id(a) for a in parts[p])
+        if key not in joined:
+            joined[key] = jnp.concatenate(parts[p])
+        inputs[prefix + p] = joined[key]
+    context = Context(producers={prefix + k: (prefix + v if v is not None else None)
+                                 for k, v in fam.producers(cfg).items()},
+                      prefix=prefix, layer=layer, module_fn=_module_fn(fam.name, cfg, tuple(sorted(kw.items()))),
+                      scale_groups=tuple(fam.scale_groups(cfg)), norm_offset=fam.norm_offset)
+    block = {prefix + p: v for p, v in flatten(layer).items()}
+    new, metrics = recipe.prepare(block, inputs, context)
+    layer = unflatten(layer, {p[len(prefix):]: v for p, v in new.items()})
+    return layer, metrics, jnp.concatenate(outs)
+
+
 def _to_float(v):
     a = np.asarray(v)
     return float(a) if a.ndim == 0 else a.tolist()
@@ -154,7 +224,7 @@ def _to_float(v):
 
 def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 8,
                    true_sequential: bool = True, skip_first: int = 0, token_cap: float | None = None,
-                   start_layer: int = 0, inputs=None,
+                   start_layer: int = 0, inputs=None, reference=None,
                    on_layer: Callable[[int, dict, list[dict]], Any] | None = None,
                    progress: bool = True) -> tuple[dict, list[dict]]:
     """Quantize ``params`` (a pytree of a registered model family) layer by layer with ``recipe``.
@@ -177,7 +247,16 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         (paper/); neither this nor ``skip_first`` did in demo-scale trials.
       start_layer, inputs: resume: layers ``< start_layer`` of ``params`` are taken as final and
         ``inputs`` are the hidden states entering ``start_layer`` (computed with
-        :func:`layer_inputs` when ``None``).
+        :func:`layer_inputs` when ``None``: from ``params``, or from ``reference`` for a recipe whose
+        blocks feed their float outputs on, see below).
+      reference: the unquantized params, needed to resume (``start_layer > 0``) a recipe with a
+        ``prepare`` stage and no statistics of its own (AWQ + RTN), whose next block sees the
+        *float* block's outputs.
+
+    A recipe with a ``prepare`` stage (AWQ) gets every block rewritten in float before its groups
+    are calibrated (:func:`_prepare_block`); when no later member collects statistics (AWQ + RTN,
+    the llm-awq reference) the next block's inputs are the float block's outputs, as in the
+    reference; when one does (AWQ + GPTQ) they are the quantized block's outputs, GPTQ's convention.
       on_layer: called as ``on_layer(i, new_params, rows_of_layer_i)`` after each layer (checkpointing).
     Returns:
       ``(new_params, rows)``: the same structure with leaves replaced, and per-weight report rows.
@@ -210,9 +289,20 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
                                                 for p, w in _flat_linears(fam, cfg, layers[i]).items()}))
         for i in range(start_layer, n_layers)) and not needs_data(
         jax.eval_shape(recipe.init, {p: params[p] for p in fam.outside if p in params}))
+    prepares = recipe.prepare is not None
+    float_inputs = prepares and data_free   # the next block sees the float block's outputs (AWQ + RTN)
+    if prepares and fam.module_fn is None:
+        raise ValueError(f"recipe: its prepare stage (AWQ) needs the model family {fam.name!r} to declare "
+                         "module_fn and scale_groups (lowbit.models.protocol); it does not")
+    if float_inputs and start_layer > 0 and inputs is None and reference is None:
+        raise ValueError("reference: resuming a recipe whose blocks feed their float outputs on (AWQ + RTN) "
+                         "needs the unquantized params (reference=) to recompute the inputs of layer "
+                         f"{start_layer}")
+    data_free = data_free and not prepares   # prepare sees every calibration window
     if data_free:
         tokens = tokens[:batch_size]
-    X = inputs if inputs is not None else layer_inputs(params, cfg, tokens, upto=start_layer, batch_size=batch_size)
+    src = reference if float_inputs and reference is not None else params
+    X = inputs if inputs is not None else layer_inputs(src, cfg, tokens, upto=start_layer, batch_size=batch_size)
     if data_free:
         X = X[:batch_size]
     if X.shape[:2] != tokens.shape:  # after the data-free cut, both hold the first batch
@@ -228,6 +318,9 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         kw = fam.layer_kwargs(cfg, i)
         prefix = f"layers/{i}/"
         layer_rows = []
+        prep_metrics, X_float = {}, None
+        if prepares:
+            layer, prep_metrics, X_float = _prepare_block(fam, cfg, i, layer, prefix, X, recipe, batch_size)
         for group in groups:
             present = _flat_linears(fam, cfg, layer)
             paths = [p for p in group if p in present]
@@ -258,10 +351,14 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
                 row = dict(layer=i, path=key, shape=list(full[key].shape), **_describe(new[key]),
                            rel_out_err=_rel_out_err(first_inputs[key], full[key], new[key]),
                            seconds=seconds / len(paths))
-                row.update({k: _to_float(v) for k, v in metrics.get(key, {}).items()})
+                row.update({k: _to_float(v) for k, v in {**prep_metrics.get(key, {}),
+                                                         **metrics.get(key, {})}.items()})
                 layer_rows.append(row)
         layers[i] = layer
-        X = _run_block(fam, layer, X, cfg, i, batch_size)  # the quantized block's outputs feed the next one
+        if float_inputs:
+            X = X_float   # AWQ + RTN: the float block's outputs, as the llm-awq reference feeds them on
+        else:
+            X = _run_block(fam, layer, X, cfg, i, batch_size)  # the quantized block's outputs feed the next one
         for r in layer_rows:
             r["layer_seconds"] = time.perf_counter() - t_layer
         rows += layer_rows

@@ -19,6 +19,15 @@ like ``"layers/3/self_attn/q_proj"``, see :func:`flatten`)::
   ``context`` to ``update`` (a :class:`Context`): ``"block_fn"`` (a forward function of the block,
   for searches on block outputs such as AWQ's) and ``"producers"`` (which norm or linear produces
   each linear's input, where a scale is folded). Data-free quantizers ignore ``update``.
+* ``prepare`` (optional) rewrites a whole block in float **before** any of its weights is
+  calibrated: ``block, metrics = t.prepare(block, inputs, context)`` with ``block`` every leaf of
+  the block (``{flat path: leaf}``: linears, norms, biases), ``inputs`` the float block's inputs
+  ``(windows, T, in)`` of the linears this transform owns (the keys it may scale) and
+  ``context`` a :class:`Context` with the sub-module forward and the scale groups. Equivalence
+  transforms that fold a scale into the *producer* of an input (AWQ: a norm weight, or the rows of
+  ``v_proj`` / ``up_proj``) and clip weights live here, so every later member of a :func:`chain`
+  calibrates on the rewritten block (GPTQ's Hessian is built from ``x / s``, because the norm was
+  divided by ``s``).
 
 ``chain`` runs transforms one after the other (each calibrated on what the previous ones hand on);
 ``partition`` routes each leaf to the first rule whose regex matches its path (``re.search``),
@@ -37,6 +46,7 @@ Methods (RTN, GPTQ, ...) live in :mod:`lowbit.methods`, one module each, registe
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -57,10 +67,21 @@ class Context(NamedTuple):
     its weights replaced (``flat_params``: ``{path: leaf}`` overrides), on the block's input ``x``;
     ``block_input``: the current batch of block inputs; ``producers``: ``{path: producer path or
     None}`` (:mod:`lowbit.models.protocol`).
+
+    For ``prepare``: ``prefix`` (``"layers/{i}/"``), ``layer`` (the block's nested params),
+    ``module_fn(layer, name, h)`` (a sub-module's output on its input: a pure, jittable function,
+    the same object for every block of one shape, so a search jitted over it compiles once),
+    ``scale_groups`` (``(producer, linears, module name or None)`` with relative paths) and
+    ``norm_offset`` (a norm multiplies by ``norm_offset + w``).
     """
     block_fn: Callable | None = None
     block_input: Any = None
     producers: Mapping[str, str | None] = {}
+    prefix: str = ""
+    layer: Any = None
+    module_fn: Callable | None = None
+    scale_groups: tuple = ()
+    norm_offset: float = 0.0
 
 
 def _no_update(state, acts, context=None):
@@ -73,6 +94,8 @@ class Transform(NamedTuple):
     update: Callable[..., tuple[Any, Params]] = _no_update
     apply: Callable[[Params, Any], tuple[dict, Metrics]] = None
     requires: frozenset = frozenset()
+    #: ``prepare(block, inputs, context) -> (block, metrics)`` or None (see the module docstring)
+    prepare: Callable | None = None
 
 
 def path_str(keypath) -> str:
@@ -88,11 +111,15 @@ def path_str(keypath) -> str:
 
 
 def _is_leaf(x) -> bool:
-    return isinstance(x, QuantizedTensor)
+    if isinstance(x, QuantizedTensor):
+        return True
+    # an LLM.int8() weight (lowbit.methods.llm_int8.Int8Weight); none exists before that module is loaded
+    int8 = sys.modules.get("lowbit.methods.llm_int8")
+    return int8 is not None and isinstance(x, int8.Int8Weight)
 
 
 def flatten(tree) -> dict[str, Any]:
-    """Nested params -> ``{path: leaf}`` (QuantizedTensors count as leaves)."""
+    """Nested params -> ``{path: leaf}`` (QuantizedTensors and LLM.int8() Int8Weights count as leaves)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     return {path_str(kp): v for kp, v in leaves}
 
@@ -146,7 +173,17 @@ def chain(*transforms: Transform) -> Transform:
             metrics = merge_metrics(metrics, m)
         return out, metrics
 
-    return Transform(init, update, apply, frozenset().union(*(t.requires for t in transforms)))
+    preparers = [t.prepare for t in transforms if t.prepare is not None]
+
+    def prepare(block, inputs, context):
+        metrics: Metrics = {}
+        for fn in preparers:
+            block, m = fn(block, inputs, context)
+            metrics = merge_metrics(metrics, m)
+        return block, metrics
+
+    return Transform(init, update, apply, frozenset().union(*(t.requires for t in transforms)),
+                     prepare if preparers else None)
 
 
 def partition(rules: Sequence[tuple[str, Transform]]) -> Transform:
@@ -191,7 +228,16 @@ def partition(rules: Sequence[tuple[str, Transform]]) -> Transform:
             metrics = merge_metrics(metrics, m)
         return out, metrics
 
-    return Transform(init, update, apply, frozenset().union(*(t.requires for _, t in compiled)))
+    def prepare(block, inputs, context):
+        metrics: Metrics = {}
+        for (_, t), ps in zip(compiled, route(inputs)):   # each member may only scale the linears it owns
+            if t.prepare is not None and ps:
+                block, m = t.prepare(block, select(inputs, ps), context)
+                metrics = merge_metrics(metrics, m)
+        return block, metrics
+
+    return Transform(init, update, apply, frozenset().union(*(t.requires for _, t in compiled)),
+                     prepare if any(t.prepare is not None for _, t in compiled) else None)
 
 
 def calibrate(transform: Transform, params: Params, activations: Iterable[Params], context: Context | None = None):

@@ -3,8 +3,11 @@
 Layout of a checkpoint directory::
 
     DIR/manifest.json        structure: nested dicts/lists, array shapes/dtypes and sha256 checksums,
-                             QuantizedTensor metadata (version 2; version 1 had no checksums)
-    DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors as dicts
+                             QuantizedTensor metadata (version 2; version 1 had no checksums), the
+                             static fields of LoRA adapters and LLM.int8() weights (``__lora__``,
+                             ``__llm_int8__``: threshold)
+    DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors (and
+                             LoraWeight / Int8Weight nodes) as dicts
     DIR/extra.json           caller's metadata (model config, recipe, ...), optional
     DIR/<extra files>        caller's files (e.g. layers.csv), optional
     DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -68,8 +72,6 @@ def _encode(x) -> tuple[Any, Any]:
             arrays[f], fields[f] = _encode(v)
         meta = {k: getattr(x, k) for k in _QT_META}
         return arrays, {"__qtensor__": meta, "fields": fields}
-    import sys
-
     lora = sys.modules.get("lowbit.train.lora")  # no LoraWeight exists before that module is loaded
     if lora is not None and isinstance(x, lora.LoraWeight):
         # a LoRA adapter (lowbit.train.lora.LoraWeight): its base (dense or QuantizedTensor) and a / b
@@ -78,6 +80,13 @@ def _encode(x) -> tuple[Any, Any]:
         enc = {f: _encode(getattr(x, f)) for f in ("base", "a", "b")}
         meta = {"scale": float(x.scale), "rank": int(x.rank), "dropout": float(x.dropout)}
         return {k: v[0] for k, v in enc.items()}, {"__lora__": meta, "__dict__": {k: v[1] for k, v in enc.items()}}
+    int8 = sys.modules.get("lowbit.methods.llm_int8")  # no Int8Weight exists before that module is loaded
+    if int8 is not None and isinstance(x, int8.Int8Weight):
+        # an LLM.int8() weight (lowbit.methods.llm_int8.Int8Weight): int8 codes and float32 absmax as a
+        # dict of arrays, the static outlier threshold as metadata ("__dict__": _verify walks it)
+        enc = {f: _encode(getattr(x, f)) for f in ("codes", "absmax")}
+        return ({k: v[0] for k, v in enc.items()},
+                {"__llm_int8__": {"threshold": float(x.threshold)}, "__dict__": {k: v[1] for k, v in enc.items()}})
     if isinstance(x, dict):
         enc = {str(k): _encode(v) for k, v in x.items()}
         return {k: v[0] for k, v in enc.items()}, {"__dict__": {k: v[1] for k, v in enc.items()}}
@@ -92,7 +101,7 @@ def _encode(x) -> tuple[Any, Any]:
 def _abstract(spec) -> Any:
     if "__qtensor__" in spec:
         return {f: _abstract(s) for f, s in spec["fields"].items()}
-    if "__lora__" in spec:
+    if "__lora__" in spec or "__llm_int8__" in spec:
         return {f: _abstract(s) for f, s in spec["__dict__"].items()}
     if "__dict__" in spec:
         return {k: _abstract(s) for k, s in spec["__dict__"].items()}
@@ -115,6 +124,12 @@ def _decode(plain, spec) -> Any:
         fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
         return LoraWeight(**fields, scale=float(meta["scale"]), rank=int(meta["rank"]),
                           dropout=float(meta["dropout"]))
+    if "__llm_int8__" in spec:
+        from lowbit.methods.llm_int8 import Int8Weight
+
+        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
+        return Int8Weight(codes=fields["codes"], absmax=fields["absmax"],
+                          threshold=float(spec["__llm_int8__"]["threshold"]))
     if "__dict__" in spec:
         return {k: _decode(plain[k], s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:

@@ -495,15 +495,45 @@ def producers(mlp_norm: str) -> dict[str, str]:
             "mlp/gate_proj": mlp_norm, "mlp/up_proj": mlp_norm, "mlp/down_proj": "mlp/up_proj"}
 
 
+def scale_groups(producer_map: dict) -> tuple[tuple[str, tuple[str, ...], str | None], ...]:
+    """AWQ's scale groups of a decoder block: ``(producer, linears fed by it, sub-module whose output
+    the search compares)``; ``None``: the linear's own output (the llm-awq reference's Llama groups)."""
+    return ((producer_map["self_attn/q_proj"], ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+             "self_attn"),
+            (producer_map["self_attn/o_proj"], ("self_attn/o_proj",), None),
+            (producer_map["mlp/gate_proj"], ("mlp/gate_proj", "mlp/up_proj"), "mlp"),
+            (producer_map["mlp/down_proj"], ("mlp/down_proj",), None))
+
+
+def submodule(layer, name: str, h, cfg, spec: LayerSpec, positions=None):
+    """The output of a block's sub-module on its (normalised) input ``h (B, T, D)``: ``"self_attn"``
+    (projections, RoPE, causal attention and ``o_proj``; no residual, no post-norm) or ``"mlp"``
+    (gate / up, activation, ``down_proj``). What AWQ's scale search compares (llm-awq's
+    ``module2inspect``: ``self_attn`` and ``mlp``)."""
+    if name == "self_attn":
+        positions = jnp.arange(h.shape[1]) if positions is None else jnp.asarray(positions)
+        cos, sin = rope_tables(positions, spec.inv_freq)
+        q, k, v = project_qkv(layer, h, cfg, spec, cos, sin)
+        attn = causal_self_attend(q, k, v, positions, spec.scale, spec.window)
+        return ops.linear(attn, layer["self_attn"]["o_proj"], layer["self_attn"].get("o_bias"))
+    if name == "mlp":
+        m = layer["mlp"]
+        act = spec.activation(ops.linear(h, m["gate_proj"])) * ops.linear(h, m["up_proj"])
+        return ops.linear(act, m["down_proj"])
+    raise ValueError(f"name={name!r}: expected 'self_attn' or 'mlp'")
+
+
 def register_decoder(name: str, config_cls: type, producer_map: dict, *, embed_jit, block_jit, head_jit,
-                     head_inputs, block_with_cache, layer_kwargs=None):
+                     head_inputs, block_with_cache, module_fn, layer_kwargs=None, norm_offset: float = 0.0):
     """Register a decoder family with :data:`LINEARS`, :data:`SEQUENTIAL_GROUPS`, the embedding and
-    lm_head outside the blocks, and :func:`head_params`."""
+    lm_head outside the blocks, :func:`head_params` and AWQ's :func:`scale_groups`."""
     from lowbit.models.protocol import Family, register_family
 
     extra = {} if layer_kwargs is None else {"layer_kwargs": layer_kwargs}
+    groups = scale_groups(producer_map)
     return register_family(Family(
         name=name, config_cls=config_cls, linears=lambda cfg: LINEARS,
         sequential_groups=lambda cfg: SEQUENTIAL_GROUPS, producers=lambda cfg: producer_map,
         outside=("embed_tokens", "lm_head"), embed_jit=embed_jit, block_jit=block_jit, head_jit=head_jit,
-        head_inputs=head_inputs, head_params=head_params, block_with_cache=block_with_cache, **extra))
+        head_inputs=head_inputs, head_params=head_params, block_with_cache=block_with_cache,
+        scale_groups=lambda cfg: groups, module_fn=module_fn, norm_offset=norm_offset, **extra))

@@ -340,6 +340,11 @@ def from_hf_state_dict(state: dict, cfg: Gemma3Config, *, dtype=None) -> dict:
 #: what produces each linear's input (norm weights are Gemma-style ``1 + w``, see the module docstring)
 PRODUCERS = common.producers("pre_feedforward_layernorm")
 
+def submodule(layer, name: str, h, cfg: Gemma3Config, *, sliding: bool = False):
+    """:func:`lowbit.models.common.submodule` of a Gemma-3 block (no post-norms: the module's own output)."""
+    return common.submodule(layer, name, h, cfg, layer_spec(cfg, sliding))
+
+
 FAMILY = common.register_decoder("gemma3", Gemma3Config, PRODUCERS, embed_jit=embed_jit, block_jit=block_jit,
                                  head_jit=head_jit, head_inputs=head_inputs, block_with_cache=block_with_cache,
-                                 layer_kwargs=layer_kwargs)
+                                 module_fn=submodule, layer_kwargs=layer_kwargs, norm_offset=1.0)

@@ -329,5 +329,11 @@ head_jit = jax.jit(head, static_argnames=("cfg",))
 #: what produces each linear's input: a norm (scale folds into its weight) or a linear (into its rows)
 PRODUCERS = common.producers("post_attention_layernorm")
 
+def submodule(layer, name: str, h, cfg: LlamaConfig):
+    """:func:`lowbit.models.common.submodule` of a Llama block (``"self_attn"`` or ``"mlp"``)."""
+    return common.submodule(layer, name, h, cfg, layer_spec(cfg))
+
+
 FAMILY = common.register_decoder("llama", LlamaConfig, PRODUCERS, embed_jit=embed_jit, block_jit=block_jit,
-                                 head_jit=head_jit, head_inputs=head_inputs, block_with_cache=block_with_cache)
+                                 head_jit=head_jit, head_inputs=head_inputs, block_with_cache=block_with_cache,
+                                 module_fn=submodule)

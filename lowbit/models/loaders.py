@@ -461,9 +461,11 @@ def load_checkpoint(path: str, *, dtype=None, check_view=None):
         from lowbit.core.qtensor import QuantizedTensor
 
         dt = jnp.dtype(dtype)
+        int8 = sys.modules.get("lowbit.methods.llm_int8")  # restore() loaded it if the model has Int8Weights
+        packed = (QuantizedTensor,) if int8 is None else (QuantizedTensor, int8.Int8Weight)  # stored as they are
         params = jax.tree_util.tree_map(
-            lambda x: x if isinstance(x, QuantizedTensor) else x.astype(dt), params,
-            is_leaf=lambda x: isinstance(x, QuantizedTensor))
+            lambda x: x if isinstance(x, packed) else x.astype(dt), params,
+            is_leaf=lambda x: isinstance(x, packed))
         cfg = cfg.replace(dtype=str(dt))
     check((check_view or _bases_view)(params), cfg)
     tok = extra.get("tokenizer")

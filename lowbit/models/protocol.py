@@ -18,7 +18,9 @@ a group depend only on earlier groups); ``fam.producers(cfg)[rel]`` names what c
 of a linear (a norm weight, or another linear), i.e. where an equivalence scale ``x / s`` can be
 folded (AWQ, SmoothQuant); ``None`` when nothing can take it (e.g. the input goes through a
 non-linearity). ``fam.outside`` lists the weights outside the blocks (embeddings, lm_head);
-``fam.head_inputs`` gives the final hidden states that ``lm_head`` multiplies.
+``fam.head_inputs`` gives the final hidden states that ``lm_head`` multiplies. ``fam.scale_groups``
+and ``fam.module_fn`` describe what AWQ's scale search needs (which linears share a producer, and
+the sub-module whose output it compares); ``fam.norm_offset`` how a scale folds into a norm weight.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ class Family:
     #: static keyword arguments of block ``i`` (``{}`` when every block is the same)
     layer_kwargs: Callable[[Any, int], dict] = lambda cfg, i: {}
     embed_keys: tuple[str, ...] = ("embed_tokens",)
+    #: AWQ's scale groups: ``(producer, linears it feeds, sub-module name or None)`` (see
+    #: :func:`lowbit.models.common.scale_groups`); empty: the family supports no equivalence scaling
+    scale_groups: Callable[[Any], tuple] = lambda cfg: ()
+    #: ``module_fn(layer, name, h, cfg, **layer_kwargs)``: a sub-module's output on its input ``h``
+    module_fn: Callable | None = None
+    #: RMSNorm weights are stored as ``w`` with the norm multiplying by ``norm_offset + w`` (Gemma: 1)
+    norm_offset: float = 0.0
 
     def layers(self, params) -> list:
         return params["layers"]

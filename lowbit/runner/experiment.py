@@ -52,6 +52,7 @@ from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
 from lowbit.faults import crash_point
 from lowbit.io import checkpoint
+from lowbit.methods.llm_int8 import Int8Weight
 from lowbit.runner import lock
 from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
                                   from_dict, to_dict)
@@ -98,9 +99,12 @@ def calibration_data(calib: CalibCfg, params, mcfg, tok, seed: int, *, progress:
 
 
 def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_layer: int = 0,
-             on_layer=None, progress: bool = True, recipe: Transform | None = None) -> tuple[dict, list[dict]]:
+             on_layer=None, progress: bool = True, recipe: Transform | None = None,
+             reference=None) -> tuple[dict, list[dict]]:
     """Quantize a loaded model with a method row on calibration ``windows``: the one pipeline
-    behind ``lowbit run`` and ``lowbit quantize`` (returns params and per-weight report rows)."""
+    behind ``lowbit run`` and ``lowbit quantize`` (returns params and per-weight report rows).
+    ``reference``: the unquantized params, for resuming (``start_layer > 0``) a recipe whose blocks
+    feed their float outputs on (AWQ + RTN)."""
     from lowbit.calib.driver import quantize_model
 
     recipe = build_recipe(m) if recipe is None else recipe  # the runner passes the one it built
@@ -115,26 +119,29 @@ def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_laye
 
     qparams, rows = quantize_model(params, mcfg, recipe, windows, batch_size=calib.batch_size,
                                    true_sequential=calib.true_sequential, skip_first=calib.skip_first,
-                                   token_cap=calib.token_cap, start_layer=start_layer, on_layer=tagged,
-                                   progress=progress)
+                                   token_cap=calib.token_cap, start_layer=start_layer, reference=reference,
+                                   on_layer=tagged, progress=progress)
     for r in rows:
         r["method"] = m.method
     return qparams, rows
 
 
 def model_size(params) -> dict:
-    """Bytes of all parameters and mean bits/param of the quantized linears (tied embeddings once)."""
+    """Bytes of all parameters and mean bits/param of the quantized linears (tied embeddings once).
+    Quantized linears: QuantizedTensors (codes, scales, zeros, ...) and LLM.int8() Int8Weights (8-bit
+    codes plus one float32 absmax per output row)."""
     flat = flatten(params)
+    quantized = (QuantizedTensor, Int8Weight)
     total_bits, q_bits, q_params = 0, 0, 0
     for leaf in flat.values():
         arrays = jax.tree_util.tree_leaves(leaf)
         bits = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize * 8 for a in arrays)
         total_bits += bits
-        if isinstance(leaf, QuantizedTensor):
+        if isinstance(leaf, quantized):
             q_bits += bits
             q_params += leaf.shape[0] * leaf.shape[1]
     return {"size_mb": total_bits / 8 / 2**20, "linear_bits_per_param": q_bits / q_params if q_params else 16.0,
-            "n_quantized": sum(isinstance(v, QuantizedTensor) for v in flat.values())}
+            "n_quantized": sum(isinstance(v, quantized) for v in flat.values())}
 
 
 def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
@@ -585,7 +592,7 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                     raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 
             qparams, new_rows = quantize(start_params, mcfg, m, calib, cfg.calib, start_layer=start,
-                                         on_layer=on_layer, progress=progress, recipe=recipe)
+                                         on_layer=on_layer, progress=progress, recipe=recipe, reference=params)
             rows = rows + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
         train_record = None
@@ -605,7 +612,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
 
         metrics = {"name": m.name, "method": m.method, "config_hash": h,
                    "bits": m.quant.bits if m.quantizes else None,
-                   "group_size": m.quant.group_size if m.quantizes else None,
+                   # llm_int8 ignores quant.group_size: one absmax per output row (per channel, None)
+                   "group_size": m.quant.group_size if m.quantizes and m.method != "llm_int8" else None,
                    "eval": results, "size": model_size(qparams), "timings": timings,
                    "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
                    "peak_rss_mb": peak_rss_mb(), "environment": env}
