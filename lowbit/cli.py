@@ -173,8 +173,9 @@ def _method_option_flags(p: argparse.ArgumentParser) -> None:
     for name, (tp, default) in fields.items():
         flag = "--" + name.replace("_", "-")
         owners = "/".join(seen[name])
-        if tp is bool:
-            p.add_argument(flag, action="store_true", default=None, help=f"{owners} option (default {default})")
+        if tp is bool:   # --x / --no-x: either way, whatever the default
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{owners} option (default {default})")
         else:  # scalars by their type; anything else (tuples, unions) as a YAML value
             import yaml
 

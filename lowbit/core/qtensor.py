@@ -39,7 +39,7 @@ import numpy as np
 
 from lowbit.core import numerics
 
-__all__ = ["QuantSpec", "QuantizedTensor", "FORMATS", "DQ_MAPS"]
+__all__ = ["QuantSpec", "QuantizedTensor", "MatrixLike", "FORMATS", "DQ_MAPS"]
 
 FORMATS = ("int", "nf4", "fp4", "codebook", "sign", "onebit")
 DQ_MAPS = ("linear", "dynamic")  # QuantSpec.dq_map: the grid of the double-quantized scales
@@ -184,8 +184,21 @@ class QuantSpec:
         return cls(**{**base, **overrides})
 
 
+class MatrixLike:
+    """Mixin of the weight types that stand in for an ``(out, in)`` matrix (QuantizedTensor,
+    LoraWeight, Int8Weight): ``ndim`` and ``size`` from the subclass's ``shape``."""
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantizedTensor:
+class QuantizedTensor(MatrixLike):
     """A quantized matrix; a pytree whose leaves are the arrays and whose aux data is the metadata.
 
     See the module docstring for the dequantization invariant.
@@ -268,14 +281,6 @@ class QuantizedTensor:
     def scale_shape(self) -> tuple[int, int]:
         """Logical shape of the scale table (and of the zeros before packing)."""
         return (1 if self.per_tensor else self.shape[0], self.n_groups)
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
 
     @property
     def dtype(self):

@@ -166,9 +166,8 @@ def _search_scale(layer, h, *, module_fn, name, paths, spec, n_grid, batch):
     x_mean = jnp.mean(jnp.abs(hf).reshape(-1, h.shape[-1]), axis=0)
 
     def run(lyr):
-        if name is None:          # the linear itself (o_proj, down_proj): rows are independent tokens
-            w = _get(lyr, paths[0])
-            return jax.lax.map(lambda hb: ops.linear(hb, w), h, batch_size=batch)
+        if name is None:          # the linear itself (o_proj, down_proj): one matmul over every token
+            return ops.linear(h, _get(lyr, paths[0]))
         return jax.lax.map(lambda hb: module_fn(lyr, name, hb[None])[0], h, batch_size=batch)
 
     org = run(layer).astype(jnp.float32)

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core import transforms
-from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.qtensor import MatrixLike, QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import check_matrix
 from lowbit.methods.registry import register
 
@@ -126,7 +126,7 @@ def _is_arraylike(x) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8Weight:
+class Int8Weight(MatrixLike):
     """An LLM.int8() linear weight ``(out, in)``: ``codes (out, in)`` int8 in ``[-127, 127]`` and the
     per-row ``absmax (out,)`` float32, with the static outlier ``threshold`` of its matmul (see the
     module docstring). A pytree (``threshold`` is aux data: part of ``jax.jit``'s cache key).
@@ -155,14 +155,6 @@ class Int8Weight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
 
     @property
     def dtype(self):

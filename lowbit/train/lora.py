@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.qtensor import MatrixLike, QuantizedTensor
 from lowbit.core.transforms import path_str
 from lowbit.train.optim import OptimCfg
 
@@ -104,7 +104,7 @@ def _is_arraylike(x) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraWeight:
+class LoraWeight(MatrixLike):
     """A linear weight ``(out, in)`` with a LoRA adapter: ``base + scale * b @ a`` (see the module
     docstring). A pytree: children ``base``, ``a (rank, in)``, ``b (out, rank)``, ``dropout_key``
     (None, or a typed key for one step); static ``scale`` (``alpha / rank``), ``rank``, ``dropout``.
@@ -139,14 +139,6 @@ class LoraWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.b.shape[-2]), int(self.a.shape[-1]))
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
 
     @property
     def dtype(self):

@@ -1,0 +1,27 @@
+"""Every shipped experiment config (configs/*.yaml) and each of its variants loads and validates
+(methods registered, options typed, names safe) without touching a model."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import yaml
+
+from lowbit.runner.config import load_config
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
+                 if not os.path.basename(p).startswith("_"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_and_variants_load(path):
+    cfg = load_config(path)
+    assert cfg.methods and cfg.experiment == os.path.splitext(os.path.basename(path))[0]
+    for variant in (yaml.safe_load(open(path)).get("variants") or {}):
+        assert load_config(path, variant=variant).variant == variant
