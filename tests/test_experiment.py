@@ -130,3 +130,10 @@ def test_expectations_are_checked_row_by_row(setup, capsys):
     assert check_expectations(small, summary) == []
     with pytest.raises(ValueError, match="expect.rows.fp.corpus"):
         load_config(str(path), overrides=["expect={rows: {fp: {corpus: -1}}}"])
+
+
+def test_delta_column_signs():
+    """The "Δ vs fp" column writes a row better than fp as -0.59, not +-0.59."""
+    from lowbit.runner.experiment import _signed
+
+    assert (_signed(-0.59), _signed(10.6), _signed(0.0), _signed(-1234.5)) == ("-0.59", "+10.60", "+0.00", "-1.23e+03")

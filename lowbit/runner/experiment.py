@@ -373,6 +373,11 @@ def _fmt(v: float | None) -> str:
     return f"{v:.3g}" if v >= 1000 else f"{v:.2f}"
 
 
+def _signed(v: float) -> str:
+    """A difference with its sign: ``+10.60``, ``-0.59``, ``+0.00``."""
+    return ("-" if v < 0 else "+") + _fmt(abs(v))
+
+
 def _protocol(run_config: dict) -> dict:
     """What makes two rows' perplexities comparable: the model and the evaluation settings (not
     ``eval.batch_size``, which does not change the numbers); missing keys read as their defaults."""
@@ -436,7 +441,7 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
                f"{r['linear_bits_per_param']:.3f}", f"{r['size_mb']:.1f}"]
         row += [_fmt(r["ppl"].get(d)) for d in datasets]
         if fp:
-            row += [("+" + _fmt(r["ppl"][d] - fp["ppl"][d])) if d in r["ppl"] and d in fp["ppl"] else "-"
+            row += [_signed(r["ppl"][d] - fp["ppl"][d]) if d in r["ppl"] and d in fp["ppl"] else "-"
                     for d in datasets]
         row += [f"{r['bpb'][d]:.4f}" if d in r["bpb"] else "-" for d in bpb_sets]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
