@@ -45,7 +45,8 @@ import numpy as np
 
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.quantizers import bits_per_param, dequantize
-from lowbit.core.transforms import Context, Transform, flatten, identity, needs_data, partition, unflatten
+from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, set_path,
+                                    unflatten)
 from lowbit.models.protocol import FAMILIES, family_of
 from lowbit.progress import Bar
 
@@ -145,13 +146,6 @@ def _run_block(fam, layer, X, cfg, i, batch_size):
     return _batched(lambda x: fam.block_jit(layer, x, cfg, **kw), X, batch_size)
 
 
-def _set(layer: dict, rel_path: str, value) -> dict:
-    head, _, rest = rel_path.partition("/")
-    if not rest:
-        return {**layer, head: value}
-    return {**layer, head: _set(layer[head], rest, value)}
-
-
 def _flat_linears(fam, cfg, layer: dict) -> dict:
     flat = flatten(layer)
     return {p: flat[p] for p in fam.linears(cfg) if p in flat}
@@ -165,7 +159,7 @@ def _context(fam, cfg, i, layer, prefix, x, recipe) -> Context | None:
     def block_fn(overrides, xb):
         new = layer
         for path, v in overrides.items():
-            new = _set(new, path[len(prefix):] if path.startswith(prefix) else path, v)
+            new = set_path(new, path[len(prefix):] if path.startswith(prefix) else path, v)
         return fam.block_jit(new, xb, cfg, **kw)
 
     producers = {prefix + k: (prefix + v if v is not None else None) for k, v in fam.producers(cfg).items()}
@@ -192,7 +186,7 @@ def _prepare_block(fam, cfg, i, layer, prefix, X, recipe, batch_size):
     window captures each linear's input (full windows: ``skip_first`` / ``token_cap`` do not apply)
     and the float outputs. Returns ``(prepared layer, its metrics, float outputs of the block)``."""
     kw = fam.layer_kwargs(cfg, i)
-    linears = [p for p in fam.linears(cfg) if p in flatten(layer)]
+    linears = list(_flat_linears(fam, cfg, layer))
     parts: dict[str, list] = {p: [] for p in linears}
     outs = []
     for b in range(0, X.shape[0], batch_size):
@@ -347,7 +341,7 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
             seconds = time.perf_counter() - t0
             for p in paths:
                 key = prefix + p
-                layer = _set(layer, p, new[key])
+                layer = set_path(layer, p, new[key])
                 row = dict(layer=i, path=key, shape=list(full[key].shape), **_describe(new[key]),
                            rel_out_err=_rel_out_err(first_inputs[key], full[key], new[key]),
                            seconds=seconds / len(paths))

@@ -53,7 +53,7 @@ import jax
 
 from lowbit.core.qtensor import QuantizedTensor
 
-__all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten",
+__all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten", "get_path", "set_path",
            "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics"]
 
 Params = Mapping[str, Any]
@@ -131,6 +131,20 @@ def unflatten(like, flat: Mapping[str, Any]):
     if missing:
         raise ValueError(f"flat: missing paths {missing[:5]}{'...' if len(missing) > 5 else ''}")
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(kp)] for kp, _ in leaves])
+
+
+def get_path(tree: Mapping, path: str):
+    """The node at ``"a/b/c"`` of nested dicts."""
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: Mapping, path: str, value) -> dict:
+    """A copy of nested dicts ``tree`` with the node at ``"a/b/c"`` replaced (only the dicts along
+    the path are copied)."""
+    head, _, rest = path.partition("/")
+    return {**tree, head: value if not rest else set_path(tree[head], rest, value)}
 
 
 def needs_data(state) -> bool:

@@ -78,7 +78,7 @@ import numpy as np
 from lowbit import ops
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import fake_quant, grouped, resolve_group_size
-from lowbit.core.transforms import Context, Transform, chain
+from lowbit.core.transforms import Context, Transform, chain, get_path, set_path, unflatten
 from lowbit.methods.registry import register
 
 __all__ = ["AWQOptions", "awq", "search_scale", "search_clip", "fold_scale", "N_GRID", "CLIP_GRID",
@@ -141,19 +141,6 @@ def _awq_method(spec: QuantSpec, opts: AWQOptions) -> Transform:
 
 # ----------------------------------------------------------------------------- the searches
 
-def _set(layer: dict, rel_path: str, value) -> dict:
-    head, _, rest = rel_path.partition("/")
-    if not rest:
-        return {**layer, head: value}
-    return {**layer, head: _set(layer[head], rest, value)}
-
-
-def _get(layer: dict, rel_path: str):
-    for k in rel_path.split("/"):
-        layer = layer[k]
-    return layer
-
-
 def _scales(x_mean, ratio):
     s = jnp.maximum(x_mean ** ratio, SCALE_MIN)
     return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
@@ -167,7 +154,7 @@ def _search_scale(layer, h, *, module_fn, name, paths, spec, n_grid, batch):
 
     def run(lyr):
         if name is None:          # the linear itself (o_proj, down_proj): one matmul over every token
-            return ops.linear(h, _get(lyr, paths[0]))
+            return ops.linear(h, get_path(lyr, paths[0]))
         return jax.lax.map(lambda hb: module_fn(lyr, name, hb[None])[0], h, batch_size=batch)
 
     org = run(layer).astype(jnp.float32)
@@ -176,8 +163,8 @@ def _search_scale(layer, h, *, module_fn, name, paths, spec, n_grid, batch):
         s = _scales(x_mean, ratio)
         lyr = layer
         for p in paths:
-            w = _get(layer, p).astype(jnp.float32)
-            lyr = _set(lyr, p, (fake_quant(w * s[None, :], spec) / s[None, :]).astype(_get(layer, p).dtype))
+            w = get_path(layer, p).astype(jnp.float32)
+            lyr = set_path(lyr, p, (fake_quant(w * s[None, :], spec) / s[None, :]).astype(get_path(layer, p).dtype))
         return jnp.mean((org - run(lyr).astype(jnp.float32)) ** 2)
 
     ratios = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
@@ -301,9 +288,7 @@ def awq(spec: QuantSpec, opts: AWQOptions = AWQOptions()) -> Transform:
             raise ValueError(f"params[{orphans[0]!r}]: the model family declares no scale producer for this "
                              "linear (lowbit.models.protocol: scale_groups), so AWQ cannot scale it; exclude it "
                              "from the method (skip: ...)")
-        layer = context.layer
-        for p, v in block.items():          # the block as earlier chain members left it
-            layer = _set(layer, p[len(pre):], v)
+        layer = unflatten(context.layer, {p[len(pre):]: v for p, v in block.items()})  # as earlier members left it
         metrics: dict = {}
         found = []
         for producer, lins, module in context.scale_groups:
