@@ -153,10 +153,10 @@ def _dense(v):
     return v.dequantize() if hasattr(v, "dequantize") else v   # e.g. an LLM.int8() Int8Weight
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, rtol: float = 0.0):
     assert set(a) == set(b)
     for k in a:
-        np.testing.assert_array_equal(np.asarray(_dense(a[k])), np.asarray(_dense(b[k])))
+        np.testing.assert_allclose(np.asarray(_dense(a[k])), np.asarray(_dense(b[k])), rtol=rtol, atol=0)
 
 
 _members = st.sampled_from(["counting", "scaling", "sum", "rtn"])
@@ -215,7 +215,8 @@ def test_every_builtin_transform_jits_and_keeps_shapes():
     params, acts = _random_problem(0, 8, 2)
     params = {k: v for k, v in params.items() if k.endswith("_proj")}
     spec = QuantSpec(bits=4, group_size=16)
-    own_spec = {"llm_int8": QuantSpec(bits=8, group_size=None)}   # a method with a fixed format refuses others
+    own_spec = {"llm_int8": QuantSpec(bits=8, group_size=None),   # a method with a fixed format refuses others
+                "onebit": QuantSpec(bits=1, format="onebit", group_size=None)}
     for name, m in methods.METHODS.items():
         if not m.factory.__module__.startswith("lowbit."):
             continue   # methods registered by tests (e.g. a toy one that picks structure by value)
@@ -226,5 +227,7 @@ def test_every_builtin_transform_jits_and_keeps_shapes():
             state = calibrate(tt, params, acts)
             eager, _ = tt.apply(params, state)
             jitted, _ = jax.jit(tt.apply)(params, state)
-            _assert_same(eager, jitted)
+            # OneBit's NMF is an iterative loop whose reductions XLA may fuse differently inside a
+            # larger jit: equal up to float rounding there, bit-equal everywhere else
+            _assert_same(eager, jitted, rtol=1e-5 if name == "onebit" else 0.0)
             assert {k: v.shape for k, v in eager.items()} == {k: tuple(params[k].shape) for k in eager}

@@ -35,7 +35,6 @@ are returned and passed to ``on_layer``.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 from lowbit.core.quantizers import bits_per_param, dequantize
 from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, set_path,
                                     unflatten)
@@ -66,12 +65,6 @@ def _rel_err(x, w, wq):
     return jnp.linalg.norm(x @ (w - wq).T) / jnp.maximum(jnp.linalg.norm(x @ w.T), 1e-30)
 
 
-def _int8_type():
-    """:class:`lowbit.methods.llm_int8.Int8Weight` when that module is loaded, else None."""
-    mod = sys.modules.get("lowbit.methods.llm_int8")
-    return None if mod is None else mod.Int8Weight
-
-
 @jax.jit
 def _rel_err_linear(x, w, q):
     from lowbit.ops import linear
@@ -82,13 +75,13 @@ def _rel_err_linear(x, w, q):
 
 def _rel_out_err(x, w, q) -> float:
     """``||X (W - Q)^T|| / ||X W^T||`` on (at most :data:`REPORT_ROWS` evenly spaced rows of) ``x``;
-    for an LLM.int8() weight ``||X W^T - linear(X, Q)|| / ||X W^T||`` (its activation quantization
-    and outlier decomposition included)."""
+    for a method's weight node (LLM.int8(), OneBit) ``||X W^T - linear(X, Q)|| / ||X W^T||`` (the
+    whole layer: LLM.int8()'s activation quantization and outlier decomposition, OneBit's output
+    LayerNorm, included)."""
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] > REPORT_ROWS:
         x = x[:: -(-x.shape[0] // REPORT_ROWS)]
-    int8 = _int8_type()
-    if int8 is not None and isinstance(q, int8):
+    if isinstance(q, QuantizedMatrix):
         return float(_rel_err_linear(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), q))
     wq = dequantize(q) if isinstance(q, QuantizedTensor) else q
     return float(_rel_err(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(wq, jnp.float32)))
@@ -119,10 +112,8 @@ def _describe(q) -> dict:
     if isinstance(q, QuantizedTensor):
         return dict(format=q.format, bits=q.bits, group_size=q.group_size, act_order=q.perm is not None,
                     bits_per_param=bits_per_param(q))
-    int8 = _int8_type()
-    if int8 is not None and isinstance(q, int8):   # one absmax per output row: a group is a whole row
-        return dict(format="llm_int8", bits=8, group_size=q.shape[1], act_order=False,
-                    bits_per_param=bits_per_param(q), threshold=q.threshold)
+    if isinstance(q, QuantizedMatrix):   # a method's weight node (LLM.int8(), OneBit)
+        return q.describe()
     return dict(format="dense", bits=16, group_size=0, act_order=False, bits_per_param=16.0)
 
 

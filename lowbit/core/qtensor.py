@@ -39,7 +39,7 @@ import numpy as np
 
 from lowbit.core import numerics
 
-__all__ = ["QuantSpec", "QuantizedTensor", "MatrixLike", "FORMATS", "DQ_MAPS"]
+__all__ = ["QuantSpec", "QuantizedTensor", "MatrixLike", "QuantizedMatrix", "FORMATS", "DQ_MAPS"]
 
 FORMATS = ("int", "nf4", "fp4", "codebook", "sign", "onebit")
 DQ_MAPS = ("linear", "dynamic")  # QuantSpec.dq_map: the grid of the double-quantized scales
@@ -195,6 +195,20 @@ class MatrixLike:
     @property
     def size(self) -> int:
         return self.shape[0] * self.shape[1]
+
+
+class QuantizedMatrix(MatrixLike):
+    """Base of the weight types that replace a matrix by a method-specific node stored and passed
+    around whole (LLM.int8()'s ``Int8Weight``, OneBit's ``OneBitWeight``): one leaf for
+    :func:`lowbit.core.transforms.flatten`, a quantized linear for model-size accounting, computed
+    by :func:`lowbit.ops.linear` through their ``matmul(x)`` (``x @ W^T``), reported by the
+    calibration driver through ``describe()`` and ``bits_per_param()``."""
+
+    def matmul(self, x):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def describe(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,12 +46,11 @@ Methods (RTN, GPTQ, ...) live in :mod:`lowbit.methods`, one module each, registe
 from __future__ import annotations
 
 import re
-import sys
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 
-from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 
 __all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten", "get_path", "set_path",
            "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics"]
@@ -111,15 +110,12 @@ def path_str(keypath) -> str:
 
 
 def _is_leaf(x) -> bool:
-    if isinstance(x, QuantizedTensor):
-        return True
-    # an LLM.int8() weight (lowbit.methods.llm_int8.Int8Weight); none exists before that module is loaded
-    int8 = sys.modules.get("lowbit.methods.llm_int8")
-    return int8 is not None and isinstance(x, int8.Int8Weight)
+    # QuantizedMatrix: a method's weight node (LLM.int8()'s Int8Weight, OneBit's OneBitWeight)
+    return isinstance(x, (QuantizedTensor, QuantizedMatrix))
 
 
 def flatten(tree) -> dict[str, Any]:
-    """Nested params -> ``{path: leaf}`` (QuantizedTensors and LLM.int8() Int8Weights count as leaves)."""
+    """Nested params -> ``{path: leaf}`` (QuantizedTensors and QuantizedMatrix nodes count as leaves)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     return {path_str(kp): v for kp, v in leaves}
 

@@ -4,10 +4,10 @@ Layout of a checkpoint directory::
 
     DIR/manifest.json        structure: nested dicts/lists, array shapes/dtypes and sha256 checksums,
                              QuantizedTensor metadata (version 2; version 1 had no checksums), the
-                             static fields of LoRA adapters and LLM.int8() weights (``__lora__``,
-                             ``__llm_int8__``: threshold)
+                             static fields of LoRA adapters, LLM.int8() and OneBit weights
+                             (``__lora__``, ``__llm_int8__``: threshold, ``__onebit__``: norm, eps)
     DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors (and
-                             LoraWeight / Int8Weight nodes) as dicts
+                             LoraWeight / Int8Weight / OneBitWeight nodes) as dicts
     DIR/extra.json           caller's metadata (model config, recipe, ...), optional
     DIR/<extra files>        caller's files (e.g. layers.csv), optional
     DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
@@ -87,6 +87,13 @@ def _encode(x) -> tuple[Any, Any]:
         enc = {f: _encode(getattr(x, f)) for f in ("codes", "absmax")}
         return ({k: v[0] for k, v in enc.items()},
                 {"__llm_int8__": {"threshold": float(x.threshold)}, "__dict__": {k: v[1] for k, v in enc.items()}})
+    onebit = sys.modules.get("lowbit.methods.onebit")  # no OneBitWeight exists before that module is loaded
+    if onebit is not None and isinstance(x, onebit.OneBitWeight):
+        # a OneBit weight: the latent float matrix (training form) or the packed "onebit"
+        # QuantizedTensor, the vectors a / b (training form only); the norm flag and eps as metadata
+        enc = {f: _encode(getattr(x, f)) for f in ("w", "a", "b") if getattr(x, f) is not None}
+        return ({k: v[0] for k, v in enc.items()},
+                {"__onebit__": {"norm": bool(x.norm), "eps": float(x.eps)}, "__dict__": {k: v[1] for k, v in enc.items()}})
     if isinstance(x, dict):
         enc = {str(k): _encode(v) for k, v in x.items()}
         return {k: v[0] for k, v in enc.items()}, {"__dict__": {k: v[1] for k, v in enc.items()}}
@@ -101,7 +108,7 @@ def _encode(x) -> tuple[Any, Any]:
 def _abstract(spec) -> Any:
     if "__qtensor__" in spec:
         return {f: _abstract(s) for f, s in spec["fields"].items()}
-    if "__lora__" in spec or "__llm_int8__" in spec:
+    if "__lora__" in spec or "__llm_int8__" in spec or "__onebit__" in spec:
         return {f: _abstract(s) for f, s in spec["__dict__"].items()}
     if "__dict__" in spec:
         return {k: _abstract(s) for k, s in spec["__dict__"].items()}
@@ -130,6 +137,12 @@ def _decode(plain, spec) -> Any:
         fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
         return Int8Weight(codes=fields["codes"], absmax=fields["absmax"],
                           threshold=float(spec["__llm_int8__"]["threshold"]))
+    if "__onebit__" in spec:
+        from lowbit.methods.onebit import OneBitWeight
+
+        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
+        meta = spec["__onebit__"]
+        return OneBitWeight(fields["w"], fields.get("a"), fields.get("b"), bool(meta["norm"]), float(meta["eps"]))
     if "__dict__" in spec:
         return {k: _decode(plain[k], s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:

@@ -6,11 +6,14 @@ plus a thin :class:`~lowbit.core.transforms.Transform` factory, registered by na
 * :mod:`.gptq` — ``gptq`` (Hessian-based error correction, Frantar et al. 2023);
 * :mod:`.awq` — ``awq`` (activation-aware scaling and clipping, Lin et al. 2024, then RTN or GPTQ);
 * :mod:`.llm_int8` — ``llm_int8`` (LLM.int8(): row-wise int8 weights, outlier features in float at
-  matmul time, Dettmers et al. 2022; its weight type ``Int8Weight`` runs through ``lowbit.ops.linear``).
+  matmul time, Dettmers et al. 2022; its weight type ``Int8Weight`` runs through ``lowbit.ops.linear``);
+* :mod:`.onebit` — ``onebit`` (OneBit: sign matrix + two value vectors from SVID, Xu et al. 2024;
+  trained by distillation in ``lowbit run`` rows with ``distill: true``).
 """
 
 from lowbit.methods import awq, gptq, rtn  # noqa: F401  (register the built-in methods)
 from lowbit.methods import llm_int8  # noqa: F401  (LLM.int8())
+from lowbit.methods import onebit  # noqa: F401  (OneBit)
 from lowbit.methods.registry import METHODS, Method, build, get, names, register
 
 __all__ = ["METHODS", "Method", "register", "get", "names", "build"]

@@ -90,7 +90,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core import transforms
-from lowbit.core.qtensor import MatrixLike, QuantizedTensor, QuantSpec
+from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import check_matrix
 from lowbit.methods.registry import register
 
@@ -126,7 +126,7 @@ def _is_arraylike(x) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8Weight(MatrixLike):
+class Int8Weight(QuantizedMatrix):
     """An LLM.int8() linear weight ``(out, in)``: ``codes (out, in)`` int8 in ``[-127, 127]`` and the
     per-row ``absmax (out,)`` float32, with the static outlier ``threshold`` of its matmul (see the
     module docstring). A pytree (``threshold`` is aux data: part of ``jax.jit``'s cache key).
@@ -172,6 +172,20 @@ class Int8Weight(MatrixLike):
     def dequantize(self, dtype=jnp.float32):
         """The dense ``(out, in)`` matrix ``codes * absmax / 127`` (bitsandbytes' ``int8_vectorwise_dequant``)."""
         return _dequantize(self.codes, self.absmax).astype(dtype)
+
+    def matmul(self, x):
+        """``linear(x, self)``: :func:`int8_matmul`."""
+        return int8_matmul(x, self)
+
+    def bits_per_param(self) -> float:
+        """8-bit codes plus one float32 absmax per output row."""
+        out, inp = self.shape
+        return 8.0 + 8.0 * np.dtype(self.absmax.dtype).itemsize * out / (out * inp)
+
+    def describe(self) -> dict:
+        """The calibration driver's report fields (one absmax per output row: a group is a whole row)."""
+        return dict(format="llm_int8", bits=8, group_size=self.shape[1], act_order=False,
+                    bits_per_param=self.bits_per_param(), threshold=self.threshold)
 
     def __repr__(self):
         return f"Int8Weight(shape={self.shape}, threshold={self.threshold:g})"

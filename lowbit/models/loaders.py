@@ -458,11 +458,10 @@ def load_checkpoint(path: str, *, dtype=None, check_view=None):
     if dtype is not None:
         import jax
 
-        from lowbit.core.qtensor import QuantizedTensor
+        from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 
         dt = jnp.dtype(dtype)
-        int8 = sys.modules.get("lowbit.methods.llm_int8")  # restore() loaded it if the model has Int8Weights
-        packed = (QuantizedTensor,) if int8 is None else (QuantizedTensor, int8.Int8Weight)  # stored as they are
+        packed = (QuantizedTensor, QuantizedMatrix)  # stored as they are
         params = jax.tree_util.tree_map(
             lambda x: x if isinstance(x, packed) else x.astype(dt), params,
             is_leaf=lambda x: isinstance(x, packed))

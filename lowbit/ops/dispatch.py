@@ -24,9 +24,12 @@ A :class:`lowbit.train.lora.LoraWeight` (a base weight of any of these kinds plu
 runs its base through the same dispatch (kernel or reference, unchanged) and adds the adapter term
 ``scale * (dropout(x) @ a.T) @ b.T``, computed in the activation dtype (:func:`_lora_linear`).
 
-A :class:`lowbit.methods.llm_int8.Int8Weight` (LLM.int8(): int8 weights, outlier features in float)
-runs :func:`lowbit.methods.llm_int8.int8_matmul` in every kernel mode: an XLA int8 x int8 -> int32
-matmul plus a masked float matmul for the outlier columns (no Pallas kernel).
+A method's weight node (:class:`lowbit.core.qtensor.QuantizedMatrix`) computes itself
+(``w.matmul(x)``): LLM.int8()'s ``Int8Weight`` runs :func:`lowbit.methods.llm_int8.int8_matmul` in
+every kernel mode (an XLA int8 x int8 -> int32 matmul plus a masked float matmul for the outlier
+columns; no Pallas kernel); OneBit's ``OneBitWeight`` (:mod:`lowbit.methods.onebit`) runs its packed
+``"onebit"`` QuantizedTensor through this dispatch (the OneBit kernel or the reference path), then
+its output LayerNorm.
 """
 
 from __future__ import annotations
@@ -168,25 +171,18 @@ def _lora_type():
     return None if mod is None else mod.LoraWeight
 
 
-def _int8_module():
-    """:mod:`lowbit.methods.llm_int8` when it is loaded, else None (no Int8Weight can exist before it
-    is imported; this keeps ``linear`` from importing the methods package)."""
-    return sys.modules.get("lowbit.methods.llm_int8")
-
-
 def linear(x, w, bias=None):
     """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor,
-    KernelWeight, LLM.int8() Int8Weight, or a LoraWeight over any of them (see the module docstring
+    KernelWeight, a method's QuantizedMatrix node (LLM.int8(), OneBit), or a LoraWeight over any of them (see the module docstring
     for when the Pallas kernels run)."""
     from lowbit.ops.kernel_format import KernelWeight
-    from lowbit.core.qtensor import QuantizedTensor  # local: qtensor imports numerics only
+    from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor  # local: qtensor imports numerics only
 
     lora = _lora_type()
-    int8 = _int8_module()
     if lora is not None and isinstance(w, lora):
         y = _lora_linear(x, w)
-    elif int8 is not None and isinstance(w, int8.Int8Weight):
-        y = int8.int8_matmul(x, w)
+    elif isinstance(w, QuantizedMatrix):   # a method's weight node: LLM.int8(), OneBit
+        y = w.matmul(x)
     elif isinstance(w, QuantizedTensor):
         y = _quantized_linear(x, w)
     elif isinstance(w, KernelWeight):

@@ -53,7 +53,7 @@ import yaml
 from lowbit import methods as method_registry
 from lowbit.data.corpora import SPLITS
 
-__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "FinetuneCfg", "ExperimentCfg", "load_config",
+__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "FinetuneCfg", "DistillCfg", "ExperimentCfg", "load_config",
            "config_hash", "to_dict", "from_dict"]
 
 
@@ -87,6 +87,7 @@ class MethodCfg:
     options: Any = None
     skip: str = r"^(embed_tokens|lm_head)$"
     finetune: bool = False   # then LoRA adapters are trained on the row's model (the experiment's ``finetune:``)
+    distill: bool = False    # then the row's OneBit model is trained by distillation (the experiment's ``distill:``)
 
     def __post_init__(self):
         m = method_registry.get(self.method)
@@ -95,6 +96,11 @@ class MethodCfg:
         elif not isinstance(self.options, m.options):
             raise ValueError(f"methods.{self.name}.{self.method}: expected {m.options.__name__} options, "
                              f"got {type(self.options).__name__}")
+        if self.distill and self.method != "onebit":
+            raise ValueError(f"methods.{self.name}.distill: distillation trains OneBit weights; the row's method is "
+                             f"{self.method!r} (use method: onebit)")
+        if self.distill and self.finetune:
+            raise ValueError(f"methods.{self.name}: distill and finetune are exclusive (one training per row)")
 
     @property
     def quantizes(self) -> bool:
@@ -190,6 +196,50 @@ class FinetuneCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillCfg:
+    """Knowledge distillation of the rows marked ``distill: true`` (OneBit, :mod:`lowbit.methods.onebit`):
+    the float model is the teacher; ``steps`` optimizer steps of ``batch_size`` x ``accum`` windows
+    of ``seqlen`` tokens, on ``data``: ``self`` (``nsamples`` sequences sampled from the float model,
+    LLM-QAT's protocol as the reference's training data) or a corpus name (its ``split``).
+    Optimizer: the reference's (AdamW 0.9 / 0.98, weight decay 0.01, clip 1.0, ``warmup_steps`` then
+    cosine to 0) at ``lr``. ``eval_every``: every that many steps the perplexity of the model being
+    trained on the first ``eval_windows`` windows (of ``seqlen``) of the first eval dataset (the
+    perplexity-vs-steps curve; 0: none)."""
+    data: str = "self"
+    split: str = "calib"
+    nsamples: int = 64
+    steps: int = 100
+    batch_size: int = 4
+    seqlen: int = 256
+    accum: int = 1
+    lr: float = 4e-4
+    warmup_steps: int = 10
+    compute_dtype: str = "float32"
+    eval_every: int = 0
+    eval_windows: int = 4
+    save_every: int = 25
+
+    def __post_init__(self):
+        for key in ("nsamples", "steps", "batch_size", "seqlen", "accum", "save_every", "eval_windows"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"distill.{key}={v!r}: expected a positive integer")
+        for key in ("warmup_steps", "eval_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"distill.{key}={v!r}: expected an integer >= 0")
+        if self.seqlen < 2:
+            raise ValueError(f"distill.seqlen={self.seqlen}: expected >= 2")
+        if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"distill.lr={self.lr!r}: expected a finite positive number")
+        if self.data != "self" and (self.split not in SPLITS or self.split == "all"):
+            raise ValueError(f"distill.split={self.split!r}: expected 'calib' or 'eval' (a split that the "
+                             "evaluation does not use)")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"distill.compute_dtype={self.compute_dtype!r}: expected float32 or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentCfg:
     experiment: str
     methods: tuple[MethodCfg, ...]
@@ -200,6 +250,7 @@ class ExperimentCfg:
     eval: EvalCfg = EvalCfg()
     expect: ExpectCfg = ExpectCfg()
     finetune: FinetuneCfg = FinetuneCfg()
+    distill: DistillCfg = DistillCfg()
     variant: str | None = None
 
     def __post_init__(self):
@@ -240,6 +291,9 @@ class ExperimentCfg:
             if m.finetune and (self.finetune.data, self.finetune.split) in {(d, self.eval.split) for d in self.eval.data}:
                 raise ValueError(f"methods.{m.name}: finetune.data {self.finetune.data}/{self.finetune.split} is an "
                                  "evaluation split; train on another split")
+            if m.distill and (self.distill.data, self.distill.split) in {(d, self.eval.split) for d in self.eval.data}:
+                raise ValueError(f"methods.{m.name}: distill.data {self.distill.data}/{self.distill.split} is an "
+                                 "evaluation split; distil on another split or on self-generated data (data: self)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
 

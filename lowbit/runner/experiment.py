@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import io
 import json
 import math
@@ -48,11 +49,10 @@ import numpy as np
 import yaml
 
 from lowbit import methods as method_registry
-from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
 from lowbit.faults import crash_point
 from lowbit.io import checkpoint
-from lowbit.methods.llm_int8 import Int8Weight
 from lowbit.runner import lock
 from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
                                   from_dict, to_dict)
@@ -61,7 +61,7 @@ from lowbit.runner.records import environment_info, layers_csv, peak_rss_mb, wri
 __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
            "experiment_dir", "model_size", "check_expectations"]
 
-PURPOSE_CALIB, PURPOSE_SELF_GENERATED, PURPOSE_LORA_INIT = 1, 2, 3
+PURPOSE_CALIB, PURPOSE_SELF_GENERATED, PURPOSE_LORA_INIT, PURPOSE_DISTILL_DATA = 1, 2, 3, 4
 
 
 def build_recipe(m: MethodCfg) -> Transform | None:
@@ -100,11 +100,13 @@ def calibration_data(calib: CalibCfg, params, mcfg, tok, seed: int, *, progress:
 
 def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_layer: int = 0,
              on_layer=None, progress: bool = True, recipe: Transform | None = None,
-             reference=None) -> tuple[dict, list[dict]]:
+             reference=None, keep_latent: bool = False) -> tuple[dict, list[dict]]:
     """Quantize a loaded model with a method row on calibration ``windows``: the one pipeline
     behind ``lowbit run`` and ``lowbit quantize`` (returns params and per-weight report rows).
     ``reference``: the unquantized params, for resuming (``start_layer > 0``) a recipe whose blocks
-    feed their float outputs on (AWQ + RTN)."""
+    feed their float outputs on (AWQ + RTN). OneBit weights come back packed (1-bit codes + the
+    two vectors in the row's ``scale_dtype``) unless ``keep_latent`` (their training form, for
+    distillation)."""
     from lowbit.calib.driver import quantize_model
 
     recipe = build_recipe(m) if recipe is None else recipe  # the runner passes the one it built
@@ -123,15 +125,19 @@ def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_laye
                                    on_layer=tagged, progress=progress)
     for r in rows:
         r["method"] = m.method
+    if m.method == "onebit" and not keep_latent:
+        from lowbit.methods import onebit
+
+        qparams = onebit.pack(qparams, m.quant.scale_dtype)
     return qparams, rows
 
 
 def model_size(params) -> dict:
     """Bytes of all parameters and mean bits/param of the quantized linears (tied embeddings once).
-    Quantized linears: QuantizedTensors (codes, scales, zeros, ...) and LLM.int8() Int8Weights (8-bit
-    codes plus one float32 absmax per output row)."""
+    Quantized linears: QuantizedTensors (codes, scales, zeros, ...) and method weight nodes
+    (QuantizedMatrix: LLM.int8() Int8Weights, packed OneBit weights), every stored array counted."""
     flat = flatten(params)
-    quantized = (QuantizedTensor, Int8Weight)
+    quantized = (QuantizedTensor, QuantizedMatrix)
     total_bits, q_bits, q_params = 0, 0, 0
     for leaf in flat.values():
         arrays = jax.tree_util.tree_leaves(leaf)
@@ -163,9 +169,10 @@ def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
     for k, default in QUANT_HASH_DEFAULTS.items():
         if row.get("quant", {}).get(k) == default:
             del row["quant"][k]
-    if not m.finetune:  # rows that do not fine-tune depend on neither flag nor settings
-        row.pop("finetune", None)
-        d.pop("finetune", None)
+    for key in ("finetune", "distill"):  # rows that do not train depend on neither flag nor settings
+        if not getattr(m, key):
+            row.pop(key, None)
+            d.pop(key, None)
     d["methods"] = [row]
     d.pop("expect", None)
     return d
@@ -243,17 +250,76 @@ def _finetune(params, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, exp_dir: s
     compute_cfg = mcfg.replace(dtype=ft.compute_dtype) if hasattr(mcfg, "replace") else mcfg
     res = train(lparams, mcfg, tcfg, _train_dir(exp_dir, m, h), train_tokens=train_tokens,
                 loss_fn=lora.lora_loss(causal_lm_loss(compute_cfg, tcfg.remat)), progress=progress)
-    hist = res.history
-    record = {"adapter_params": lora.count_trainable(res.params), "steps": ft.steps,
-              "tokens": ft.steps * ft.batch_size * ft.accum * ft.seqlen,
-              "final_loss": hist[-1]["loss"] if hist else None,
-              "tokens_per_s": (float(np.mean([r["tokens_per_s"] for r in hist[1:]])) if len(hist) > 1 else None),
-              "compute_dtype": ft.compute_dtype,
-              # XLA's accounting of the compiled train step (params + optimizer state + frozen base +
-              # activations + gradients); the process's peak RSS also counts every earlier row's work
-              "train_step_mb": res.step_memory["total"] / 2**20 if res.step_memory else None,
-              "train_step_memory": res.step_memory, "peak_rss_mb": peak_rss_mb()}
+    record = {"adapter_params": lora.count_trainable(res.params), **_train_record(res, ft)}
     _log(f"{m.name}: fine-tuned {record['adapter_params']} adapter parameters for {ft.steps} steps "
+         f"(final loss {record['final_loss']:.4f})")
+    return res.params, record
+
+
+def _train_record(res, tc) -> dict:
+    """What ``metrics.json`` keeps of a training run (``tc``: the FinetuneCfg / DistillCfg)."""
+    hist = res.history
+    return {"steps": tc.steps, "tokens": tc.steps * tc.batch_size * tc.accum * tc.seqlen,
+            "final_loss": hist[-1]["loss"] if hist else None,
+            "tokens_per_s": (float(np.mean([r["tokens_per_s"] for r in hist[1:]])) if len(hist) > 1 else None),
+            "compute_dtype": tc.compute_dtype,
+            # XLA's accounting of the compiled train step (params + optimizer state + frozen base +
+            # activations + gradients); the process's peak RSS also counts every earlier row's work
+            "train_step_mb": res.step_memory["total"] / 2**20 if res.step_memory else None,
+            "train_step_memory": res.step_memory, "peak_rss_mb": peak_rss_mb()}
+
+
+def distill_data(dc, params, mcfg, tok, seed: int, *, progress: bool = True):
+    """The distillation windows of ``dc`` (a DistillCfg) and a record that reproduces them:
+    ``nsamples`` sequences sampled from the float model (``data: self``) or a corpus split's tokens."""
+    from lowbit import data
+
+    if dc.data == "self":
+        from lowbit.eval.generate import self_generated_calibration
+
+        windows = self_generated_calibration(params, mcfg, dc.nsamples, dc.seqlen,
+                                             jax.random.fold_in(jax.random.key(seed), PURPOSE_DISTILL_DATA),
+                                             progress=progress)
+        return windows, {"source": "self", "nsamples": dc.nsamples, "seqlen": dc.seqlen,
+                         "sha256": hashlib.sha256(np.ascontiguousarray(windows, np.int32).tobytes()).hexdigest()}
+    tokens = np.asarray(tok.encode(data.corpus_text(dc.data, dc.split)), np.int32)
+    return tokens, {"source": "corpus", "data": dc.data, "split": dc.split, "stream_tokens": int(len(tokens))}
+
+
+def _distill(params, teacher, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, exp_dir: str, train_tokens,
+             curve_tokens, progress: bool) -> tuple[dict, dict]:
+    """Train the row's OneBit weights by distillation from the float ``teacher`` (``cfg.distill``;
+    the reference's loss and optimizer, :mod:`lowbit.methods.onebit`). Resumable like
+    :func:`_finetune` (``.train-<row>-<hash>/``). Returns the trained params and a record."""
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.methods import onebit
+    from lowbit.models.protocol import family_of
+    from lowbit.train import TrainCfg, causal_lm_loss, train
+
+    dc = cfg.distill
+    compute_cfg = mcfg.replace(dtype=dc.compute_dtype) if hasattr(mcfg, "replace") else mcfg
+    n_layers = len(family_of(mcfg).layers(params))
+    tcfg = TrainCfg(steps=dc.steps, batch_size=dc.batch_size, seqlen=dc.seqlen, accum=dc.accum,
+                    optim=onebit.onebit_optim(dc.lr, dc.warmup_steps), compute_dtype=dc.compute_dtype,
+                    trainable=onebit.trainable_regex(), seed=cfg.seed, save_every=dc.save_every,
+                    eval_every=dc.eval_every, eval_batches=-(-dc.eval_windows // dc.batch_size))
+    curve, teacher_ppl = None, None
+    if dc.eval_every:   # the start point of the perplexity-vs-steps curve, and the teacher on the same windows
+        w0 = np.asarray(curve_tokens[: dc.eval_windows * dc.seqlen]).reshape(dc.eval_windows, dc.seqlen)
+        curve = [(0, float(perplexity(onebit.pack(params), mcfg, w0, progress=False)["ppl"]))]
+        teacher_ppl = float(perplexity(teacher, mcfg, w0, progress=False)["ppl"])
+    res = train(params, mcfg, tcfg, _train_dir(exp_dir, m, h), train_tokens=train_tokens,
+                eval_tokens=curve_tokens[: dc.eval_windows * dc.seqlen] if dc.eval_every else None,
+                loss_fn=onebit.onebit_kd_loss(compute_cfg, mcfg, dc.seqlen, n_layers, tcfg.remat),
+                eval_loss_fn=causal_lm_loss(compute_cfg, tcfg.remat) if dc.eval_every else None,
+                consts=teacher, progress=progress)
+    if curve is not None:
+        curve += [(r["step"], math.exp(r["eval_loss"])) for r in res.history if r.get("eval_loss") is not None]
+    record = {"trainable_params": onebit.count_trainable(params), "data": dc.data, "lr": dc.lr,
+              **_train_record(res, dc),
+              "ppl_curve": curve, "ppl_curve_windows": dc.eval_windows if curve else None,
+              "ppl_curve_teacher": teacher_ppl}
+    _log(f"{m.name}: distilled {record['trainable_params']} OneBit parameters for {dc.steps} steps "
          f"(final loss {record['final_loss']:.4f})")
     return res.params, record
 
@@ -367,6 +433,31 @@ def _plot_training(curves: dict[str, list[tuple[int, float]]], path: str, title:
     plt.close(fig)
 
 
+def _plot_ppl_steps(runs: dict[str, dict], path: str, title: str) -> None:
+    """Perplexity of each distilled row's model on its curve windows vs optimizer step (step 0: the
+    start point), with the teacher on the same windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, r) in enumerate(runs.items()):
+        steps, ppl = zip(*r["ppl_curve"])
+        ax.plot(steps, ppl, "o-", color=f"C{i}", label=name)
+        if r.get("ppl_curve_teacher"):
+            ax.axhline(r["ppl_curve_teacher"], ls="--", color=f"C{i}", alpha=0.6,
+                       label=f"teacher ({r['ppl_curve_teacher']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("perplexity (curve windows)")
+    ax.set_title(f"{title}: perplexity during distillation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "-"
@@ -424,7 +515,9 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
                      "group_size": m.get("group_size"), "linear_bits_per_param": m["size"]["linear_bits_per_param"],
                      "size_mb": m["size"]["size_mb"], "quantize_s": m["timings"].get("quantize_s"),
                      "ppl": {d: v["ppl"] for d, v in m["eval"].items()},
-                     "bpb": {d: v["bits_per_byte"] for d, v in m["eval"].items() if "bits_per_byte" in v}})
+                     "bpb": {d: v["bits_per_byte"] for d, v in m["eval"].items() if "bits_per_byte" in v},
+                     "ppl_curve": (m.get("distill") or {}).get("ppl_curve"),
+                     "ppl_curve_teacher": (m.get("distill") or {}).get("ppl_curve_teacher")})
     if cfg is not None:  # table order = config order
         order = {mm.name: i for i, mm in enumerate(cfg.methods)}
         runs.sort(key=lambda r: order.get(r["name"], len(order)))
@@ -474,6 +567,9 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
     if any(curves.values()):
         _plot_training({k: v for k, v in curves.items() if v}, os.path.join(exp_dir, "train_loss.png"),
                        os.path.basename(exp_dir))
+    ppl_curves = {r["name"]: r for r in runs if r.get("ppl_curve")}
+    if ppl_curves:
+        _plot_ppl_steps(ppl_curves, os.path.join(exp_dir, "ppl_vs_steps.png"), os.path.basename(exp_dir))
     summary["markdown"] = md
     return summary
 
@@ -570,6 +666,18 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         if any(m.finetune for m, _ in pending):
             train_tokens = tok.encode(data.corpus_text(cfg.finetune.data, cfg.finetune.split))
             _log(f"fine-tuning data {cfg.finetune.data}/{cfg.finetune.split}: {len(train_tokens)} tokens")
+        distill_tokens = curve_tokens = None
+        if any(m.distill for m, _ in pending):
+            t0 = time.perf_counter()
+            distill_tokens, distill_record = distill_data(cfg.distill, params, mcfg, tok, cfg.seed, progress=progress)
+            distill_record["seconds"] = time.perf_counter() - t0
+            curve_tokens = np.asarray(tok.encode(eval_texts[cfg.eval.data[0]]), np.int32)
+            need = cfg.distill.eval_windows * cfg.distill.seqlen
+            if cfg.distill.eval_every and len(curve_tokens) < need:
+                raise ValueError(f"distill.eval_windows={cfg.distill.eval_windows}: {cfg.eval.data[0]}/{cfg.eval.split} "
+                                 f"has {len(curve_tokens)} tokens, fewer than {need}")
+            _log(f"distillation data ({distill_record['source']}): {np.asarray(distill_tokens).size} tokens "
+                 f"in {distill_record['seconds']:.0f} s")
 
     # every check passed: only now does the results directory change
     write_text(os.path.join(exp_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -597,7 +705,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                     raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 
             qparams, new_rows = quantize(start_params, mcfg, m, calib, cfg.calib, start_layer=start,
-                                         on_layer=on_layer, progress=progress, recipe=recipe, reference=params)
+                                         on_layer=on_layer, progress=progress, recipe=recipe, reference=params,
+                                         keep_latent=m.distill)
             rows = rows + new_rows
         timings["quantize_s"] = time.perf_counter() - t0
         train_record = None
@@ -605,6 +714,15 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             t0 = time.perf_counter()
             qparams, train_record = _finetune(qparams, mcfg, cfg, m, h, exp_dir, train_tokens, progress)
             timings["finetune_s"] = time.perf_counter() - t0
+        if m.distill:
+            t0 = time.perf_counter()
+            qparams, train_record = _distill(qparams, params, mcfg, cfg, m, h, exp_dir, distill_tokens, curve_tokens,
+                                             progress)
+            train_record["data_record"] = distill_record
+            from lowbit.methods import onebit
+
+            qparams = onebit.pack(qparams, m.quant.scale_dtype)  # evaluated (and sized) packed
+            timings["distill_s"] = time.perf_counter() - t0
 
         results = {}
         for d, windows in evals.items():
@@ -623,7 +741,7 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                    "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
                    "peak_rss_mb": peak_rss_mb(), "environment": env}
         if train_record is not None:
-            metrics["finetune"] = train_record
+            metrics["distill" if m.distill else "finetune"] = train_record
         with checkpoint.atomic_directory(os.path.join(exp_dir, m.name)) as tmp:
             with open(os.path.join(tmp, "config.yaml"), "w") as f:
                 yaml.safe_dump(run_cfg, f, sort_keys=False)
@@ -644,7 +762,7 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         crash_point("run.row-committed")
         if recipe is not None:
             shutil.rmtree(_partial_dir(exp_dir, m, h), ignore_errors=True)
-        if m.finetune:
+        if m.finetune or m.distill:
             shutil.rmtree(_train_dir(exp_dir, m, h), ignore_errors=True)
 
     summary = write_summary(exp_dir, cfg)

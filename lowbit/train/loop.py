@@ -318,7 +318,8 @@ def _as_windows(tokens, cfg: TrainCfg, what: str, batch_size: int | None = None)
 
 
 def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_tokens=None,
-          loss_fn: Callable | None = None, consts=None, progress: bool = True) -> TrainResult:
+          loss_fn: Callable | None = None, consts=None, eval_loss_fn: Callable | None = None,
+          progress: bool = True) -> TrainResult:
     """Train the ``cfg.trainable`` leaves of ``params`` (a model of ``model_cfg``) on ``train_tokens``.
 
     Args:
@@ -333,6 +334,10 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
         :func:`~lowbit.train.losses.causal_lm_loss`. Its ``config`` attribute is part of the run
         config.
       consts: passed to ``loss_fn`` at every step (e.g. a teacher's params for distillation).
+      eval_loss_fn: the loss of the ``eval_loss`` column (default ``loss_fn``); e.g. the plain
+        next-token cross-entropy (:func:`~lowbit.train.losses.causal_lm_loss`) while training on a
+        distillation loss, so that ``exp(eval_loss)`` is the perplexity of the model being trained.
+        It gets the same ``consts``; it does not change the training, so it is not in the run config.
       progress: show the progress bar (loss, tokens/s, elapsed, ETA).
 
     Returns a :class:`TrainResult`. Raises :class:`NonFiniteLossError` on a NaN/inf loss,
@@ -360,7 +365,8 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
     opt = build_optimizer(cfg.optim, cfg.steps, cfg.accum)
     schedule = cfg.optim.schedule_fn(cfg.steps)
     step_fn = make_train_step(loss_fn, opt, part, cfg.compute_dtype)
-    eval_fn = make_eval_step(loss_fn, part, cfg.compute_dtype) if eval_data is not None else None
+    eval_fn = (make_eval_step(eval_loss_fn or loss_fn, part, cfg.compute_dtype)
+               if eval_data is not None else None)
     _, frozen = part.split(params)
 
     config = _run_config(cfg, model_cfg, loss_fn, part, params, data)
