@@ -44,8 +44,8 @@ import numpy as np
 
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 from lowbit.core.quantizers import bits_per_param, dequantize
-from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, set_path,
-                                    unflatten)
+from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, per_input,
+                                    set_path, unflatten)
 from lowbit.models.protocol import FAMILIES, family_of
 from lowbit.progress import Bar
 
@@ -97,15 +97,8 @@ def _cap_rows(x, cap):
 def _cap_tokens(acts: dict, cap: float) -> dict:
     """:func:`_cap_rows` on every activation; an input array shared by several weights (the same
     object, held alive in ``acts``) is capped once and stays shared."""
-    done: list[tuple[Any, Any]] = []
-    out = {}
-    for p, x in acts.items():
-        capped = next((c for xx, c in done if xx is x), None)
-        if capped is None:
-            capped = _cap_rows(x, jnp.float32(cap))
-            done.append((x, capped))
-        out[p] = capped
-    return out
+    capped = per_input(lambda x: _cap_rows(x, jnp.float32(cap)))
+    return {p: capped(x) for p, x in acts.items()}
 
 
 def _describe(q) -> dict:

@@ -53,7 +53,7 @@ import jax
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 
 __all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten", "get_path", "set_path",
-           "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics"]
+           "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics", "per_input"]
 
 Params = Mapping[str, Any]
 Metrics = dict[str, dict[str, Any]]
@@ -127,6 +127,24 @@ def unflatten(like, flat: Mapping[str, Any]):
     if missing:
         raise ValueError(f"flat: missing paths {missing[:5]}{'...' if len(missing) > 5 else ''}")
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(kp)] for kp, _ in leaves])
+
+
+def per_input(fn: Callable) -> Callable:
+    """``fn(x, ...)`` computed once per input *array object*: the linears of a block that read one
+    activation array (q/k/v, gate/up share it in the driver's ``acts``) get one result, e.g. one
+    ``X^T X``. A fresh memo per call of ``per_input`` (make one per ``update`` pass); identity, not
+    equality, so two equal but distinct arrays are computed twice."""
+    done: list[tuple[Any, Any]] = []
+
+    def call(x, *args):
+        for xx, r in done:
+            if xx is x:
+                return r
+        r = fn(x, *args)
+        done.append((x, r))
+        return r
+
+    return call
 
 
 def get_path(tree: Mapping, path: str):

@@ -368,19 +368,15 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
 
     def update(stats, acts, context=None):
         del context
-        out, grams = dict(stats), []
+        out = dict(stats)
+        gram = transforms.per_input(_gram)   # q/k/v (and gate/up) share one input: one X^T X for all
         for path, stat in stats.items():
             if path not in acts:
                 continue
             x = acts[path]
             if x.shape[-1] != stat.H.shape[0]:
                 raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features {stat.H.shape[0]}")
-            # q/k/v (and gate/up) share one input array: one X^T X for all of them
-            gram = next((g for xx, g in grams if xx is x), None)
-            if gram is None:
-                gram = _gram(x)
-                grams.append((x, gram))
-            out[path] = _fold(stat, *gram)
+            out[path] = _fold(stat, *gram(x))
         return out, acts
 
     def apply(params, stats):

@@ -375,7 +375,8 @@ def llm_int8(threshold: float = DEFAULT_THRESHOLD) -> transforms.Transform:
 
     def update(stats, acts, context=None):
         del context
-        out, done = dict(stats), []
+        out = dict(stats)
+        batch_stats = transforms.per_input(lambda x: _batch_stats(x, jnp.float32(threshold)))
         for path, stat in stats.items():
             if path not in acts:
                 continue
@@ -383,11 +384,7 @@ def llm_int8(threshold: float = DEFAULT_THRESHOLD) -> transforms.Transform:
             if x.shape[-1] != stat.colmax.shape[0]:
                 raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features "
                                  f"{stat.colmax.shape[0]}")
-            red = next((r for xx, r in done if xx is x), None)
-            if red is None:
-                red = _batch_stats(x, jnp.float32(threshold))
-                done.append((x, red))
-            out[path] = _fold(stat, *red)
+            out[path] = _fold(stat, *batch_stats(x))
         return out, acts
 
     def apply(params, stats):
