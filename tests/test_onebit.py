@@ -249,6 +249,16 @@ def test_distill_rows_train_pack_and_record_a_perplexity_curve(onebit_cfg, tmp_p
     assert os.path.isfile(os.path.join(d, "ppl_vs_steps.png"))
     assert "distill" not in json.load(open(os.path.join(d, "svid-nmf", "metrics.json")))
     assert not [f for f in os.listdir(d) if f.startswith(".train-")]
+    # the report's training block lists the distilled row with its trained parameters
+    from lowbit.runner import paper
+
+    report = tmp_path / "paper" / "report.md"
+    report.parent.mkdir()
+    report.write_text("# r\n<!-- lowbit:training ob -->\n<!-- /lowbit -->\n")
+    paper.render(str(report), results=str(tmp_path))
+    text = report.read_text()
+    assert f"| onebit-kd | onebit | {dist['trainable_params']:,} | 6 x 2 x 32 | 384 |" in text, text
+    assert "OneBit distillation from the float model" in text and "self-generated" in text
 
 
 def test_distill_config_errors_are_clear(onebit_cfg):
