@@ -286,3 +286,30 @@ def test_packed_weight_runs_the_onebit_kernel_in_interpret_mode():
     with kernel_mode("off"):
         y_ref = np.asarray(linear(x, p), np.float32)
     assert np.abs(y_kernel - y_ref).max() < 0.05 * np.abs(y_ref).max()   # unit-variance outputs, bf16
+
+
+def test_lowbit_quantize_writes_a_packed_onebit_checkpoint_that_evaluates(tiny_experiment, tmp_path, capsys):
+    """``lowbit quantize --method onebit``: the SVID start point, packed (1 bit + two float16
+    vectors per linear), loadable and evaluable like any checkpoint; a checkpoint of another
+    method is refused as OneBit input."""
+    from lowbit.cli import main
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.models.loaders import load_model
+
+    root, _ = tiny_experiment
+    ckpt = str(tmp_path / "ob")
+    common = ["--calib", str(root / "corpus.txt"), "--nsamples", "2", "--seqlen", "16", "--no-progress"]
+    assert main(["quantize", "--model", str(root / "model"), "--method", "onebit", "--bits", "1", "--format",
+                 "onebit", "--group-size", "0", "--svid", "svd", "--out", ckpt] + common) == 0
+    params, cfg, _ = load_model(ckpt)
+    up = params["layers"][0]["mlp"]["up_proj"]
+    assert isinstance(up, ob.OneBitWeight) and up.packed and up.norm
+    r = perplexity(params, cfg, np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)), progress=False)
+    assert math.isfinite(r["ppl"])
+    # resuming OneBit from a checkpoint of another method is a clear error
+    rtn = str(tmp_path / "rtn")
+    assert main(["quantize", "--model", str(root / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", rtn] + common) == 0
+    assert main(["quantize", "--model", rtn, "--method", "onebit", "--bits", "1", "--format", "onebit",
+                 "--group-size", "0", "--out", str(tmp_path / "ob2")] + common) == 2
+    assert "already quantized" in capsys.readouterr().err
