@@ -188,9 +188,12 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
     quantizing = [n for n, m in methods.METHODS.items() if m.quantizes]
     p.add_argument("--model", default="smollm2-135m", help="model to quantize (as for eval)")
-    p.add_argument("--method", choices=quantizing, required=True,
+    p.add_argument("--method", choices=quantizing, default=None,
                    help="; ".join(f"{n}: {methods.get(n).help}" for n in quantizing))
-    p.add_argument("--bits", type=int, required=True, help="1..8")
+    p.add_argument("--bits", type=int, default=None, help="1..8")
+    p.add_argument("--recipe", default=None,
+                   help="a mixed-precision recipe file (lowbit.alloc.recipe: a spec per linear, and the method); "
+                        "replaces --method / --bits / --group-size / --format and the method's option flags")
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; 0 = per output channel")
     p.add_argument("--symmetric", action="store_true", help="absmax scales (no zero points)")
     p.add_argument("--format", default="int", help="int | nf4 | fp4 | sign (see lowbit.QuantSpec)")
@@ -235,10 +238,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.runner.experiment import calibration_data, model_size, quantize
 
     t0 = time.perf_counter()
+    recipe = None
+    if args.recipe is not None:
+        from lowbit.alloc import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        if args.method not in (None, recipe.method):
+            raise ValueError(f"--method {args.method}: the recipe {args.recipe} is for method {recipe.method!r}")
+        args.method, args.bits = recipe.method, args.bits or 4   # the bits are the recipe's, per linear
+    elif args.method is None or args.bits is None:
+        raise ValueError("--method and --bits: required (or --recipe FILE)")
     opts_cls = methods.get(args.method).options
     opts = from_dict(opts_cls, {f.name: getattr(args, f.name) for f in dataclasses.fields(opts_cls)
                                 if getattr(args, f.name, None) is not None}, args.method)
-    method = MethodCfg(name=args.method, method=args.method, skip=args.skip, options=opts,
+    if recipe is not None:
+        opts = recipe.options
+    method = MethodCfg(name=args.method, method=args.method, skip=args.skip, options=opts, recipe=args.recipe,
                        quant=QuantCfg(bits=args.bits, group_size=args.group_size or None, symmetric=args.symmetric,
                                       format=args.format, partial_groups=not args.no_partial_groups))
     calib = CalibCfg(data=args.calib, split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -265,7 +280,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     files = {"layers.csv": layers_csv(rows)} if rows else {}  # inside the atomic write, listed in the marker
     save_model(args.out, qparams, cfg, tok, extra=extra, extra_files=files, overwrite=args.overwrite)
     size = extra["quantize"]["size"]
-    print(f"quantized {args.model} with {args.method} w{args.bits}g{args.group_size or 'channel'} in {seconds:.1f} s "
+    what = f"recipe {args.recipe}" if recipe is not None else f"w{args.bits}g{args.group_size or 'channel'}"
+    print(f"quantized {args.model} with {args.method} {what} in {seconds:.1f} s "
           f"({size['n_quantized']} weights, {size['linear_bits_per_param']:.3f} bits/param, {size['size_mb']:.1f} MB); "
           f"wrote {args.out} (total {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -88,6 +88,7 @@ class MethodCfg:
     skip: str = r"^(embed_tokens|lm_head)$"
     finetune: bool = False   # then LoRA adapters are trained on the row's model (the experiment's ``finetune:``)
     distill: bool = False    # then the row's OneBit model is trained by distillation (the experiment's ``distill:``)
+    recipe: str | None = None  # a mixed-precision recipe file (lowbit.alloc.recipe): per-linear specs, not ``quant``
 
     def __post_init__(self):
         m = method_registry.get(self.method)
@@ -99,6 +100,8 @@ class MethodCfg:
         if self.distill and self.method != "onebit":
             raise ValueError(f"methods.{self.name}.distill: distillation trains OneBit weights; the row's method is "
                              f"{self.method!r} (use method: onebit)")
+        if self.recipe is not None and not (isinstance(self.recipe, str) and self.recipe):
+            raise ValueError(f"methods.{self.name}.recipe={self.recipe!r}: expected the path of a recipe file")
         if self.distill and self.finetune:
             raise ValueError(f"methods.{self.name}: distill and finetune are exclusive (one training per row)")
 

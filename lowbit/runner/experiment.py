@@ -66,9 +66,17 @@ PURPOSE_CALIB, PURPOSE_SELF_GENERATED, PURPOSE_LORA_INIT, PURPOSE_DISTILL_DATA =
 
 def build_recipe(m: MethodCfg) -> Transform | None:
     """The transform of a method row: the registered method on every ``*_proj`` linear whose path
-    does not match ``m.skip`` (``None`` for rows that do not quantize, e.g. ``fp``)."""
+    does not match ``m.skip`` (``None`` for rows that do not quantize, e.g. ``fp``); for a row with
+    a ``recipe`` file, the recipe's spec on each linear it lists (:mod:`lowbit.alloc.recipe`)."""
     if not m.quantizes:
         return None
+    if m.recipe is not None:
+        from lowbit.alloc import load_recipe
+
+        r = load_recipe(m.recipe)
+        if r.method != m.method:
+            raise ValueError(f"methods.{m.name}: method {m.method!r} but recipe {m.recipe} is for {r.method!r}")
+        return partition([(m.skip, identity()), (".*", r.transform())])
     q = m.quant
     spec = QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format,
                      clip=q.clip, double_quant=q.double_quant, partial_groups=q.partial_groups,
@@ -112,6 +120,10 @@ def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_laye
     recipe = build_recipe(m) if recipe is None else recipe  # the runner passes the one it built
     if recipe is None:
         return params, []
+    if m.recipe is not None:   # every path the recipe names must be a matrix of this model
+        from lowbit.alloc import load_recipe
+
+        load_recipe(m.recipe).check(params)
 
     def tagged(i, new_params, rows):  # every report row names the method that made it
         for r in rows:
@@ -173,6 +185,11 @@ def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
         if not getattr(m, key):
             row.pop(key, None)
             d.pop(key, None)
+    if m.recipe is None:
+        row.pop("recipe", None)
+    else:   # the row depends on the recipe's content, not on where the file is
+        with open(m.recipe, "rb") as f:
+            row["recipe"] = {"sha256": hashlib.sha256(f.read()).hexdigest()}
     d["methods"] = [row]
     d.pop("expect", None)
     return d
@@ -734,9 +751,10 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         timings["eval_s"] = sum(v["wall_s"] for v in results.values())
 
         metrics = {"name": m.name, "method": m.method, "config_hash": h,
-                   "bits": m.quant.bits if m.quantizes else None,
+                   "bits": ("mixed" if m.recipe else m.quant.bits) if m.quantizes else None,
                    # llm_int8 ignores quant.group_size: one absmax per output row (per channel, None)
-                   "group_size": m.quant.group_size if m.quantizes and m.method != "llm_int8" else None,
+                   "group_size": (m.quant.group_size if m.quantizes and m.method != "llm_int8" and not m.recipe
+                                  else None),
                    "eval": results, "size": model_size(qparams), "timings": timings,
                    "model": {"name": cfg.model, **{k: v for k, v in fingerprint.items() if k != "files"}},
                    "peak_rss_mb": peak_rss_mb(), "environment": env}

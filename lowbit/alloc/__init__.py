@@ -1,0 +1,10 @@
+"""Bit allocation: which format each part of a model gets.
+
+* :mod:`.recipe` -- :class:`Recipe`, the mixed-precision plan (linear path -> QuantSpec or dense) as
+  a readable YAML file (``lowbit quantize --recipe``, ``recipe:`` rows of ``lowbit run``), and
+  :func:`spec_bytes`, the exact storage cost of a spec on a matrix shape.
+"""
+
+from lowbit.alloc.recipe import DENSE, Recipe, load_recipe, save_recipe, spec_bytes
+
+__all__ = ["Recipe", "load_recipe", "save_recipe", "spec_bytes", "DENSE"]
