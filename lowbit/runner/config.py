@@ -180,22 +180,30 @@ class FinetuneCfg:
     save_every: int = 25
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "seqlen", "accum", "rank", "save_every"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"finetune.{key}={v!r}: expected a positive integer")
-        for key in ("alpha", "lr", "clip_norm"):
-            v = getattr(self, key)
-            if not (isinstance(v, float) and math.isfinite(v) and v > 0):
-                raise ValueError(f"finetune.{key}={v!r}: expected a finite positive number")
+        _check_training("finetune", self, positive=("steps", "batch_size", "seqlen", "accum", "rank", "save_every"),
+                        reals=("alpha", "lr", "clip_norm"))
         if not (0 <= self.dropout < 1 and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"finetune.dropout={self.dropout!r} / warmup_ratio={self.warmup_ratio!r}: "
                              "expected fractions in [0, 1)")
-        if self.split not in SPLITS or self.split == "all":
-            raise ValueError(f"finetune.split={self.split!r}: expected 'calib' or 'eval' (a split that the "
-                             "evaluation does not use)")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"finetune.compute_dtype={self.compute_dtype!r}: expected float32 or bfloat16")
+
+
+def _check_training(key: str, c, *, positive: tuple[str, ...], reals: tuple[str, ...], nonneg: tuple[str, ...] = (),
+                    check_split: bool = True) -> None:
+    """The checks every training block (``finetune:``, ``distill:``) shares: positive ints, finite
+    positive reals, ints >= 0, a split the evaluation does not use, the compute dtype."""
+    for name in positive + nonneg:
+        v, lo = getattr(c, name), (1 if name in positive else 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{key}.{name}={v!r}: expected {'a positive integer' if lo else 'an integer >= 0'}")
+    for name in reals:
+        v = getattr(c, name)
+        if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{key}.{name}={v!r}: expected a finite positive number")
+    if check_split and (c.split not in SPLITS or c.split == "all"):
+        raise ValueError(f"{key}.split={c.split!r}: expected 'calib' or 'eval' (a split that the "
+                         "evaluation does not use)")
+    if c.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"{key}.compute_dtype={c.compute_dtype!r}: expected float32 or bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,23 +231,11 @@ class DistillCfg:
     save_every: int = 25
 
     def __post_init__(self):
-        for key in ("nsamples", "steps", "batch_size", "seqlen", "accum", "save_every", "eval_windows"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"distill.{key}={v!r}: expected a positive integer")
-        for key in ("warmup_steps", "eval_every"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"distill.{key}={v!r}: expected an integer >= 0")
+        _check_training("distill", self, positive=("nsamples", "steps", "batch_size", "seqlen", "accum", "save_every",
+                                                   "eval_windows"),
+                        reals=("lr",), nonneg=("warmup_steps", "eval_every"), check_split=self.data != "self")
         if self.seqlen < 2:
             raise ValueError(f"distill.seqlen={self.seqlen}: expected >= 2")
-        if not (isinstance(self.lr, float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"distill.lr={self.lr!r}: expected a finite positive number")
-        if self.data != "self" and (self.split not in SPLITS or self.split == "all"):
-            raise ValueError(f"distill.split={self.split!r}: expected 'calib' or 'eval' (a split that the "
-                             "evaluation does not use)")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"distill.compute_dtype={self.compute_dtype!r}: expected float32 or bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
