@@ -3,6 +3,10 @@
 * :mod:`.recipe` -- :class:`Recipe`, the mixed-precision plan (linear path -> QuantSpec or dense) as
   a readable YAML file (``lowbit quantize --recipe``, ``recipe:`` rows of ``lowbit run``), and
   :func:`spec_bytes`, the exact storage cost of a spec on a matrix shape.
+* :mod:`.learned` -- :func:`~lowbit.alloc.learned.allocate`: candidates per weight matrix, a
+  softmax relaxation trained by gradient descent on a user's jittable task cost, the size budget
+  enforced by a Lagrange multiplier (dual ascent), a discretisation that never exceeds the budget;
+  returns a :class:`Recipe`.
 """
 
 from lowbit.alloc.recipe import DENSE, Recipe, load_recipe, save_recipe, spec_bytes

@@ -1,0 +1,331 @@
+"""Learned bit allocation: how many bits each weight matrix gets, optimised by gradient descent on a
+task cost under a size budget (the idea of picoLLM Compression; issue "learned bit allocation").
+
+::
+
+    from lowbit.alloc import learned
+    cands = learned.int_candidates(bits=(2, 3, 4, 8), group_size=128) + [None]   # None: keep 16 bit
+    cost = learned.kl_cost(model_cfg, params)              # KL(float model || relaxed model)
+    res = learned.allocate(params, cost, cands, windows, budget_bits=3.25, cfg=learned.AllocCfg(steps=200))
+    save_recipe(res.recipe, "alloc.yaml")                  # lowbit quantize --recipe alloc.yaml
+
+**Relaxation.** Every unit ``u`` (a linear weight; default every ``*_proj`` matrix) has candidate
+quantizers ``Q_1..Q_K`` (any :class:`~lowbit.core.qtensor.QuantSpec`, or ``None`` = 16-bit), each
+with its exact storage bytes ``B_uk`` (:func:`lowbit.alloc.recipe.spec_bytes`), and logits
+``theta_u``. The candidate weights ``Q_k(W_u)`` are computed once (round to nearest; the final model
+is re-quantized by the recipe's method, GPTQ by default). A step runs the model with::
+
+    p_u = softmax(theta_u / tau)              W_u = sum_k p_uk Q_k(W_u)
+    L(theta, lam) = cost(model, batch) + lam * (sum_u p_u . B_u / budget - 1)
+
+``hard=True`` uses a straight-through Gumbel-softmax sample instead (forward: one candidate per
+unit, ``one_hot(argmax(theta/tau + g))``; backward: the soft probabilities' gradient).
+
+**Budget by a Lagrange multiplier** (dual ascent, not a hand-tuned penalty): ``theta`` takes an
+Adam step on ``L``, then ``lam <- max(0, lam + dual_lr * (E[bytes] / budget - 1))``: the
+multiplier grows while the expected size is over the budget and decays back to 0 when it is under.
+The temperature anneals geometrically from ``tau_start`` to ``tau_end``.
+
+**Discretisation that meets the budget** (:func:`discretize`): the argmax candidate per unit, then,
+while the total is over the budget, the downgrade (to a cheaper candidate of the same unit) with
+the smallest logit loss per byte saved; then, while some upgrade still fits, the upgrade with the
+smallest logit loss per extra byte. The result never exceeds the budget.
+
+**Cost functions** are user-supplied and jittable: ``cost_fn(params, batch) -> scalar``.
+:func:`kl_cost` (KL from the float model's next-token distribution, the default objective) and
+:func:`ce_cost` (cross-entropy on a task corpus) are provided. A cost that returns a non-scalar, or
+NaN / inf, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowbit.alloc.recipe import Recipe, spec_bytes
+from lowbit.core.qtensor import QuantSpec
+from lowbit.core.transforms import flatten, unflatten
+from lowbit.progress import Bar
+
+__all__ = ["AllocCfg", "AllocResult", "allocate", "discretize", "candidate_tables", "int_candidates", "kl_cost",
+           "ce_cost", "linear_units", "budget_range"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocCfg:
+    """Optimiser settings. ``steps`` Adam steps of size ``lr`` on the logits; temperature from
+    ``tau_start`` to ``tau_end`` (geometric); ``dual_lr``: the multiplier's ascent step per unit of
+    relative budget violation; ``hard``: straight-through Gumbel samples instead of the soft mix."""
+    steps: int = 100
+    lr: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    dual_lr: float = 1.0
+    hard: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps={self.steps!r}: expected a positive int")
+        for k in ("lr", "tau_start", "tau_end", "dual_lr"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{k}={v!r}: expected a finite number > 0")
+
+    def tau(self, step: int) -> float:
+        frac = step / max(self.steps - 1, 1)
+        return float(self.tau_start * (self.tau_end / self.tau_start) ** frac)
+
+
+class AllocResult(NamedTuple):
+    recipe: Recipe                 # the discrete allocation (never over the budget)
+    choice: dict                   # unit path -> candidate index
+    probs: dict                    # unit path -> final softmax(theta / tau_end) as numpy
+    theta: dict                    # unit path -> final logits
+    nbytes: int                    # bytes of the chosen candidates
+    budget: int                    # the budget in bytes
+    bytes_table: np.ndarray        # (units, candidates) exact bytes
+    history: list                  # per step: step, cost, rel_bytes (E[bytes] / budget), lam, tau, seconds
+
+
+def int_candidates(bits: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8), group_size: int | None = 128,
+                   symmetric: bool = False) -> list:
+    """Group-wise int candidates (asymmetric zero-point by default, partial last groups allowed)."""
+    return [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric and b >= 2, partial_groups=True)
+            for b in bits]
+
+
+def linear_units(params, pattern: str = r"_proj$") -> list[str]:
+    """The paths of the 2-D weights whose path matches ``pattern`` (default: every block linear)."""
+    import re
+
+    rx = re.compile(pattern)
+    return [p for p, v in flatten(params).items() if rx.search(p) and getattr(v, "ndim", 0) == 2]
+
+
+def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpec | None]):
+    """``(qweights, bytes)``: per unit the stacked dequantized candidates ``(K, out, in)`` float32
+    (round to nearest; ``None`` keeps the weight) and the exact bytes table ``(U, K)``."""
+    from lowbit.core.quantizers import dequantize, quantize
+
+    flat = flatten(params)
+    q, table = {}, np.zeros((len(units), len(candidates)), np.int64)
+    for i, u in enumerate(units):
+        w = jnp.asarray(flat[u], jnp.float32)
+        q[u] = jnp.stack([w if s is None else dequantize(quantize(w, s)) for s in candidates])
+        table[i] = [spec_bytes(s, w.shape) for s in candidates]
+    return q, table
+
+
+def budget_range(bytes_table: np.ndarray) -> tuple[int, int]:
+    """The smallest and largest total bytes any allocation over these candidates can have."""
+    return int(bytes_table.min(axis=1).sum()), int(bytes_table.max(axis=1).sum())
+
+
+def _check_candidates(candidates) -> list:
+    cands = list(candidates)
+    if not cands:
+        raise ValueError("candidates: empty; expected at least one QuantSpec (or None for 16 bit)")
+    bad = [c for c in cands if c is not None and not isinstance(c, QuantSpec)]
+    if bad:
+        raise ValueError(f"candidates: {bad[:3]} are not QuantSpecs (or None for 16 bit)")
+    if len(set(cands)) != len(cands):
+        raise ValueError("candidates: contains duplicates")
+    return cands
+
+
+def _resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes) -> int:
+    if (budget_bits is None) == (budget_bytes is None):
+        raise ValueError("budget: give exactly one of budget_bits (mean bits per parameter) or budget_bytes")
+    lo, hi = budget_range(table)
+    if budget_bits is not None:
+        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not math.isfinite(budget_bits):
+            raise ValueError(f"budget_bits={budget_bits!r}: expected a finite number")
+        budget = int(math.floor(budget_bits * n_params / 8))
+        what = f"budget_bits={budget_bits}"
+    else:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
+            raise ValueError(f"budget_bytes={budget_bytes!r}: expected an int")
+        budget, what = int(budget_bytes), f"budget_bytes={budget_bytes}"
+    if not lo <= budget <= hi:
+        raise ValueError(f"{what}: outside the feasible range of these candidates: {lo}..{hi} bytes "
+                         f"({8 * lo / n_params:.4f}..{8 * hi / n_params:.4f} bits per parameter)")
+    return budget
+
+
+def discretize(theta: np.ndarray, table: np.ndarray, budget: int, grad: np.ndarray | None = None) -> np.ndarray:
+    """One candidate per unit (``(U,)`` indices) whose total bytes never exceed ``budget``.
+
+    Starts from the argmax of ``theta (U, K)``. The estimated cost of giving unit ``u`` candidate
+    ``k`` instead of its current one is ``grad[u, k] - grad[u, current]`` when ``grad`` (the cost's
+    gradient with respect to the mixing weights ``p``, a first-order Taylor estimate) is given, else
+    the logit drop ``theta[u, current] - theta[u, k]``. While over the budget: the downgrade with the
+    least estimated cost per byte saved; then, while an upgrade fits: the one with the least
+    estimated cost per extra byte (most negative first)."""
+    theta, table = np.asarray(theta, np.float64), np.asarray(table, np.int64)
+    score = -theta if grad is None else np.asarray(grad, np.float64)   # lower = better
+    choice = theta.argmax(axis=1)
+    rows = np.arange(len(choice))
+    total = int(table[rows, choice].sum())
+    if total > budget and int(table.min(axis=1).sum()) > budget:
+        raise ValueError(f"budget={budget} bytes: below the smallest allocation ({int(table.min(axis=1).sum())})")
+    while total > budget:
+        cur_b, cur_s = table[rows, choice][:, None], score[rows, choice][:, None]
+        saved = cur_b - table
+        loss = np.where(saved > 0, (score - cur_s) / np.maximum(saved, 1), np.inf)
+        u, k = np.unravel_index(np.argmin(loss), loss.shape)
+        total -= int(saved[u, k])
+        choice[u] = k
+    while True:
+        cur_b, cur_s = table[rows, choice][:, None], score[rows, choice][:, None]
+        extra = table - cur_b
+        fits = (extra > 0) & (extra <= budget - total)
+        if not fits.any():
+            break
+        gain = score - cur_s
+        ok = fits if grad is None else fits & (gain <= 0)   # with a cost estimate: only moves that help
+        if not ok.any():
+            break
+        loss = np.where(ok, gain / np.maximum(extra, 1), np.inf)
+        u, k = np.unravel_index(np.argmin(loss), loss.shape)
+        total += int(extra[u, k])
+        choice[u] = k
+    return choice
+
+
+def kl_cost(model_cfg, teacher_params, *, remat: bool = True) -> Callable:
+    """``cost(params, tokens)``: mean per-token KL(teacher || model) of the next-token distributions
+    (temperature 1), the teacher (usually the float model) run without gradient."""
+    from lowbit.train.losses import forward_train, kd_kl
+
+    def cost(params, tokens):
+        s = forward_train(params, tokens, model_cfg, remat=remat)
+        t = jax.lax.stop_gradient(forward_train(teacher_params, tokens, model_cfg, remat=False))
+        return kd_kl(s[:, :-1], t[:, :-1], 1.0)
+
+    return cost
+
+
+def ce_cost(model_cfg, *, remat: bool = True) -> Callable:
+    """``cost(params, tokens)``: the model's mean next-token cross-entropy on a task corpus."""
+    from lowbit.train.losses import cross_entropy, forward_train
+
+    def cost(params, tokens):
+        logits = forward_train(params, tokens, model_cfg, remat=remat)
+        return cross_entropy(logits[:, :-1], tokens[:, 1:])
+
+    return cost
+
+
+def _probs(theta, tau, key, hard: bool):
+    soft = jax.nn.softmax(theta / tau, axis=-1)
+    if not hard:
+        return soft
+    g = jax.random.gumbel(key, theta.shape)
+    one = jax.nn.one_hot(jnp.argmax(theta / tau + g, axis=-1), theta.shape[-1], dtype=soft.dtype)
+    return one + soft - jax.lax.stop_gradient(soft)   # straight-through
+
+
+def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
+             budget_bits: float | None = None, budget_bytes: int | None = None, units: Sequence[str] | None = None,
+             cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True) -> AllocResult:
+    """Learn an allocation of ``candidates`` over ``units`` for ``cost_fn`` under the budget (see the
+    module docstring). ``batches``: a sequence of batches (e.g. ``(B, T)`` token arrays) cycled over
+    the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget."""
+    cands = _check_candidates(candidates)
+    units = list(linear_units(params) if units is None else units)
+    if not units:
+        raise ValueError("units: no weight matrices to allocate (none matches)")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: empty; expected at least one batch for the cost function")
+    flat = flatten(params)
+    missing = [u for u in units if u not in flat]
+    if missing:
+        raise ValueError(f"units: {missing[:5]} are not paths of params")
+    qw, table = candidate_tables(params, units, cands)
+    n_params = sum(int(np.prod(flat[u].shape)) for u in units)
+    budget = _resolve_budget(table, n_params, budget_bits, budget_bytes)
+    rel = jnp.asarray(table / budget, jnp.float32)
+
+    base = {p: v for p, v in flat.items() if p not in qw}   # the weights that are not allocated
+
+    def cost_of(p, batch, q, base):
+        """The cost of the model whose unit ``u`` is ``sum_k p[u, k] Q_k(W_u)``. ``q`` (the stacked
+        candidate weights) and ``base`` are arguments, not closures, so that jit does not embed the
+        model in the program as constants."""
+        mixed = dict(base)
+        for i, u in enumerate(units):
+            mixed[u] = jnp.einsum("k,koi->oi", p[i], q[u]).astype(flat[u].dtype)
+        return cost_fn(unflatten(params, mixed), batch)
+
+    def lagrangian(theta, lam, tau, batch, key, q, base, scale):
+        keys = jax.random.split(key, len(units))
+        p = jnp.stack([_probs(theta[i], tau, keys[i], cfg.hard) for i in range(len(units))])
+        cost = cost_of(p, batch, q, base)
+        e_rel = jnp.sum(p * rel)
+        return cost / scale + lam * (e_rel - 1.0), (cost, e_rel)
+
+    # the cost must be a scalar: checked on shapes before anything runs
+    theta0 = jnp.zeros((len(units), len(cands)), jnp.float32)
+    out = jax.eval_shape(lambda t, b: lagrangian(t, 0.0, 1.0, b, jax.random.key(0), qw, base, 1.0)[1][0], theta0,
+                         jnp.asarray(batches[0]))
+    if out.shape != ():
+        raise ValueError(f"cost_fn: returned shape {out.shape}; expected a scalar (one number per batch)")
+    # the cost is measured in units of its value at the start (the uniform mix), so that the
+    # multiplier's scale (cost per budget fraction) does not depend on the cost's units
+    p0 = jax.nn.softmax(theta0, axis=-1)
+    cost_jit = jax.jit(cost_of)
+    scale = float(np.mean([float(cost_jit(p0, jnp.asarray(b), qw, base)) for b in batches[:4]]))
+    if not math.isfinite(scale):
+        raise FloatingPointError(f"cost_fn: returned {scale} for the uniform candidate mix; the cost must be finite")
+    scale = max(abs(scale), 1e-12)
+
+    opt = optax.adam(cfg.lr)
+
+    @jax.jit
+    def step(theta, opt_state, lam, tau, batch, key, q, base):
+        (_, (cost, e_rel)), g = jax.value_and_grad(lagrangian, has_aux=True)(theta, lam, tau, batch, key, q, base,
+                                                                            scale)
+        upd, opt_state = opt.update(g, opt_state, theta)
+        theta = optax.apply_updates(theta, upd)
+        lam = jnp.maximum(0.0, lam + cfg.dual_lr * (e_rel - 1.0))   # dual ascent on the budget constraint
+        return theta, opt_state, lam, cost, e_rel
+
+    theta, opt_state, lam = theta0, opt.init(theta0), jnp.float32(0.0)
+    key = jax.random.key(cfg.seed)
+    history = []
+    t0 = time.perf_counter()
+    with Bar(cfg.steps, "bit allocation", enabled=progress, unit="steps") as bar:
+        for s in range(cfg.steps):
+            tau = cfg.tau(s)
+            lam_before = float(lam)
+            theta, opt_state, lam, cost, e_rel = step(theta, opt_state, lam, jnp.float32(tau),
+                                                      jnp.asarray(batches[s % len(batches)]),
+                                                      jax.random.fold_in(key, s), qw, base)
+            cost = float(cost)
+            if not math.isfinite(cost):
+                raise FloatingPointError(f"cost_fn: returned {cost} at step {s} (tau {tau:.3g}, lambda "
+                                         f"{lam_before:.3g}); the cost must be finite for every candidate mix")
+            history.append({"step": s, "cost": cost, "rel_bytes": float(e_rel), "lam": lam_before, "tau": tau,
+                            "seconds": time.perf_counter() - t0})
+            bar.advance(info=f"cost {cost:.4f}  size {float(e_rel):.3f} x budget  lambda {lam_before:.3g}")
+    theta_np = np.asarray(theta)
+    # first-order cost of each candidate at the argmax point: d cost / d p (averaged over batches)
+    onehot = jax.nn.one_hot(jnp.argmax(theta, axis=-1), len(cands), dtype=jnp.float32)
+    grad_p = jax.jit(jax.grad(cost_of))
+    g = np.mean([np.asarray(grad_p(onehot, jnp.asarray(b), qw, base)) for b in batches[:4]], axis=0)
+    choice = discretize(theta_np, table, budget, grad=g)
+    rows = np.arange(len(units))
+    probs = np.asarray(jax.nn.softmax(theta / cfg.tau_end, axis=-1))
+    recipe = Recipe({u: cands[int(k)] for u, k in zip(units, choice)}, method=method)
+    return AllocResult(recipe, {u: int(k) for u, k in zip(units, choice)}, dict(zip(units, probs)),
+                       dict(zip(units, theta_np)), int(table[rows, choice].sum()), budget, table, history)
+

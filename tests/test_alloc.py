@@ -1,0 +1,113 @@
+"""Learned bit allocation (lowbit.alloc.learned): the optimiser gives a sensitive layer more bits,
+the discrete allocation never exceeds the budget, the Lagrange multiplier rises while the budget is
+violated, bad inputs are named; the result is a recipe for the model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit.alloc import learned
+from lowbit.core.qtensor import QuantSpec
+
+CANDS = learned.int_candidates(bits=(2, 3, 4, 8), group_size=None)
+
+
+def _toy(seed=0):
+    """Two linears; the cost weighs the first one's output error 100x: it is the sensitive one."""
+    rng = np.random.default_rng(seed)
+    w = {"layers": [{"a_proj": jnp.asarray(rng.standard_normal((16, 64)), jnp.float32),
+                     "b_proj": jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)}]}
+    ref = jax.tree.map(lambda x: x, w)
+
+    def cost(params, x):
+        la, lb = params["layers"][0], ref["layers"][0]
+        ea = jnp.mean((x @ la["a_proj"].T - x @ lb["a_proj"].T) ** 2)
+        eb = jnp.mean((x @ la["b_proj"].T - x @ lb["b_proj"].T) ** 2)
+        return 100.0 * ea + eb
+
+    xs = [jnp.asarray(rng.standard_normal((32, 64)), jnp.float32) for _ in range(4)]
+    return w, cost, xs
+
+
+def test_the_sensitive_layer_gets_more_bits_and_the_budget_holds():
+    params, cost, xs = _toy()
+    res = learned.allocate(params, cost, CANDS, xs, budget_bits=5.75, cfg=learned.AllocCfg(steps=60, lr=0.2),
+                           progress=False)
+    bits = {u: CANDS[k].bits for u, k in res.choice.items()}
+    assert bits["layers/0/a_proj"] > bits["layers/0/b_proj"], bits
+    assert res.nbytes <= res.budget
+    assert res.recipe.nbytes(params) == res.nbytes            # the recipe's exact bytes are the allocation's
+    assert set(res.recipe.weights) == {"layers/0/a_proj", "layers/0/b_proj"}
+
+
+def test_discretize_never_exceeds_the_budget():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        u, k = rng.integers(1, 8), rng.integers(1, 6)
+        table = np.sort(rng.integers(10, 1000, (u, k)), axis=1)
+        lo, hi = learned.budget_range(table)
+        budget = int(rng.integers(lo, hi + 1))
+        choice = learned.discretize(rng.standard_normal((u, k)), table, budget)
+        total = table[np.arange(u), choice].sum()
+        assert total <= budget
+        # nothing more fits: every single upgrade would exceed the budget
+        assert all(table[i, j] - table[i, choice[i]] > budget - total
+                   for i in range(u) for j in range(k) if table[i, j] > table[i, choice[i]])
+
+
+def test_the_multiplier_rises_while_the_budget_is_violated():
+    params, cost, xs = _toy()
+    lo, hi = learned.budget_range(learned.candidate_tables(params, learned.linear_units(params), CANDS)[1])
+    res = learned.allocate(params, cost, CANDS, xs, budget_bytes=lo + (hi - lo) // 10,
+                           cfg=learned.AllocCfg(steps=12, lr=0.05), progress=False)
+    h = res.history
+    over = [r for r in h if r["rel_bytes"] > 1.0]
+    assert len(over) >= 3
+    lams = [r["lam"] for r in h]
+    # lambda after a violated step is larger than before it
+    assert all(lams[i + 1] > lams[i] for i in range(len(h) - 1) if h[i]["rel_bytes"] > 1.0)
+    assert res.nbytes <= res.budget
+
+
+def test_hard_straight_through_variant_runs_and_meets_the_budget():
+    params, cost, xs = _toy()
+    res = learned.allocate(params, cost, CANDS, xs, budget_bits=4.0,
+                           cfg=learned.AllocCfg(steps=10, hard=True), progress=False)
+    assert res.nbytes <= res.budget and np.isfinite([r["cost"] for r in res.history]).all()
+
+
+def test_bad_inputs_are_named():
+    params, cost, xs = _toy()
+    with pytest.raises(ValueError, match="candidates: empty"):
+        learned.allocate(params, cost, [], xs, budget_bits=4.0, progress=False)
+    with pytest.raises(ValueError, match=r"outside the feasible range.*bits per parameter"):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=1.0, progress=False)
+    with pytest.raises(ValueError, match="outside the feasible range"):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=9.0, progress=False)
+    with pytest.raises(ValueError, match="exactly one of"):
+        learned.allocate(params, cost, CANDS, xs, progress=False)
+    with pytest.raises(ValueError, match="cost_fn: returned shape"):
+        learned.allocate(params, lambda p, x: jnp.ones(3), CANDS, xs, budget_bits=4.0, progress=False)
+    with pytest.raises(FloatingPointError, match="cost_fn: returned nan"):
+        learned.allocate(params, lambda p, x: jnp.float32(jnp.nan), CANDS, xs, budget_bits=4.0, progress=False)
+    with pytest.raises(ValueError, match="not paths of params"):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=4.0, units=["layers/0/c_proj"], progress=False)
+
+
+def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
+    from lowbit.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, max_position_embeddings=32)
+    params = llama.init_params(jax.random.key(0), cfg)
+    toks = [np.random.default_rng(i).integers(0, 64, (2, 16)).astype(np.int32) for i in range(2)]
+    cands = learned.int_candidates(bits=(2, 4), group_size=16) + [None]
+    res = learned.allocate(params, learned.kl_cost(cfg, params, remat=False), cands, toks, budget_bits=4.5,
+                           cfg=learned.AllocCfg(steps=4), progress=False)
+    res.recipe.check(params)
+    assert len(res.choice) == 14 and res.nbytes <= res.budget
+    assert res.history[0]["cost"] >= 0
+    assert isinstance(QuantSpec, type)
