@@ -111,3 +111,51 @@ def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
     assert len(res.choice) == 14 and res.nbytes <= res.budget
     assert res.history[0]["cost"] >= 0
     assert isinstance(QuantSpec, type)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_knapsack_is_optimal_and_within_budget():
+    import itertools
+
+    from lowbit.alloc import baselines
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        u, k = rng.integers(1, 5), rng.integers(1, 4)
+        table = rng.integers(1, 30, (u, k)) * 8
+        costs = rng.random((u, k))
+        lo, hi = learned.budget_range(table)
+        budget = int(rng.integers(lo, hi + 1))
+        choice = baselines.knapsack(costs, table, budget, resolution=10**6)   # exact at this resolution
+        assert table[np.arange(u), choice].sum() <= budget
+        best = min(sum(costs[i, c[i]] for i in range(u)) for c in itertools.product(range(k), repeat=u)
+                   if sum(table[i, c[i]] for i in range(u)) <= budget)
+        assert costs[np.arange(u), choice].sum() == pytest.approx(best)
+        coarse = baselines.knapsack(costs, table, budget, resolution=7)    # rounding up never overshoots
+        assert table[np.arange(u), coarse].sum() <= budget
+
+
+@pytest.mark.parametrize("which", ["hawq", "higgs"])
+def test_baselines_give_the_sensitive_layer_more_bits(which):
+    from lowbit.alloc import baselines
+
+    params, cost, xs = _toy()
+    fn = baselines.hawq_allocate if which == "hawq" else baselines.higgs_allocate
+    rec, info = fn(params, cost, CANDS, xs, budget_bits=5.75)
+    bits = {u: s.bits for u, s in rec.weights.items()}
+    assert bits["layers/0/a_proj"] > bits["layers/0/b_proj"], (bits, info)
+    assert info["nbytes"] <= info["budget"] and rec.nbytes(params) == info["nbytes"]
+
+
+def test_hutchinson_trace_matches_the_exact_trace_of_a_quadratic():
+    from lowbit.alloc import baselines
+
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((6, 6)), jnp.float32)
+    h = a @ a.T   # the cost's Hessian w.r.t. every row of W: tr = rows * tr(h)
+    params = {"w_proj": jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)}
+    cost = lambda p, x: 0.5 * jnp.sum((p["w_proj"] @ h) * p["w_proj"])
+    tr = baselines.hutchinson_traces(params, cost, ["w_proj"], [jnp.zeros(1)], samples=400)
+    assert tr[0] == pytest.approx(3 * float(jnp.trace(h)), rel=0.1)

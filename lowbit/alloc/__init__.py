@@ -7,6 +7,10 @@
   softmax relaxation trained by gradient descent on a user's jittable task cost, the size budget
   enforced by a Lagrange multiplier (dual ascent), a discretisation that never exceeds the budget;
   returns a :class:`Recipe`.
+* :mod:`.baselines` -- the same problem by proxies and search: HAWQ-style (Hutchinson Hessian
+  traces x quantization error, knapsack), HIGGS-style (per-layer noise sensitivity x relative
+  error, dynamic programming), uniform; :func:`~lowbit.alloc.baselines.knapsack` is the exact
+  multiple-choice knapsack both use.
 """
 
 from lowbit.alloc.recipe import DENSE, Recipe, load_recipe, save_recipe, spec_bytes

@@ -1,0 +1,193 @@
+"""Bit-allocation baselines on the same candidates, bytes and budget as :mod:`lowbit.alloc.learned`.
+
+Both score every (unit, candidate) pair with a sensitivity proxy and pick one candidate per unit
+by an exact multiple-choice knapsack (:func:`knapsack`) under the byte budget:
+
+* **HAWQ-style** (Dong et al., HAWQ-V2 / Yao et al., HAWQ-V3): the second-order estimate of the
+  loss increase ``Omega_uk = Tr(H_u) / n_u * ||Q_k(W_u) - W_u||^2``, ``H_u`` the Hessian of the task
+  cost with respect to unit ``u``'s weights, its trace by Hutchinson's estimator
+  (:func:`hutchinson_traces`: ``E[v^T H v]`` over Rademacher ``v``; one Hessian-vector product per
+  sample gives every unit's trace at once, from the unit's block of ``v``). HAWQ-V3 solves an ILP;
+  the knapsack DP below is the same optimisation, exact up to the byte resolution.
+* **HIGGS-style** (Malinovskii et al., "Pushing the limits of LLM quantization via the linearity
+  theorem"): the cost increase is linear in each layer's relative quantization error
+  ``t_uk = ||Q_k(W_u) - W_u||^2 / ||W_u||^2`` with a per-layer coefficient ``alpha_u``
+  (:func:`noise_sensitivities`: the cost increase when Gaussian noise of relative power ``t`` is
+  added to that layer alone, divided by ``t``, averaged over draws), then dynamic programming over
+  the budget: ``min sum_u alpha_u t_uk``.
+
+Deviation (both): the candidate weights are round-to-nearest, as in :mod:`lowbit.alloc.learned`;
+the final model is re-quantized by the recipe's method (GPTQ by default) at the chosen widths.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.alloc.learned import _check_candidates, _resolve_budget, candidate_tables, linear_units
+from lowbit.alloc.recipe import Recipe
+from lowbit.core.qtensor import QuantSpec
+from lowbit.core.transforms import flatten, unflatten
+
+__all__ = ["knapsack", "hutchinson_traces", "noise_sensitivities", "hawq_allocate", "higgs_allocate",
+           "uniform_recipe"]
+
+
+def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int = 4096) -> np.ndarray:
+    """Multiple-choice knapsack: one candidate per unit (``(U,)`` indices) minimising
+    ``sum_u costs[u, k_u]`` subject to ``sum_u table[u, k_u] <= budget``, by dynamic programming
+    over the budget in ``resolution`` steps (each item's bytes rounded *up* to a step, so the
+    result never exceeds the budget; exact when the bytes are multiples of the step). When the
+    rounding leaves no feasible allocation (a budget within a few steps of the smallest one), the
+    resolution is refined (x4) until one fits."""
+    costs, table = np.asarray(costs, np.float64), np.asarray(table, np.int64)
+    if costs.shape != table.shape:
+        raise ValueError(f"costs {costs.shape} and table {table.shape}: expected the same (units, candidates) shape")
+    if not np.all(np.isfinite(costs)):
+        raise ValueError("costs: contain NaN or inf")
+    if int(table.min(axis=1).sum()) > int(budget):
+        raise ValueError(f"budget={budget} bytes: below the smallest allocation ({int(table.min(axis=1).sum())})")
+    u_n, _ = table.shape
+    while True:
+        step = max(1, -(-int(budget) // int(resolution)))
+        w = -(-table // step)                       # bytes in steps, rounded up
+        cap = int(budget) // step
+        if int(w.min(axis=1).sum()) <= cap:
+            break
+        if cap > 1 << 24:
+            raise ValueError(f"budget={budget} bytes: too close to the smallest allocation for the DP's resolution")
+        resolution *= 4
+    inf = np.inf
+    best = np.full(cap + 1, inf)
+    best[0] = 0.0
+    back = np.zeros((u_n, cap + 1), np.int64)
+    for u in range(u_n):
+        new = np.full(cap + 1, inf)
+        arg = np.zeros(cap + 1, np.int64)
+        for k in range(table.shape[1]):
+            wk = int(w[u, k])
+            if wk > cap:
+                continue
+            cand = np.full(cap + 1, inf)
+            cand[wk:] = best[: cap + 1 - wk] + costs[u, k]
+            better = cand < new
+            new[better], arg[better] = cand[better], k
+        best, back[u] = new, arg
+    c = int(np.argmin(best))
+    choice = np.zeros(u_n, np.int64)
+    for u in range(u_n - 1, -1, -1):
+        k = int(back[u, c])
+        choice[u] = k
+        c -= int(w[u, k])
+    return choice
+
+
+def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, *, samples: int = 8,
+                      seed: int = 0) -> np.ndarray:
+    """``Tr(H_u)`` of the cost's Hessian with respect to each unit's weights (Hutchinson: the mean of
+    ``v_u^T (H v)_u`` over Rademacher vectors ``v`` on all units at once; ``samples`` per batch,
+    batches cycled)."""
+    flat = flatten(params)
+    ws = {u: jnp.asarray(flat[u], jnp.float32) for u in units}
+    base = {p: v for p, v in flat.items() if p not in ws}
+
+    def cost_w(w, batch, base):
+        return cost_fn(unflatten(params, {**base, **w}), batch)
+
+    @jax.jit
+    def hvp_quad(w, v, batch, base):
+        g = lambda x: jax.grad(cost_w)(x, batch, base)
+        _, hv = jax.jvp(g, (w,), (v,))
+        return jnp.stack([jnp.sum(v[u] * hv[u]) for u in units])
+
+    key = jax.random.key(seed)
+    est = []
+    batches = list(batches)
+    for s in range(samples):
+        ks = jax.random.split(jax.random.fold_in(key, s), len(units))
+        v = {u: jax.random.rademacher(k, ws[u].shape, jnp.float32) for u, k in zip(units, ks)}
+        est.append(np.asarray(hvp_quad(ws, v, jnp.asarray(batches[s % len(batches)]), base)))
+    return np.mean(est, axis=0)
+
+
+def noise_sensitivities(params, cost_fn: Callable, units: Sequence[str], batches, *, rel_noise: float = 0.01,
+                        draws: int = 2, seed: int = 0) -> np.ndarray:
+    """HIGGS' per-layer linear coefficients ``alpha_u``: the increase of the mean cost when unit
+    ``u`` alone gets Gaussian noise of relative power ``rel_noise`` (``||N||^2 = rel_noise *
+    ||W||^2``), divided by ``rel_noise``, averaged over ``draws`` noise draws."""
+    flat = flatten(params)
+    batches = [jnp.asarray(b) for b in batches]
+    cost_j = jax.jit(lambda p, b: cost_fn(p, b))
+    clean = float(np.mean([float(cost_j(params, b)) for b in batches]))
+    key = jax.random.key(seed)
+    alphas = []
+    for i, u in enumerate(units):
+        w = jnp.asarray(flat[u], jnp.float32)
+        scale = jnp.sqrt(rel_noise * jnp.sum(w * w) / w.size)
+        incs = []
+        for d in range(draws):
+            n = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), d), w.shape) * scale
+            noisy = unflatten(params, {**flat, u: (w + n).astype(flat[u].dtype)})
+            incs.append(np.mean([float(cost_j(noisy, b)) for b in batches]) - clean)
+        alphas.append(max(float(np.mean(incs)), 0.0) / rel_noise)
+    return np.asarray(alphas)
+
+
+def _rel_errors(params, units, qw) -> tuple[np.ndarray, np.ndarray]:
+    """``(||Q_k(W_u) - W_u||^2, ||W_u||^2)`` per unit and candidate."""
+    flat = flatten(params)
+    err = np.stack([np.asarray(jnp.sum((qw[u] - jnp.asarray(flat[u], jnp.float32)[None]) ** 2, axis=(1, 2)))
+                    for u in units])
+    norm = np.asarray([float(jnp.sum(jnp.asarray(flat[u], jnp.float32) ** 2)) for u in units])
+    return err, norm
+
+
+def _setup(params, candidates, units, budget_bits, budget_bytes):
+    cands = _check_candidates(candidates)
+    units = list(linear_units(params) if units is None else units)
+    qw, table = candidate_tables(params, units, cands)
+    n_params = sum(int(np.prod(flatten(params)[u].shape)) for u in units)
+    return cands, units, qw, table, _resolve_budget(table, n_params, budget_bits, budget_bytes)
+
+
+def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
+                  budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
+                  samples: int = 8, method: str = "gptq", seed: int = 0) -> tuple[Recipe, dict]:
+    """HAWQ-style allocation (module docstring): Hutchinson traces x quantization error, knapsack.
+    Returns the recipe and ``{"traces", "costs", "choice", "nbytes", "budget"}``."""
+    cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
+    traces = hutchinson_traces(params, cost_fn, units, batches, samples=samples, seed=seed)
+    err, _ = _rel_errors(params, units, qw)
+    sizes = np.asarray([qw[u].shape[1] * qw[u].shape[2] for u in units], np.float64)
+    costs = np.maximum(traces, 0.0)[:, None] / sizes[:, None] * err
+    choice = knapsack(costs, table, budget)
+    rec = Recipe({u: cands[int(k)] for u, k in zip(units, choice)}, method=method)
+    return rec, {"traces": traces, "costs": costs, "choice": choice,
+                 "nbytes": int(table[np.arange(len(units)), choice].sum()), "budget": budget}
+
+
+def higgs_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
+                   budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
+                   rel_noise: float = 0.01, draws: int = 2, method: str = "gptq",
+                   seed: int = 0) -> tuple[Recipe, dict]:
+    """HIGGS-style allocation (module docstring): noise sensitivities x relative error, DP.
+    Returns the recipe and ``{"alphas", "costs", "choice", "nbytes", "budget"}``."""
+    cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
+    alphas = noise_sensitivities(params, cost_fn, units, batches, rel_noise=rel_noise, draws=draws, seed=seed)
+    err, norm = _rel_errors(params, units, qw)
+    costs = alphas[:, None] * err / np.maximum(norm, 1e-30)[:, None]
+    choice = knapsack(costs, table, budget)
+    rec = Recipe({u: cands[int(k)] for u, k in zip(units, choice)}, method=method)
+    return rec, {"alphas": alphas, "costs": costs, "choice": choice,
+                 "nbytes": int(table[np.arange(len(units)), choice].sum()), "budget": budget}
+
+
+def uniform_recipe(params, spec: QuantSpec, units=None, method: str = "gptq") -> Recipe:
+    """Every unit at one spec (the uniform baseline, as a recipe)."""
+    units = list(linear_units(params) if units is None else units)
+    return Recipe({u: spec for u in units}, method=method)
+
