@@ -341,6 +341,76 @@ def cmd_export(args: argparse.Namespace) -> int:
 register("export", "export a quantized checkpoint to the HF GPTQ or AutoAWQ GEMM layout", _export_args, cmd_export)
 
 
+# ----------------------------------------------------------------------------- allocate
+
+
+def _allocate_args(p: argparse.ArgumentParser) -> None:
+    from lowbit.alloc.plan import KINDS
+
+    p.add_argument("--model", default="smollm2-135m", help="model to allocate bits for (as for eval)")
+    p.add_argument("--kind", choices=KINDS, default="learned",
+                   help="learned: gradient descent on the cost under the budget (Lagrange multiplier); hawq: "
+                        "Hessian traces x error + knapsack; higgs: noise sensitivity x error + DP")
+    p.add_argument("--bits", default="2,3,4,8", help="candidate widths, comma-separated (int, asymmetric)")
+    p.add_argument("--group-size", type=int, default=128, help="candidates' group size; 0 = per output channel")
+    p.add_argument("--dense", action="store_true", help="also offer 'keep in 16 bit' as a candidate")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-bits", type=float, help="mean bits per parameter of the allocated linears")
+    budget.add_argument("--budget-like", type=int, metavar="BITS",
+                        help="the exact size of uniform BITS-bit weights at --group-size (e.g. 3: w3g128's bytes)")
+    p.add_argument("--cost", choices=["kl", "ce"], default="kl",
+                   help="kl: KL from the float model (default); ce: cross-entropy on the calibration text")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (learned)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
+    p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
+    _calibration_args(p, calib_default="brown", calib_help="calibration corpus for the cost (name or local text)")
+    p.add_argument("--out", required=True, help="recipe file to write (YAML); also writes OUT.png and OUT.json")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from lowbit.alloc import learned, save_recipe
+    from lowbit.alloc.plan import allocate_model, plot_bits, uniform_bytes
+    from lowbit.core.qtensor import QuantSpec
+    from lowbit.models.loaders import load_model
+    from lowbit.runner.config import CalibCfg
+    from lowbit.runner.experiment import calibration_data
+
+    try:
+        widths = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        raise ValueError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
+    group = args.group_size or None
+    cands = learned.int_candidates(widths, group) + ([None] if args.dense else [])
+    params, cfg, tok = load_model(args.model)
+    if tok is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer; cannot tokenize the calibration text")
+    calib = CalibCfg(data=args.calib, split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                     batch_size=args.batch_size)
+    windows, record = calibration_data(calib, params, cfg, tok, args.seed, progress=not args.no_progress)
+    budget = {"budget_bits": args.budget_bits} if args.budget_bits is not None else {
+        "budget_bytes": uniform_bytes(params, QuantSpec(bits=args.budget_like, group_size=group, partial_groups=True))}
+    recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
+                                  batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
+                                  cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
+                                  **budget)
+    info["calib"] = {k: v for k, v in record.items() if k != "tokens"}
+    info["argv"] = sys.argv[1:]
+    stem = args.out[:-5] if args.out.endswith(".yaml") else args.out
+    save_recipe(recipe, args.out, comment=f"lowbit allocate {' '.join(sys.argv[2:])}\n{args.kind}: "
+                f"{info['bits_per_param']:.4f} bits/param ({info['nbytes']} bytes, budget {info['budget']})")
+    write_json(stem + ".json", info)
+    plot_bits(recipe, stem + ".png", f"{args.kind} allocation, {info['bits_per_param']:.3f} bits/param")
+    print(f"{args.kind} allocation: {info['bits_per_param']:.4f} bits/param ({info['nbytes']} of {info['budget']} "
+          f"budget bytes) in {info['seconds']:.1f} s; wrote {args.out}, {stem}.png, {stem}.json")
+    return 0
+
+
+register("allocate", "learn how many bits each linear gets under a size budget (or a HAWQ / HIGGS baseline)",
+         _allocate_args, cmd_allocate)
+
+
 # ----------------------------------------------------------------------------- merge (LoRA)
 
 _MERGE_HELP = """\

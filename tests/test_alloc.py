@@ -4,6 +4,8 @@ violated, bad inputs are named; the result is a recipe for the model."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,28 @@ def test_hutchinson_trace_matches_the_exact_trace_of_a_quadratic():
     cost = lambda p, x: 0.5 * jnp.sum((p["w_proj"] @ h) * p["w_proj"])
     tr = baselines.hutchinson_traces(params, cost, ["w_proj"], [jnp.zeros(1)], samples=400)
     assert tr[0] == pytest.approx(3 * float(jnp.trace(h)), rel=0.1)
+
+
+@pytest.mark.parametrize("kind", ["learned", "hawq", "higgs"])
+def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, tmp_path, kind):
+    import json
+
+    from lowbit.alloc import load_recipe
+    from lowbit.alloc.plan import uniform_bytes
+    from lowbit.cli import main
+    from lowbit.models.loaders import load_model
+
+    root, _ = tiny_experiment
+    out = str(tmp_path / f"{kind}.yaml")
+    common = ["--calib", str(root / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
+              "--no-progress"]
+    assert main(["allocate", "--model", str(root / "model"), "--kind", kind, "--bits", "2,4,8", "--group-size", "32",
+                 "--budget-like", "4", "--steps", "3", "--out", out] + common) == 0
+    recipe = load_recipe(out)
+    params, _, _ = load_model(str(root / "model"))
+    info = json.load(open(str(tmp_path / f"{kind}.json")))
+    want = uniform_bytes(params, QuantSpec(bits=4, group_size=32, partial_groups=True))
+    assert info["budget"] == want and recipe.nbytes(params) == info["nbytes"] <= want
+    assert os.path.isfile(str(tmp_path / f"{kind}.png"))
+    assert main(["quantize", "--model", str(root / "model"), "--recipe", out, "--out", str(tmp_path / "q")]
+                + common) == 0

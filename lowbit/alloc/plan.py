@@ -1,0 +1,99 @@
+"""Allocate a loaded model end to end (``lowbit allocate``): calibration windows -> a task cost ->
+the learned allocation or a baseline -> a recipe file, its per-layer bits heatmap and a record.
+
+::
+
+    recipe, info = allocate_model(params, cfg, windows, kind="learned", candidates=int_candidates((2, 3, 4, 8)),
+                                  budget_bytes=uniform_bytes(params, QuantSpec(bits=3, group_size=128, ...)))
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Sequence
+
+import numpy as np
+
+from lowbit.alloc import baselines, learned
+from lowbit.alloc.recipe import Recipe, spec_bytes
+from lowbit.core.qtensor import QuantSpec
+from lowbit.core.transforms import flatten
+
+__all__ = ["KINDS", "allocate_model", "uniform_bytes", "plot_bits"]
+
+KINDS = ("learned", "hawq", "higgs")
+
+
+def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -> int:
+    """Exact bytes of every unit at ``spec`` (the size of the uniform model, as a budget)."""
+    flat = flatten(params)
+    units = learned.linear_units(params) if units is None else units
+    return sum(spec_bytes(spec, tuple(flat[u].shape)) for u in units)
+
+
+def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
+                   budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
+                   batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
+                   progress: bool = True) -> tuple[Recipe, dict]:
+    """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
+    token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
+    or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if cost not in ("kl", "ce"):
+        raise ValueError(f"cost={cost!r}: expected 'kl' (KL from the float model) or 'ce' (cross-entropy)")
+    windows = np.asarray(windows, np.int32)
+    batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    cost_fn = learned.kl_cost(model_cfg, params) if cost == "kl" else learned.ce_cost(model_cfg)
+    t0 = time.perf_counter()
+    budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
+    if kind == "learned":
+        res = learned.allocate(params, cost_fn, candidates, batches, cfg=cfg, method=method, progress=progress,
+                               **budget)
+        recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
+                                    "choice": res.choice}
+    else:
+        fn = baselines.hawq_allocate if kind == "hawq" else baselines.higgs_allocate
+        recipe, extra = fn(params, cost_fn, candidates, batches, method=method, seed=cfg.seed, **budget)
+        info = {"nbytes": extra["nbytes"], "budget": extra["budget"],
+                "choice": dict(zip(recipe.weights, (int(k) for k in extra["choice"])))}
+        info["sensitivity"] = dict(zip(recipe.weights, (float(v) for v in extra.get("traces", extra.get("alphas")))))
+    n = sum(int(np.prod(flatten(params)[u].shape)) for u in recipe.weights)
+    info.update(kind=kind, cost=cost, seconds=time.perf_counter() - t0, bits_per_param=8.0 * info["nbytes"] / n,
+                budget_bits_per_param=8.0 * info["budget"] / n)
+    return recipe, info
+
+
+def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
+    """Heatmap of the bits per weight of each linear (rows: linear kind; columns: block index; 16 =
+    dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict[tuple[str, int], float] = {}
+    for p, s in recipe.weights.items():
+        m = re.match(r"^(?:.*/)?(\d+)/(.+)$", p)
+        layer, kind = (int(m.group(1)), m.group(2)) if m else (0, p)
+        cells[(kind, layer)] = 16.0 if s is None else float(s.bits)
+    kinds = sorted({k for k, _ in cells})
+    layers = sorted({i for _, i in cells})
+    grid = np.full((len(kinds), len(layers)), np.nan)
+    for (k, i), b in cells.items():
+        grid[kinds.index(k), layers.index(i)] = b
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 0.45 * len(kinds) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    ax.set_xticks(range(len(layers)), layers, fontsize=6)
+    ax.set_xlabel("block")
+    fig.colorbar(im, ax=ax, label="bits per weight (16 = dense)")
+    ax.set_title(title or "bits per linear", fontsize=9)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
