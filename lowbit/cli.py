@@ -365,13 +365,14 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
     p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
     _calibration_args(p, calib_default="brown", calib_help="calibration corpus for the cost (name or local text)")
-    p.add_argument("--out", required=True, help="recipe file to write (YAML); also writes OUT.png and OUT.json")
+    p.add_argument("--out", required=True, help="recipe file to write (YAML); also writes OUT.png (bits per "
+                   "linear), OUT.json (record) and, for learned, OUT-history.png (cost, size, multiplier)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     from lowbit.alloc import learned, save_recipe
-    from lowbit.alloc.plan import allocate_model, plot_bits, uniform_bytes
+    from lowbit.alloc.plan import allocate_model, plot_bits, plot_history, uniform_bytes
     from lowbit.core.qtensor import QuantSpec
     from lowbit.models.loaders import load_model
     from lowbit.runner.config import CalibCfg
@@ -402,6 +403,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 f"{info['bits_per_param']:.4f} bits/param ({info['nbytes']} bytes, budget {info['budget']})")
     write_json(stem + ".json", info)
     plot_bits(recipe, stem + ".png", f"{args.kind} allocation, {info['bits_per_param']:.3f} bits/param")
+    if info.get("history"):
+        plot_history(info["history"], stem + "-history.png", f"lowbit allocate ({args.kind}, cost {args.cost})")
     print(f"{args.kind} allocation: {info['bits_per_param']:.4f} bits/param ({info['nbytes']} of {info['budget']} "
           f"budget bytes) in {info['seconds']:.1f} s; wrote {args.out}, {stem}.png, {stem}.json")
     return 0

@@ -184,5 +184,6 @@ def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, 
     want = uniform_bytes(params, QuantSpec(bits=4, group_size=32, partial_groups=True))
     assert info["budget"] == want and recipe.nbytes(params) == info["nbytes"] <= want
     assert os.path.isfile(str(tmp_path / f"{kind}.png"))
+    assert os.path.isfile(str(tmp_path / f"{kind}-history.png")) == (kind == "learned")
     assert main(["quantize", "--model", str(root / "model"), "--recipe", out, "--out", str(tmp_path / "q")]
                 + common) == 0

@@ -20,7 +20,7 @@ from lowbit.alloc.recipe import Recipe, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
 
-__all__ = ["KINDS", "allocate_model", "uniform_bytes", "plot_bits"]
+__all__ = ["KINDS", "allocate_model", "uniform_bytes", "plot_bits", "plot_history"]
 
 KINDS = ("learned", "hawq", "higgs")
 
@@ -96,4 +96,30 @@ def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
     plt.close(fig)
     import os
 
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: str, title: str = "") -> None:
+    """The learned allocation's run: cost, expected size / budget and the multiplier per step."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, label in zip(axes, ("cost", "rel_bytes", "lam"),
+                              ("task cost", "expected size / budget", "Lagrange multiplier")):
+        ax.plot(steps, [h[key] for h in history])
+        if key == "rel_bytes":
+            ax.axhline(1.0, ls="--", color="k", lw=0.8)
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
     os.replace(tmp, path)
