@@ -220,7 +220,7 @@ def onebit_cfg(tiny_experiment, tmp_path_factory):
     conf["experiment"] = "ob"
     conf["eval"]["split"] = "eval"
     conf["distill"] = {"data": "self", "nsamples": 8, "steps": 6, "batch_size": 2, "seqlen": 32, "lr": 2e-3,
-                       "warmup_steps": 1, "eval_every": 3, "eval_windows": 2, "save_every": 3}
+                       "warmup_steps": 1, "eval_every": 3, "eval_windows": 2, "save_every": 3, "save_model": True}
     ob1 = {"bits": 1, "format": "onebit", "group_size": None}
     conf["methods"] = [{"name": "fp", "method": "fp"},
                        {"name": "svid-nmf", "method": "onebit", "quant": ob1, "onebit": {"norm": False}},
@@ -248,6 +248,18 @@ def test_distill_rows_train_pack_and_record_a_perplexity_curve(onebit_cfg, tmp_p
         assert os.path.isfile(os.path.join(d, "onebit-kd", f))
     assert os.path.isfile(os.path.join(d, "ppl_vs_steps.png"))
     assert "distill" not in json.load(open(os.path.join(d, "svid-nmf", "metrics.json")))
+    # the packed distilled model is saved; loaded back it gives the row's perplexity exactly
+    from lowbit import data
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.models.loaders import load_model
+
+    params, mcfg, tok = load_model(os.path.join(d, "onebit-kd", "model"))
+    up = params["layers"][0]["mlp"]["up_proj"]
+    assert isinstance(up, ob.OneBitWeight) and up.packed
+    (ds, ev), = [(k, v) for k, v in m["eval"].items()]
+    win = data.eval_windows(tok.encode(data.corpus_text(ds, "eval")), ev["seqlen"], cfg.eval.max_windows)
+    assert perplexity(params, mcfg, win, batch_size=cfg.eval.batch_size, progress=False)["ppl"] == pytest.approx(
+        ev["ppl"], rel=1e-6)
     assert not [f for f in os.listdir(d) if f.startswith(".train-")]
     # the report's training block lists the distilled row with its trained parameters
     from lowbit.runner import paper

@@ -215,7 +215,9 @@ class DistillCfg:
     Optimizer: the reference's (AdamW 0.9 / 0.98, weight decay 0.01, clip 1.0, ``warmup_steps`` then
     cosine to 0) at ``lr``. ``eval_every``: every that many steps the perplexity of the model being
     trained on the first ``eval_windows`` windows (of ``seqlen``) of the first eval dataset (the
-    perplexity-vs-steps curve; 0: none)."""
+    perplexity-vs-steps curve; 0: none). ``save_model``: also write the packed distilled model (1-bit
+    codes + the two float16 vectors per linear) as a lowbit checkpoint in the row's ``model/``
+    (it changes no number, so it is not part of the row's config hash)."""
     data: str = "self"
     split: str = "calib"
     nsamples: int = 64
@@ -229,8 +231,11 @@ class DistillCfg:
     eval_every: int = 0
     eval_windows: int = 4
     save_every: int = 25
+    save_model: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.save_model, bool):
+            raise ValueError(f"distill.save_model={self.save_model!r}: expected a bool")
         _check_training("distill", self, positive=("nsamples", "steps", "batch_size", "seqlen", "accum", "save_every",
                                                    "eval_windows"),
                         reals=("lr",), nonneg=("warmup_steps", "eval_every"), check_split=self.data != "self")

@@ -185,6 +185,8 @@ def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
         if not getattr(m, key):
             row.pop(key, None)
             d.pop(key, None)
+    if "distill" in d:
+        d["distill"].pop("save_model", None)   # where the model goes changes no number
     if m.recipe is None:
         row.pop("recipe", None)
     else:   # the row depends on the recipe's content, not on where the file is
@@ -776,6 +778,11 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                 for f in ("metrics.csv", "loss.png"):
                     shutil.copyfile(os.path.join(_train_dir(exp_dir, m, h), f),
                                     os.path.join(tmp, "train_" + f))
+            if m.distill and cfg.distill.save_model:   # the packed distilled model, as a lowbit checkpoint
+                from lowbit.models.loaders import save_model
+
+                save_model(os.path.join(tmp, "model"), qparams, mcfg, tok,
+                           extra={"lowbit_run": {"experiment": cfg.experiment, "row": m.name, "config_hash": h}})
             crash_point("run.row-written")
         crash_point("run.row-committed")
         if recipe is not None:
