@@ -364,6 +364,8 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
     p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
+    p.add_argument("--run-dir", default=None,
+                   help="learned: keep checkpoints here; rerunning the same command resumes from them")
     _calibration_args(p, calib_default="brown", calib_help="calibration corpus for the cost (name or local text)")
     p.add_argument("--out", required=True, help="recipe file to write (YAML); also writes OUT.png (bits per "
                    "linear), OUT.json (record) and, for learned, OUT-history.png (cost, size, multiplier)")
@@ -395,7 +397,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
                                   batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
                                   cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
-                                  **budget)
+                                  run_dir=args.run_dir, **budget)
     info["calib"] = {k: v for k, v in record.items() if k != "tokens"}
     info["argv"] = sys.argv[1:]
     stem = args.out[:-5] if args.out.endswith(".yaml") else args.out

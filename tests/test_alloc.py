@@ -187,3 +187,24 @@ def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, 
     assert os.path.isfile(str(tmp_path / f"{kind}-history.png")) == (kind == "learned")
     assert main(["quantize", "--model", str(root / "model"), "--recipe", out, "--out", str(tmp_path / "q")]
                 + common) == 0
+
+
+def test_an_interrupted_allocation_resumes_bit_for_bit(tmp_path):
+    params, cost, xs = _toy()
+    cfg = learned.AllocCfg(steps=8, lr=0.1)
+    whole = learned.allocate(params, cost, CANDS, xs, budget_bits=5.75, cfg=cfg, progress=False,
+                             run_dir=str(tmp_path / "a"), save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=5.75, cfg=cfg, progress=False,
+                         run_dir=str(tmp_path / "b"), save_every=2, stop_after=4)
+    resumed = learned.allocate(params, cost, CANDS, xs, budget_bits=5.75, cfg=cfg, progress=False,
+                               run_dir=str(tmp_path / "b"), save_every=2)
+    for u in whole.theta:
+        np.testing.assert_array_equal(whole.theta[u], resumed.theta[u])
+    assert [h["cost"] for h in whole.history] == [h["cost"] for h in resumed.history]
+    assert whole.choice == resumed.choice
+    from lowbit.train.ckpt import ConfigMismatchError
+
+    with pytest.raises(ConfigMismatchError, match="budget"):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=5.0, cfg=cfg, progress=False,
+                         run_dir=str(tmp_path / "b"), save_every=2)

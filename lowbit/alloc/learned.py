@@ -235,10 +235,17 @@ def _probs(theta, tau, key, hard: bool):
 
 def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
              budget_bits: float | None = None, budget_bytes: int | None = None, units: Sequence[str] | None = None,
-             cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True) -> AllocResult:
+             cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True, run_dir: str | None = None,
+             save_every: int = 25, stop_after: int | None = None) -> AllocResult:
     """Learn an allocation of ``candidates`` over ``units`` for ``cost_fn`` under the budget (see the
     module docstring). ``batches``: a sequence of batches (e.g. ``(B, T)`` token arrays) cycled over
-    the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget."""
+    the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget.
+
+    ``run_dir``: checkpoints (logits, Adam state, multiplier; every ``save_every`` steps and at the
+    end, :class:`lowbit.train.ckpt.TrainCheckpoints`) and ``history.json``; calling again with the
+    same arguments resumes from the newest checkpoint, bit for bit (the step's randomness is
+    ``fold_in(seed, step)``); other arguments are refused naming the fields. ``stop_after`` (tests):
+    raise ``KeyboardInterrupt`` after that step has been saved."""
     cands = _check_candidates(candidates)
     units = list(linear_units(params) if units is None else units)
     if not units:
@@ -301,10 +308,39 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
 
     theta, opt_state, lam = theta0, opt.init(theta0), jnp.float32(0.0)
     key = jax.random.key(cfg.seed)
-    history = []
+    history, start, ckpts = [], 0, None
+    if run_dir is not None:
+        import hashlib
+        import json
+        import os
+
+        from lowbit.train.ckpt import TrainCheckpoints
+        from lowbit.train.step import TrainState
+
+        digest = hashlib.sha256()
+        for b in batches:
+            digest.update(np.ascontiguousarray(np.asarray(b)).tobytes())
+        config = {"units": units, "candidates": [repr(c) for c in cands], "budget": budget,
+                  "cfg": dataclasses.asdict(cfg), "method": method, "batches": digest.hexdigest(),
+                  "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}
+        ckpts = TrainCheckpoints(os.path.join(run_dir, "checkpoints"))
+        hist_path = os.path.join(run_dir, "history.json")
+        restored = ckpts.restore(TrainState({"theta": theta, "lam": lam}, opt_state, key), config=config)
+        if restored is not None:
+            start = restored.step
+            theta, lam, opt_state = restored.state.params["theta"], restored.state.params["lam"], restored.state.opt_state
+            with open(hist_path) as f:
+                history = [h for h in json.load(f) if h["step"] < start]
+
+        def save(s_done: int) -> None:
+            from lowbit.runner.records import write_json
+
+            ckpts.save(s_done, TrainState({"theta": theta, "lam": lam}, opt_state, key), {"config": config})
+            write_json(hist_path, history)
     t0 = time.perf_counter()
     with Bar(cfg.steps, "bit allocation", enabled=progress, unit="steps") as bar:
-        for s in range(cfg.steps):
+        bar.advance(start)
+        for s in range(start, cfg.steps):
             tau = cfg.tau(s)
             lam_before = float(lam)
             theta, opt_state, lam, cost, e_rel = step(theta, opt_state, lam, jnp.float32(tau),
@@ -317,6 +353,10 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
             history.append({"step": s, "cost": cost, "rel_bytes": float(e_rel), "lam": lam_before, "tau": tau,
                             "seconds": time.perf_counter() - t0})
             bar.advance(info=f"cost {cost:.4f}  size {float(e_rel):.3f} x budget  lambda {lam_before:.3g}")
+            if ckpts is not None and (s + 1 == cfg.steps or (s + 1) % save_every == 0):
+                save(s + 1)
+                if stop_after is not None and s + 1 >= stop_after:
+                    raise KeyboardInterrupt(f"stopped after step {s + 1} (stop_after)")
     theta_np = np.asarray(theta)
     # first-order cost of each candidate at the argmax point: d cost / d p (averaged over batches)
     onehot = jax.nn.one_hot(jnp.argmax(theta, axis=-1), len(cands), dtype=jnp.float32)

@@ -35,10 +35,11 @@ def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
-                   progress: bool = True) -> tuple[Recipe, dict]:
+                   progress: bool = True, run_dir: str | None = None) -> tuple[Recipe, dict]:
     """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
     token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
-    or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record."""
+    or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record.
+    ``run_dir`` (learned): checkpoints to resume an interrupted run from."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if cost not in ("kl", "ce"):
@@ -50,7 +51,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
     if kind == "learned":
         res = learned.allocate(params, cost_fn, candidates, batches, cfg=cfg, method=method, progress=progress,
-                               **budget)
+                               run_dir=run_dir, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
                                     "choice": res.choice}
     else:
