@@ -186,6 +186,34 @@ def test_kd_loss_weights_are_the_references():
     assert (o.b1, o.b2, o.weight_decay, o.clip_norm, o.schedule) == (0.9, 0.98, 0.01, 1.0, "cosine")
 
 
+def test_kd_loss_value_is_the_references_formula():
+    """0.01 * T * (mean per-token KL(teacher || student) over the T-1 predicted positions) + the sum
+    over blocks 0..L-2 of the mean over tokens of ||h_s/|h_s| - h_t/|h_t|||^2, in numpy."""
+    from lowbit.train.losses import forward_train
+
+    teacher, cfg = _tiny_model()
+    student = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), teacher)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 16)), jnp.int32)
+    got = float(ob.onebit_kd_loss(cfg, cfg, 16, 3, remat=False)(student, tokens, None, teacher)[0])
+    s_logits, s_h = forward_train(student, tokens, cfg, remat=False, hidden_layers=(0, 1, 2))
+    t_logits, t_h = forward_train(teacher, tokens, cfg, remat=False, hidden_layers=(0, 1, 2))
+
+    def logsm(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lt, ls = logsm(t_logits)[:, :-1], logsm(s_logits)[:, :-1]
+    kl = (np.exp(lt) * (lt - ls)).sum(-1).mean()
+
+    def unit(h):
+        h = np.asarray(h, np.float64)
+        return h / np.sqrt((h * h).sum(-1, keepdims=True))
+
+    mse = sum(((unit(s_h[i]) - unit(t_h[i])) ** 2).sum(-1).mean() for i in range(2))   # blocks 0..L-2
+    assert got == pytest.approx(0.01 * 16 * kl + mse, rel=1e-4)
+
+
 def test_distillation_lowers_the_kd_loss_on_a_tiny_model(tmp_path):
     from lowbit.calib.driver import default_recipe, quantize_model
     from lowbit.train import TrainCfg, train

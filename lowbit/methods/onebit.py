@@ -42,14 +42,18 @@ model.
   sqrt(mean|W|)``, H drawn before W), the same updates (for one component each coordinate step is
   the exact non-negative least-squares update ``a = max(|W| b / b.b, 0)``, then ``b``), the same
   stopping rule (projected-gradient violation relative to the first iteration ``<= tol``, at most
-  ``max_iter``), in float32 on the device instead of float64-accumulating Cython. ``"svd"``
+  ``max_iter``), in float32 (as scikit-learn on float32 input) with full-precision matrix-vector
+  products (``Precision.HIGHEST``: no TF32 on GPUs). ``"svd"``
   (:func:`svid_svd`) takes the leading singular pair of ``|W|`` (non-negative by Perron-Frobenius),
   split evenly: ``a = |u| sqrt(s)``, ``b = |v| sqrt(s)``. Both give the same product ``a b^T`` at
   convergence (the best rank-1 approximation of ``|W|``); they differ in how the scale is split
   between ``a`` and ``b``, which changes Adam's per-parameter steps;
 * ``sign(0) = +1`` in the training forward as in the packed model (the reference trains with
   ``torch.sign(0) = 0`` and packs 0 as +1); only an exactly-zero latent is affected, and the
-  packed model then computes exactly the trained function;
+  packed model then computes the trained function: bit for bit on the reference path (float32
+  activations, or kernels off), up to bf16 rounding through the Pallas kernel (bf16 activations
+  on a GPU), and up to the float16 rounding of ``a`` / ``b`` (:func:`round_vectors`) when the
+  training computed in bfloat16;
 * the KL term over the ``T - 1`` predicted positions of a window, averaged, times
   ``0.01 * T`` (:func:`onebit_kd_loss`): the reference's ``0.01 * sum_t KL_t / B`` up to the last
   position; the hidden-state term as the reference's sum over the ``L - 1`` compared block outputs
@@ -59,7 +63,12 @@ model.
 * the packed model stores ``a`` and ``b`` in float16 (the paper's "two FP16 value vectors"; the
   reference's released checkpoints keep float32): ``1 + 16 (out + in) / (out * in)`` bits per
   weight. :func:`pack` rounds them; :func:`round_vectors` gives the training form the same
-  rounding, after which the two forwards are equal.
+  rounding, after which the two forwards are equal on the reference path. Bit convention: code 1
+  is +1 (the reference's ``BitLinearInf`` export stores bit 0 as +1; only an export to its int8
+  layout would flip them);
+* the balance of the two loss terms follows the reference's formula, so it depends on the window
+  length: the KL weight ``0.01 T`` is 8x smaller at ``T = 256`` than at the paper's 2048, against
+  the same hidden-state term.
 
 **Packed form.** :func:`pack` turns each trained :class:`OneBitWeight` into one whose ``w`` is a
 :class:`~lowbit.core.qtensor.QuantizedTensor` of format ``"onebit"`` (1-bit codes packed in uint32
@@ -149,8 +158,9 @@ def _cd_update(x, v, u):
     update ``u`` (rows of ``x``) for fixed ``v``: ``grad = u * v.v - x v``; the projected gradient
     (``min(grad, 0)`` where ``u == 0``) sums into the violation; ``u = max(u - grad / v.v, 0)``
     (skipped when ``v.v == 0``)."""
-    vv = jnp.dot(v, v)
-    xv = x @ v
+    hi = jax.lax.Precision.HIGHEST
+    vv = jnp.dot(v, v, precision=hi)
+    xv = jnp.dot(x, v, precision=hi)
     grad = u * vv - xv
     pg = jnp.where(u == 0, jnp.minimum(grad, 0.0), grad)
     new = jnp.where(vv != 0, jnp.maximum(u - grad / jnp.where(vv != 0, vv, 1.0), 0.0), u)

@@ -325,7 +325,7 @@ def _distill(params, teacher, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, ex
     curve, teacher_ppl = None, None
     if dc.eval_every:   # the start point of the perplexity-vs-steps curve, and the teacher on the same windows
         w0 = np.asarray(curve_tokens[: dc.eval_windows * dc.seqlen]).reshape(dc.eval_windows, dc.seqlen)
-        curve = [(0, float(perplexity(onebit.pack(params), mcfg, w0, progress=False)["ppl"]))]
+        curve = [(0, float(perplexity(onebit.pack(params, m.quant.scale_dtype), mcfg, w0, progress=False)["ppl"]))]
         teacher_ppl = float(perplexity(teacher, mcfg, w0, progress=False)["ppl"])
     res = train(params, mcfg, tcfg, _train_dir(exp_dir, m, h), train_tokens=train_tokens,
                 eval_tokens=curve_tokens[: dc.eval_windows * dc.seqlen] if dc.eval_every else None,
