@@ -150,7 +150,7 @@ def _setup(params, candidates, units, budget_bits, budget_bytes):
     cands = _check_candidates(candidates)
     units = list(linear_units(params) if units is None else units)
     qw, table = candidate_tables(params, units, cands)
-    n_params = sum(int(np.prod(flatten(params)[u].shape)) for u in units)
+    n_params = sum(int(np.prod(qw[u].shape[1:])) for u in units)
     return cands, units, qw, table, _resolve_budget(table, n_params, budget_bits, budget_bytes)
 
 

@@ -60,7 +60,8 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         info = {"nbytes": extra["nbytes"], "budget": extra["budget"],
                 "choice": dict(zip(recipe.weights, (int(k) for k in extra["choice"])))}
         info["sensitivity"] = dict(zip(recipe.weights, (float(v) for v in extra.get("traces", extra.get("alphas")))))
-    n = sum(int(np.prod(flatten(params)[u].shape)) for u in recipe.weights)
+    flat = flatten(params)
+    n = sum(int(np.prod(flat[u].shape)) for u in recipe.weights)
     info.update(kind=kind, cost=cost, seconds=time.perf_counter() - t0, bits_per_param=8.0 * info["nbytes"] / n,
                 budget_bits_per_param=8.0 * info["budget"] / n)
     return recipe, info

@@ -56,7 +56,7 @@ from lowbit.io import checkpoint
 from lowbit.runner import lock
 from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
                                   from_dict, to_dict)
-from lowbit.runner.records import environment_info, layers_csv, peak_rss_mb, write_json, write_text
+from lowbit.runner.records import environment_info, layers_csv, peak_rss_mb, train_curve, write_json, write_text
 
 __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "write_summary",
            "experiment_dir", "model_size", "check_expectations"]
@@ -64,10 +64,11 @@ __all__ = ["build_recipe", "calibration_data", "quantize", "run_experiment", "wr
 PURPOSE_CALIB, PURPOSE_SELF_GENERATED, PURPOSE_LORA_INIT, PURPOSE_DISTILL_DATA = 1, 2, 3, 4
 
 
-def build_recipe(m: MethodCfg) -> Transform | None:
+def build_recipe(m: MethodCfg, params=None) -> Transform | None:
     """The transform of a method row: the registered method on every ``*_proj`` linear whose path
     does not match ``m.skip`` (``None`` for rows that do not quantize, e.g. ``fp``); for a row with
-    a ``recipe`` file, the recipe's spec on each linear it lists (:mod:`lowbit.alloc.recipe`)."""
+    a ``recipe`` file, the recipe's spec on each linear it lists (:mod:`lowbit.alloc.recipe`; with
+    ``params``, every path it names must be a matrix of that model)."""
     if not m.quantizes:
         return None
     if m.recipe is not None:
@@ -76,6 +77,8 @@ def build_recipe(m: MethodCfg) -> Transform | None:
         r = load_recipe(m.recipe)
         if r.method != m.method:
             raise ValueError(f"methods.{m.name}: method {m.method!r} but recipe {m.recipe} is for {r.method!r}")
+        if params is not None:
+            r.check(params)
         return partition([(m.skip, identity()), (".*", r.transform())])
     q = m.quant
     spec = QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format,
@@ -117,13 +120,9 @@ def quantize(params, mcfg, m: MethodCfg, windows, calib: CalibCfg, *, start_laye
     distillation)."""
     from lowbit.calib.driver import quantize_model
 
-    recipe = build_recipe(m) if recipe is None else recipe  # the runner passes the one it built
+    recipe = build_recipe(m, params) if recipe is None else recipe  # the runner passes the one it built
     if recipe is None:
         return params, []
-    if m.recipe is not None:   # every path the recipe names must be a matrix of this model
-        from lowbit.alloc import load_recipe
-
-        load_recipe(m.recipe).check(params)
 
     def tagged(i, new_params, rows):  # every report row names the method that made it
         for r in rows:
@@ -324,11 +323,11 @@ def _distill(params, teacher, mcfg, cfg: ExperimentCfg, m: MethodCfg, h: str, ex
                     eval_every=dc.eval_every, eval_batches=-(-dc.eval_windows // dc.batch_size))
     curve, teacher_ppl = None, None
     if dc.eval_every:   # the start point of the perplexity-vs-steps curve, and the teacher on the same windows
-        w0 = np.asarray(curve_tokens[: dc.eval_windows * dc.seqlen]).reshape(dc.eval_windows, dc.seqlen)
+        w0 = curve_tokens.reshape(dc.eval_windows, dc.seqlen)
         curve = [(0, float(perplexity(onebit.pack(params, m.quant.scale_dtype), mcfg, w0, progress=False)["ppl"]))]
         teacher_ppl = float(perplexity(teacher, mcfg, w0, progress=False)["ppl"])
     res = train(params, mcfg, tcfg, _train_dir(exp_dir, m, h), train_tokens=train_tokens,
-                eval_tokens=curve_tokens[: dc.eval_windows * dc.seqlen] if dc.eval_every else None,
+                eval_tokens=curve_tokens if dc.eval_every else None,
                 loss_fn=onebit.onebit_kd_loss(compute_cfg, mcfg, dc.seqlen, n_layers, tcfg.remat),
                 eval_loss_fn=causal_lm_loss(compute_cfg, tcfg.remat) if dc.eval_every else None,
                 consts=teacher, progress=progress)
@@ -577,12 +576,8 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         w.writerows(table)
         write_text(os.path.join(exp_dir, "summary.csv"), buf.getvalue())
         _plot_summary(runs, datasets, os.path.join(exp_dir, "ppl_vs_bits.png"), os.path.basename(exp_dir))
-    curves = {}
-    for r in runs:   # fine-tuning rows: their training curves side by side
-        tm = os.path.join(exp_dir, r["name"], "train_metrics.csv")
-        if os.path.isfile(tm):
-            with open(tm, newline="") as f:
-                curves[r["name"]] = [(int(x["step"]), float(x["loss"])) for x in csv.DictReader(f)]
+    # training rows (fine-tuning, distillation): their training curves side by side
+    curves = {r["name"]: train_curve(os.path.join(exp_dir, r["name"])) for r in runs}
     if any(curves.values()):
         _plot_training({k: v for k, v in curves.items() if v}, os.path.join(exp_dir, "train_loss.png"),
                        os.path.basename(exp_dir))
@@ -690,11 +685,12 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             t0 = time.perf_counter()
             distill_tokens, distill_record = distill_data(cfg.distill, params, mcfg, tok, cfg.seed, progress=progress)
             distill_record["seconds"] = time.perf_counter() - t0
-            curve_tokens = np.asarray(tok.encode(eval_texts[cfg.eval.data[0]]), np.int32)
+            stream = np.asarray(tok.encode(eval_texts[cfg.eval.data[0]]), np.int32)
             need = cfg.distill.eval_windows * cfg.distill.seqlen
-            if cfg.distill.eval_every and len(curve_tokens) < need:
+            if cfg.distill.eval_every and len(stream) < need:
                 raise ValueError(f"distill.eval_windows={cfg.distill.eval_windows}: {cfg.eval.data[0]}/{cfg.eval.split} "
-                                 f"has {len(curve_tokens)} tokens, fewer than {need}")
+                                 f"has {len(stream)} tokens, fewer than {need}")
+            curve_tokens = stream[:need]   # the perplexity-vs-steps windows
             _log(f"distillation data ({distill_record['source']}): {np.asarray(distill_tokens).size} tokens "
                  f"in {distill_record['seconds']:.0f} s")
 
@@ -706,7 +702,7 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         run_cfg = _run_config(cfg, m)
         timings: dict[str, Any] = {"load_model_s": load_s, "calib_data_s": calib_s}
         rows: list[dict] = []
-        recipe = build_recipe(m)
+        recipe = build_recipe(m, params)
         t0 = time.perf_counter()
         if recipe is None:
             qparams = params

@@ -143,9 +143,9 @@ def _training(results: str, name: str, figures: str, report_dir: str) -> str:
     """The training rows of experiment ``name`` (LoRA / QLoRA fine-tuning, OneBit distillation): a
     table (trained parameters, data, loss, speed, memory) and the runner's figure of every row's
     training loss (``train_loss.png``)."""
-    import csv
-
     import yaml
+
+    from lowbit.runner.records import train_curve
 
     rows = []
     for mf in glob.glob(os.path.join(results, name, "*", "metrics.json")):
@@ -157,11 +157,7 @@ def _training(results: str, name: str, figures: str, report_dir: str) -> str:
         row_dir = os.path.dirname(mf)
         with open(os.path.join(row_dir, "config.yaml")) as f:
             run_cfg = yaml.safe_load(f) or {}
-        curve = []
-        if os.path.isfile(os.path.join(row_dir, "train_metrics.csv")):
-            with open(os.path.join(row_dir, "train_metrics.csv"), newline="") as f:
-                curve = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-        rows.append((m, run_cfg, curve, kind))
+        rows.append((m, run_cfg, train_curve(row_dir), kind))
     if not rows:
         return _missing("training", name)
     order = {}

@@ -82,3 +82,14 @@ def layers_csv(rows: list[dict]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def train_curve(row_dir: str) -> list[tuple[int, float]]:
+    """``(step, loss)`` of a row's ``train_metrics.csv`` (the training run's metrics.csv, read by
+    :func:`lowbit.train.read_metrics`); empty when the row did not train."""
+    path = os.path.join(row_dir, "train_metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    from lowbit.train.loop import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(path)]
