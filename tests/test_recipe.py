@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from lowbit.alloc import DENSE, Recipe, load_recipe, save_recipe, spec_bytes
+from lowbit.alloc.recipe import MixedSpec
+from lowbit.core.mixed import MixedWidthWeight
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import bits_per_param, quantize
 
@@ -29,11 +31,13 @@ def test_spec_bytes_is_exactly_what_quantize_stores(spec):
 def test_recipe_file_round_trips(tmp_path):
     r = Recipe({"layers/0/mlp/up_proj": QuantSpec(bits=4, group_size=128, partial_groups=True),
                 "layers/0/mlp/down_proj": None,
-                "layers/1/self_attn/q_proj": QuantSpec(bits=3, group_size=32, partial_groups=True, symmetric=True)},
+                "layers/1/self_attn/q_proj": QuantSpec(bits=3, group_size=32, partial_groups=True, symmetric=True),
+                "layers/1/self_attn/k_proj": MixedSpec(QuantSpec(bits=8, group_size=64), (2, 8, 3))},
                method="rtn")
     path = save_recipe(r, str(tmp_path / "r.yaml"), comment="made by a test\nsecond line")
     text = open(path).read()
     assert text.startswith("# made by a test\n# second line\n") and "layers/0/mlp/down_proj: dense" in text
+    assert "- 8" in text and "group_size: 64" in text   # a width per column group: a list of bits
     assert load_recipe(path) == r
 
 
@@ -44,6 +48,12 @@ def test_recipe_file_round_trips(tmp_path):
     ({"format": "lowbit-recipe", "version": 1, "method": "fp", "weights": {"a": DENSE}}, "does not quantize"),
     ({"format": "lowbit-recipe", "version": 1, "weights": {"a": {"bits": 4}}, "extra": 1}, "unknown keys"),
     ({"format": "lowbit-recipe", "version": 1, "weights": {}}, "non-empty"),
+    ({"format": "lowbit-recipe", "version": 1, "weights": {"a": {"bits": [3, 9], "group_size": 64}}}, "widths in 1..8"),
+    ({"format": "lowbit-recipe", "version": 1, "weights": {"a": {"bits": [3, 4], "group_size": None}}}, "group-wise int"),
+    ({"format": "lowbit-recipe", "version": 1, "method": "awq", "weights": {"a": {"bits": [3, 4], "group_size": 64}}},
+     "needs method gptq or rtn"),
+    ({"format": "lowbit-recipe", "version": 1, "gptq": {"act_order": True},
+      "weights": {"a": {"bits": [3, 4], "group_size": 64}}}, "act_order: false"),
 ])
 def test_bad_recipe_files_are_named(tmp_path, doc, match):
     p = tmp_path / "bad.yaml"
@@ -70,7 +80,15 @@ def _recipe_for(root, tmp_path) -> str:
         w[f"layers/0/mlp/{name}"] = QuantSpec(bits=2 if name == "down_proj" else 8, group_size=32,
                                               partial_groups=True)
         w[f"layers/1/mlp/{name}"] = None
+    w["layers/0/mlp/gate_proj"] = MixedSpec(QuantSpec(bits=8, group_size=32, partial_groups=True),
+                                            tuple([2, 8, 3, 4, 2, 3, 8, 8][:-(-_hidden(root) // 32)]))
     return save_recipe(Recipe(w, method="gptq"), str(tmp_path / "mixed.yaml"))
+
+
+def _hidden(root) -> int:
+    from lowbit.models.loaders import load_model
+
+    return int(load_model(str(root / "model"))[0]["layers"][0]["mlp"]["gate_proj"].shape[1])
 
 
 def test_quantize_and_run_accept_a_recipe(tiny_experiment, tmp_path):
@@ -88,6 +106,8 @@ def test_quantize_and_run_accept_a_recipe(tiny_experiment, tmp_path):
     q = params["layers"][0]["self_attn"]["q_proj"]
     assert isinstance(q, QuantizedTensor) and q.bits == 2
     assert params["layers"][0]["mlp"]["up_proj"].bits == 8
+    gate = params["layers"][0]["mlp"]["gate_proj"]   # a width per column group, saved and loaded back
+    assert isinstance(gate, MixedWidthWeight) and gate.widths == load_recipe(recipe).weights["layers/0/mlp/gate_proj"].widths
     assert not isinstance(params["layers"][1]["mlp"]["up_proj"], QuantizedTensor)
     assert not isinstance(params["layers"][1]["self_attn"]["q_proj"], QuantizedTensor)
     # a lowbit run row with the recipe: the table says "mixed", the row depends on the recipe's content

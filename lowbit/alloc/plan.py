@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from lowbit.alloc import baselines, learned
-from lowbit.alloc.recipe import Recipe, spec_bytes
+from lowbit.alloc.recipe import Recipe, code_bits, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
 
@@ -69,7 +69,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
 
 def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
     """Heatmap of the bits per weight of each linear (rows: linear kind; columns: block index; 16 =
-    dense)."""
+    dense; a width per column group: the mean width)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +79,7 @@ def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
     for p, s in recipe.weights.items():
         m = re.match(r"^(?:.*/)?(\d+)/(.+)$", p)
         layer, kind = (int(m.group(1)), m.group(2)) if m else (0, p)
-        cells[(kind, layer)] = 16.0 if s is None else float(s.bits)
+        cells[(kind, layer)] = code_bits(s)
     kinds = sorted({k for k, _ in cells})
     layers = sorted({i for _, i in cells})
     grid = np.full((len(kinds), len(layers)), np.nan)

@@ -11,6 +11,11 @@ mixed-precision plan alike::
       layers/0/self_attn/q_proj: {bits: 4, group_size: 128}
       layers/0/mlp/down_proj: {bits: 3, group_size: 128}
       layers/29/mlp/down_proj: dense  # kept in 16 bit
+      layers/3/mlp/up_proj: {bits: [2, 4, 3, 3, 8], group_size: 128}   # a width per column group
+
+A list of ``bits`` gives each group of ``group_size`` input columns its own width (a
+:class:`MixedSpec`, stored as a :class:`lowbit.core.mixed.MixedWidthWeight`; methods ``gptq`` --
+error feedback across groups of different widths -- and ``rtn``).
 
 Linears the recipe does not list stay as they are (dense). A path the model does not have is an
 error naming it (with the model's linear paths), so a recipe made for one model cannot silently
@@ -35,7 +40,8 @@ import yaml
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
 
-__all__ = ["Recipe", "load_recipe", "save_recipe", "spec_bytes", "DENSE", "RECIPE_FORMAT", "RECIPE_VERSION"]
+__all__ = ["Recipe", "MixedSpec", "load_recipe", "save_recipe", "spec_bytes", "DENSE", "RECIPE_FORMAT",
+           "RECIPE_VERSION"]
 
 RECIPE_FORMAT, RECIPE_VERSION = "lowbit-recipe", 1
 #: a weights entry that keeps the linear in 16 bit
@@ -44,20 +50,46 @@ DENSE = "dense"
 DENSE_BYTES = 2
 
 
-def spec_bytes(spec: QuantSpec | None, shape: tuple[int, int]) -> int:
+@dataclasses.dataclass(frozen=True)
+class MixedSpec:
+    """A width per column group: ``spec`` (group-wise int; its ``bits`` is ``max(widths)``) with
+    ``widths[g]`` bits for group ``g``."""
+    spec: QuantSpec
+    widths: tuple[int, ...]
+
+
+#: the methods that can quantize a MixedSpec entry
+MIXED_METHODS = ("gptq", "rtn")
+
+
+def spec_bytes(spec: QuantSpec | MixedSpec | None, shape: tuple[int, int]) -> int:
     """Exact bytes that :func:`lowbit.quantize` stores for a ``shape`` matrix with ``spec`` (every
     array of the QuantizedTensor, nested double-quantization scales included; computed from shapes
-    only, nothing is quantized). ``None`` (dense): 2 bytes per weight."""
+    only, nothing is quantized). ``None`` (dense): 2 bytes per weight; a :class:`MixedSpec`: the
+    bytes of its :class:`~lowbit.core.mixed.MixedWidthWeight`."""
     rows, cols = (int(d) for d in shape)
     if spec is None:
         return DENSE_BYTES * rows * cols
+    if isinstance(spec, MixedSpec):
+        from lowbit.core.mixed import mixed_bytes
+
+        return mixed_bytes(spec.spec, (rows, cols), spec.widths)
     from lowbit.core.quantizers import quantize
 
     out = jax.eval_shape(lambda w: quantize(w, spec), jax.ShapeDtypeStruct((rows, cols), jnp.float32))
     return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(out)))
 
 
-def _spec_of(entry, where: str) -> QuantSpec | None:
+def code_bits(spec: QuantSpec | MixedSpec | None) -> float:
+    """The code width of an entry: 16 for dense, the mean over the groups for a :class:`MixedSpec`."""
+    if spec is None:
+        return 16.0
+    if isinstance(spec, MixedSpec):
+        return float(np.mean(spec.widths))
+    return float(spec.bits)
+
+
+def _spec_of(entry, where: str) -> QuantSpec | MixedSpec | None:
     if entry == DENSE or entry is None:
         return None
     if not isinstance(entry, dict):
@@ -65,15 +97,27 @@ def _spec_of(entry, where: str) -> QuantSpec | None:
                          f"got {entry!r}")
     from lowbit.runner.config import QuantCfg, from_dict
 
+    if isinstance(entry.get("bits"), list):   # a width per column group
+        widths = entry["bits"]
+        if not widths or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 8 for b in widths):
+            raise ValueError(f"{where}.bits: expected a non-empty list of widths in 1..8 (one per column group), "
+                             f"got {widths!r}")
+        spec = _spec_of({**entry, "bits": max(widths)}, where)
+        from lowbit.core.mixed import check_widths
+
+        check_widths(widths, spec, name=f"{where}.bits")
+        return MixedSpec(spec, tuple(widths))
     q = from_dict(QuantCfg, entry, where)
     return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format, clip=q.clip,
                      double_quant=q.double_quant, partial_groups=q.partial_groups, dq_map=q.dq_map,
                      scale_dtype=q.scale_dtype)
 
 
-def _entry_of(spec: QuantSpec | None):
+def _entry_of(spec: QuantSpec | MixedSpec | None):
     if spec is None:
         return DENSE
+    if isinstance(spec, MixedSpec):
+        return {**_entry_of(spec.spec), "bits": list(spec.widths)}
     from lowbit.runner.config import QuantCfg
 
     d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(QuantCfg)}
@@ -106,8 +150,15 @@ class Recipe:
         for p, s in self.weights.items():
             if not isinstance(p, str) or not p:
                 raise ValueError(f"recipe weights: path {p!r} is not a non-empty string")
-            if s is not None and not isinstance(s, QuantSpec):
-                raise ValueError(f"recipe weights[{p!r}]: expected a QuantSpec or None (dense), got {s!r}")
+            if s is not None and not isinstance(s, (QuantSpec, MixedSpec)):
+                raise ValueError(f"recipe weights[{p!r}]: expected a QuantSpec, MixedSpec or None (dense), got {s!r}")
+            if isinstance(s, MixedSpec) and self.method not in MIXED_METHODS:
+                raise ValueError(f"recipe weights[{p!r}]: a width per column group needs method "
+                                 f"{' or '.join(MIXED_METHODS)}, not {self.method!r}")
+        if any(isinstance(s, MixedSpec) for s in self.weights.values()) and (
+                getattr(self.options, "act_order", False) or getattr(self.options, "static_groups", False)):
+            raise ValueError("recipe: widths per column group need act_order: false and static_groups: false "
+                             "(the groups are the original column blocks the widths name)")
 
     def check(self, params) -> dict[str, tuple[int, int]]:
         """The shapes of the recipe's linears in ``params``; a ValueError naming every path the
@@ -119,6 +170,11 @@ class Recipe:
             shown = ", ".join(sorted(linears)[:12]) + (" ..." if len(linears) > 12 else "")
             raise ValueError(f"recipe: unknown weight paths {unknown[:8]}{' ...' if len(unknown) > 8 else ''} "
                              f"(not 2-D weights of this model); the model's matrices are: {shown}")
+        for p, s in self.weights.items():
+            if isinstance(s, MixedSpec):
+                from lowbit.core.mixed import check_widths
+
+                check_widths(s.widths, s.spec, linears[p][1], f"recipe weights[{p!r}].bits")
         return {p: linears[p] for p in self.weights}
 
     def nbytes(self, params) -> int:
@@ -136,11 +192,23 @@ class Recipe:
         from lowbit import methods
 
         groups: dict[QuantSpec, list[str]] = {}
+        mixed: dict[QuantSpec, dict[str, tuple]] = {}
         for p, s in self.weights.items():
-            if s is not None:
+            if isinstance(s, MixedSpec):
+                mixed.setdefault(s.spec, {})[p] = s.widths
+            elif s is not None:
                 groups.setdefault(s, []).append(p)
-        rules = [("^(" + "|".join(re.escape(p) for p in ps) + ")$", methods.build(self.method, s, self.options))
-                 for s, ps in groups.items()]
+        rules = [(_exact(ps), methods.build(self.method, s, self.options)) for s, ps in groups.items()]
+        for s, widths in mixed.items():
+            if self.method == "gptq":
+                from lowbit.methods.gptq import gptq
+
+                t = gptq(s, **dataclasses.asdict(self.options), widths=widths)
+            else:
+                from lowbit.methods.rtn import rtn
+
+                t = rtn(s, widths=widths)
+            rules.append((_exact(widths), t))
         return partition(rules + [(".*", identity())])
 
     def to_dict(self) -> dict:
@@ -174,6 +242,10 @@ class Recipe:
         if not isinstance(weights, dict):
             raise ValueError(f"{where}.weights: expected a mapping of linear paths to specs")
         return cls({str(p): _spec_of(e, f"{where}.weights[{p!r}]") for p, e in weights.items()}, method, opts)
+
+
+def _exact(paths) -> str:
+    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
 
 
 def load_recipe(path: str) -> Recipe:

@@ -199,15 +199,26 @@ class MatrixLike:
 
 class QuantizedMatrix(MatrixLike):
     """Base of the weight types that replace a matrix by a method-specific node stored and passed
-    around whole (LLM.int8()'s ``Int8Weight``, OneBit's ``OneBitWeight``): one leaf for
+    around whole (LLM.int8()'s ``Int8Weight``, OneBit's ``OneBitWeight``, the mixed-width
+    ``MixedWidthWeight``): one leaf for
     :func:`lowbit.core.transforms.flatten`, a quantized linear for model-size accounting, computed
     by :func:`lowbit.ops.linear` through their ``matmul(x)`` (``x @ W^T``), reported by the
-    calibration driver through ``describe()`` and ``bits_per_param()``."""
+    calibration driver through ``describe()`` and ``bits_per_param()``, saved by
+    :mod:`lowbit.io.checkpoint` through ``ckpt_fields()`` / ``from_ckpt()``."""
 
     def matmul(self, x):  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
     def describe(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    # checkpoint protocol (lowbit.io.checkpoint): the node as named children (arrays, QuantizedTensors,
+    # None for absent ones) and JSON metadata, and back
+    def ckpt_fields(self) -> tuple[dict, dict]:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def from_ckpt(cls, fields: dict, meta: dict):  # pragma: no cover
         raise NotImplementedError
 
 

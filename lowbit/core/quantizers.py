@@ -115,8 +115,14 @@ def _levels(spec_or_q) -> tuple[float, ...] | None:
     return spec_or_q.table if isinstance(spec_or_q, QuantSpec) else spec_or_q.levels
 
 
-def _raw_scale_and_zero(lo, hi, spec: QuantSpec):
-    maxq = 2**spec.bits - 1
+def _maxq(spec: QuantSpec, bits=None):
+    """The largest int code: ``2**bits - 1``; ``bits`` (a traced per-group width, int format only)
+    overrides ``spec.bits``."""
+    return 2**spec.bits - 1 if bits is None else 2.0**bits - 1.0
+
+
+def _raw_scale_and_zero(lo, hi, spec: QuantSpec, bits=None):
+    maxq = _maxq(spec, bits)
     if spec.format == "int":
         if spec.symmetric:
             a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -135,11 +141,12 @@ def _raw_scale_and_zero(lo, hi, spec: QuantSpec):
     return jnp.where(scale == 0, jnp.finfo(jnp.float32).tiny, scale), None
 
 
-def quantize_codes(x, scale, zero, spec: QuantSpec):
-    """Round ``x`` onto the grid given by broadcastable ``scale``/``zero``; returns uint8 codes."""
+def quantize_codes(x, scale, zero, spec: QuantSpec, bits=None):
+    """Round ``x`` onto the grid given by broadcastable ``scale``/``zero``; returns uint8 codes.
+    ``bits`` (int format): a width that overrides ``spec.bits`` (may be traced: per-group widths)."""
     if spec.format == "int":
-        maxq = 2**spec.bits - 1
-        z = 2 ** (spec.bits - 1) if zero is None else zero
+        maxq = _maxq(spec, bits)
+        z = (2 ** (spec.bits - 1) if bits is None else 2.0 ** (bits - 1)) if zero is None else zero
         return jnp.clip(jnp.round(x / scale) + z, 0, maxq).astype(jnp.uint8)
     if spec.format in ("sign", "onebit"):
         return (x >= 0).astype(jnp.uint8)
@@ -157,12 +164,13 @@ def dequantize_codes(codes, scale, zero, *, format: str, bits: int, levels=None)
     return jnp.asarray(levels, jnp.float32)[codes.astype(jnp.int32)] * scale
 
 
-def compute_params(x, spec: QuantSpec, valid=None) -> QParams:
+def compute_params(x, spec: QuantSpec, valid=None, bits=None) -> QParams:
     """Scale (and zero) for each group: ``x (..., n)`` reduced over its last axis -> ``(...)``.
 
     ``valid`` (broadcastable boolean, optional) marks real elements when groups are zero-padded;
     zeros never change the min/max range (it always contains 0), but they must not count in a mean
-    or in the clipping error.
+    or in the clipping error. ``bits`` (int format): a width overriding ``spec.bits`` (may be
+    traced: GPTQ with a bit width per group).
 
     With ``spec.clip`` the range is shrunk by the factor in ``{1 - i / clip_grid}`` that minimises
     ``sum |x - deq(q(x))| ** clip_norm`` per group (a ``lax.fori_loop`` over candidates).
@@ -176,13 +184,13 @@ def compute_params(x, spec: QuantSpec, valid=None) -> QParams:
     lo = jnp.minimum(x.min(axis=-1), 0.0)
     hi = jnp.maximum(x.max(axis=-1), 0.0)
     if not spec.clip:
-        return QParams(*_raw_scale_and_zero(lo, hi, spec))
+        return QParams(*_raw_scale_and_zero(lo, hi, spec, bits))
 
     def err(p):
-        s, z = _raw_scale_and_zero(p * lo, p * hi, spec)
+        s, z = _raw_scale_and_zero(p * lo, p * hi, spec, bits)
         zz = None if z is None else z[..., None]
-        q = dequantize_codes(quantize_codes(x, s[..., None], zz, spec), s[..., None], zz,
-                             format=spec.format, bits=spec.bits, levels=spec.table)
+        q = dequantize_codes(quantize_codes(x, s[..., None], zz, spec, bits), s[..., None], zz,
+                             format=spec.format, bits=spec.bits if bits is None else bits, levels=spec.table)
         e = jnp.abs(q - x) ** spec.clip_norm
         return jnp.sum(e if valid is None else jnp.where(valid, e, 0.0), axis=-1)
 
@@ -195,7 +203,7 @@ def compute_params(x, spec: QuantSpec, valid=None) -> QParams:
 
     n = int(spec.clip_maxshrink * spec.clip_grid)
     best_p, _ = jax.lax.fori_loop(1, n, body, (jnp.ones_like(lo), err(1.0)))
-    return QParams(*_raw_scale_and_zero(best_p * lo, best_p * hi, spec))
+    return QParams(*_raw_scale_and_zero(best_p * lo, best_p * hi, spec, bits))
 
 
 # ----------------------------------------------------------------------------- quantize / dequantize

@@ -4,10 +4,12 @@ Layout of a checkpoint directory::
 
     DIR/manifest.json        structure: nested dicts/lists, array shapes/dtypes and sha256 checksums,
                              QuantizedTensor metadata (version 2; version 1 had no checksums), the
-                             static fields of LoRA adapters, LLM.int8() and OneBit weights
-                             (``__lora__``, ``__llm_int8__``: threshold, ``__onebit__``: norm, eps)
+                             static fields of LoRA adapters (``__lora__``) and of method weight
+                             nodes (``__qmatrix__``: class and ``ckpt_fields()`` metadata of a
+                             QuantizedMatrix: Int8Weight, OneBitWeight, MixedWidthWeight; the older
+                             ``__llm_int8__`` / ``__onebit__`` entries are still read)
     DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors (and
-                             LoraWeight / Int8Weight / OneBitWeight nodes) as dicts
+                             LoraWeight / QuantizedMatrix nodes) as dicts
     DIR/extra.json           caller's metadata (model config, recipe, ...), optional
     DIR/<extra files>        caller's files (e.g. layers.csv), optional
     DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 from lowbit.faults import crash_point
 from lowbit.io import outputs
 
@@ -80,20 +82,15 @@ def _encode(x) -> tuple[Any, Any]:
         enc = {f: _encode(getattr(x, f)) for f in ("base", "a", "b")}
         meta = {"scale": float(x.scale), "rank": int(x.rank), "dropout": float(x.dropout)}
         return {k: v[0] for k, v in enc.items()}, {"__lora__": meta, "__dict__": {k: v[1] for k, v in enc.items()}}
-    int8 = sys.modules.get("lowbit.methods.llm_int8")  # no Int8Weight exists before that module is loaded
-    if int8 is not None and isinstance(x, int8.Int8Weight):
-        # an LLM.int8() weight (lowbit.methods.llm_int8.Int8Weight): int8 codes and float32 absmax as a
-        # dict of arrays, the static outlier threshold as metadata ("__dict__": _verify walks it)
-        enc = {f: _encode(getattr(x, f)) for f in ("codes", "absmax")}
+    if isinstance(x, QuantizedMatrix):
+        # a method's weight node (LLM.int8()'s Int8Weight, OneBit's OneBitWeight, MixedWidthWeight, ...):
+        # its named children as a dict, its class and static metadata in "__qmatrix__" ("__dict__":
+        # _verify walks it like a dict); absent (None) children are not stored
+        fields, meta = x.ckpt_fields()
+        enc = {k: _encode(v) for k, v in fields.items() if v is not None}
+        kind = f"{type(x).__module__}:{type(x).__qualname__}"
         return ({k: v[0] for k, v in enc.items()},
-                {"__llm_int8__": {"threshold": float(x.threshold)}, "__dict__": {k: v[1] for k, v in enc.items()}})
-    onebit = sys.modules.get("lowbit.methods.onebit")  # no OneBitWeight exists before that module is loaded
-    if onebit is not None and isinstance(x, onebit.OneBitWeight):
-        # a OneBit weight: the latent float matrix (training form) or the packed "onebit"
-        # QuantizedTensor, the vectors a / b (training form only); the norm flag and eps as metadata
-        enc = {f: _encode(getattr(x, f)) for f in ("w", "a", "b") if getattr(x, f) is not None}
-        return ({k: v[0] for k, v in enc.items()},
-                {"__onebit__": {"norm": bool(x.norm), "eps": float(x.eps)}, "__dict__": {k: v[1] for k, v in enc.items()}})
+                {"__qmatrix__": {"type": kind, "meta": meta}, "__dict__": {k: v[1] for k, v in enc.items()}})
     if isinstance(x, dict):
         enc = {str(k): _encode(v) for k, v in x.items()}
         return {k: v[0] for k, v in enc.items()}, {"__dict__": {k: v[1] for k, v in enc.items()}}
@@ -105,10 +102,32 @@ def _encode(x) -> tuple[Any, Any]:
     return a, {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}  # on host, as saved
 
 
+#: manifest keys of method weight nodes written before the generic "__qmatrix__" entry (still read)
+_LEGACY_QMATRIX = {"__llm_int8__": "lowbit.methods.llm_int8:Int8Weight",
+                   "__onebit__": "lowbit.methods.onebit:OneBitWeight"}
+
+
+def _qmatrix_class(kind: str):
+    """The QuantizedMatrix subclass named ``module:qualname`` in a manifest (lowbit's own modules only:
+    a manifest never makes lowbit import anything else)."""
+    import importlib
+
+    mod, _, name = str(kind).partition(":")
+    if not (mod == "lowbit" or mod.startswith("lowbit.")) or not name:
+        raise CheckpointError(f"manifest.json: weight node type {kind!r} is not a lowbit QuantizedMatrix")
+    try:
+        cls = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        raise CheckpointError(f"manifest.json: weight node type {kind!r} does not exist in this lowbit") from None
+    if not (isinstance(cls, type) and issubclass(cls, QuantizedMatrix)):
+        raise CheckpointError(f"manifest.json: weight node type {kind!r} is not a lowbit QuantizedMatrix")
+    return cls
+
+
 def _abstract(spec) -> Any:
     if "__qtensor__" in spec:
         return {f: _abstract(s) for f, s in spec["fields"].items()}
-    if "__lora__" in spec or "__llm_int8__" in spec or "__onebit__" in spec:
+    if "__lora__" in spec or "__qmatrix__" in spec or any(k in spec for k in _LEGACY_QMATRIX):
         return {f: _abstract(s) for f, s in spec["__dict__"].items()}
     if "__dict__" in spec:
         return {k: _abstract(s) for k, s in spec["__dict__"].items()}
@@ -131,18 +150,12 @@ def _decode(plain, spec) -> Any:
         fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
         return LoraWeight(**fields, scale=float(meta["scale"]), rank=int(meta["rank"]),
                           dropout=float(meta["dropout"]))
-    if "__llm_int8__" in spec:
-        from lowbit.methods.llm_int8 import Int8Weight
-
-        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
-        return Int8Weight(codes=fields["codes"], absmax=fields["absmax"],
-                          threshold=float(spec["__llm_int8__"]["threshold"]))
-    if "__onebit__" in spec:
-        from lowbit.methods.onebit import OneBitWeight
-
-        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
-        meta = spec["__onebit__"]
-        return OneBitWeight(fields["w"], fields.get("a"), fields.get("b"), bool(meta["norm"]), float(meta["eps"]))
+    legacy = next((k for k in _LEGACY_QMATRIX if k in spec), None)
+    if "__qmatrix__" in spec or legacy:
+        kind, meta = ((spec["__qmatrix__"]["type"], spec["__qmatrix__"]["meta"]) if legacy is None
+                      else (_LEGACY_QMATRIX[legacy], spec[legacy]))
+        cls = _qmatrix_class(kind)
+        return cls.from_ckpt({f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}, meta)
     if "__dict__" in spec:
         return {k: _decode(plain[k], s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:

@@ -51,7 +51,7 @@ from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import (check_matrix, check_scales, compute_params, dequantize_codes, group_params,
                                     pack_result, quantize_codes, resolve_group_size)
 
-__all__ = ["GPTQResult", "HessianStat", "GPTQOptions", "quantize_weight", "gptq", "hessian_update", "inverse_hessian_upper"]
+__all__ = ["GPTQResult", "HessianStat", "GPTQOptions", "quantize_weight", "quantize_weight_mixed", "gptq", "hessian_update", "inverse_hessian_upper"]
 
 
 class GPTQResult(NamedTuple):
@@ -129,8 +129,11 @@ def _block_size(spec: QuantSpec, cols: int, blocksize: int, dynamic_groups: bool
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups", "zero_dead"))
-def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, static_groups: bool,
-               zero_dead: bool) -> GPTQResult:
+def _gptq_impl(W, H, damp, group_bits=None, *, spec: QuantSpec, blocksize: int, act_order: bool,
+               static_groups: bool, zero_dead: bool):
+    """The GPTQ core. ``group_bits`` (int32 ``(n_groups,)``, dynamic int groups only): a bit width
+    per group instead of ``spec.bits``; the result is then the raw ``(codes, scales, zeros, losses,
+    damp)`` (codes as uint8, one width per group: :func:`quantize_weight_mixed` packs them)."""
     rows, cols = W.shape
     W = W.astype(jnp.float32)
     H = H.astype(jnp.float32)
@@ -183,11 +186,11 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
 
         def column(k, st):
             Ws, Es, Cs, Ls = st
-            s, z = params_of(c0 + k)
+            s, z, b = params_of(c0 + k)
             w = Ws[k]
             d = Us[k, k]
-            code = quantize_codes(w, s, z, spec)
-            q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits, levels=levels)
+            code = quantize_codes(w, s, z, spec, b)
+            q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits if b is None else b, levels=levels)
             err = (w - q) / d
             Ws = Ws - Us[k][:, None] * err[None, :]   # Us upper triangular: earlier rows untouched
             return (Ws, Es.at[k].set(err), Cs.at[k].set(code),
@@ -212,12 +215,13 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
                 state, S, Z = carry
                 Wg = jax.lax.dynamic_slice(state[0], (j * g, 0), (g, rows))
                 valid = (i1 + j * g + jnp.arange(g)) < cols  # padding columns don't count
-                s, z = compute_params(Wg.T, spec, valid)
                 gi = (i1 + j * g) // g
+                b = None if group_bits is None else group_bits[gi]
+                s, z = compute_params(Wg.T, spec, valid, b)
                 S = jax.lax.dynamic_update_slice(S, s[None, :], (gi, 0))
                 if z is not None:
                     Z = jax.lax.dynamic_update_slice(Z, z[None, :], (gi, 0))
-                state = jax.lax.fori_loop(0, g // sb, lambda t, st: sub_block(j * g + t * sb, lambda i: (s, z), st),
+                state = jax.lax.fori_loop(0, g // sb, lambda t, st: sub_block(j * g + t * sb, lambda i: (s, z, b), st),
                                           state)
                 return state, S, Z
 
@@ -225,7 +229,7 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
         else:
             def fixed(i):
                 gi = col_group[i1 + i]
-                return fixed_scale_t[gi], (None if fixed_zero is None else fixed_zero_t[gi])
+                return fixed_scale_t[gi], (None if fixed_zero is None else fixed_zero_t[gi]), None
 
             state = jax.lax.fori_loop(0, B // sb, lambda t, st: sub_block(t * sb, fixed, st), state)
         _, _, Err1, C1, L1 = state
@@ -239,6 +243,9 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
         fixed_scale_t = fixed_scale.T
         fixed_zero_t = None if fixed_zero is None else fixed_zero.T
     groups_pad = cols_pad // g if dynamic else n_groups  # padded groups get (discarded) parameters too
+    if group_bits is not None:  # padded groups quantize at spec.bits; their output is dropped
+        group_bits = jnp.pad(jnp.asarray(group_bits, jnp.int32), (0, groups_pad - n_groups),
+                             constant_values=spec.bits)
     S0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
     Z0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
     # The lazy update of a block only concerns later columns; U's zeros below the diagonal make a
@@ -258,6 +265,8 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
     codes, losses, S, Z = codes[:, :cols], losses[:cols], S[:, :n_groups], Z[:, :n_groups]
     losses = jnp.zeros_like(losses).at[perm].set(losses)
 
+    if group_bits is not None:
+        return codes, S, Z, losses, damp_used
     if dynamic:
         zero = Z if (spec.format == "int" and not spec.symmetric) else None
         q = pack_result(codes, S.astype(spec.scale_dtype), zero, spec, group_size=g,
@@ -269,17 +278,12 @@ def _gptq_impl(W, H, damp, *, spec: QuantSpec, blocksize: int, act_order: bool, 
     return GPTQResult(q, losses, damp_used)
 
 
-def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01,
-                    act_order: bool = False, static_groups: bool = False, zero_dead: bool = False) -> GPTQResult:
-    """GPTQ-quantize ``W (out_features, in_features)`` given the input Hessian ``H (in, in)``.
-
-    Returns a :class:`GPTQResult` with the :class:`QuantizedTensor`, the per-column losses and the
-    dampening used. See the module docstring for the algorithm and options.
-    """
+def _check_problem(W, H, spec: QuantSpec, blocksize, damp, static_groups: bool):
+    """The argument checks of :func:`quantize_weight`; returns ``(W, H)`` as arrays."""
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"spec: expected a QuantSpec, got {type(spec).__name__}")
     W = check_matrix(W, "W")
-    rows, cols = W.shape
+    cols = W.shape[1]
     H = jnp.asarray(H)
     if H.shape != (cols, cols):
         raise ValueError(f"H: expected shape ({cols}, {cols}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -299,10 +303,47 @@ def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float 
         raise ValueError(f"blocksize={blocksize!r}: expected a positive int")
     if not isinstance(damp, jax.core.Tracer) and not (_is_real(damp) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp={damp!r}: expected a finite, non-negative fraction of mean(diag(H))")
+    return W, H
+
+
+def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01,
+                    act_order: bool = False, static_groups: bool = False, zero_dead: bool = False) -> GPTQResult:
+    """GPTQ-quantize ``W (out_features, in_features)`` given the input Hessian ``H (in, in)``.
+
+    Returns a :class:`GPTQResult` with the :class:`QuantizedTensor`, the per-column losses and the
+    dampening used. See the module docstring for the algorithm and options.
+    """
+    W, H = _check_problem(W, H, spec, blocksize, damp, static_groups)
     res = _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
                      static_groups=bool(static_groups), zero_dead=bool(zero_dead))
     check_scales(res.q, W, spec, "W")
     return res
+
+
+def quantize_weight_mixed(W, H, spec: QuantSpec, widths, *, blocksize: int = 128, damp: float = 0.01,
+                          zero_dead: bool = False):
+    """GPTQ with a bit width per group: group ``g`` (``spec.group_size`` columns, original order) is
+    quantized at ``widths[g]`` bits, and every column's rounding error flows on to the later columns
+    through the same inverse Hessian whatever their width (mixed precision inside one matrix, for
+    column-block bit allocations). ``spec``: a group-wise int format (``spec.bits`` is ignored);
+    dynamic groups, no act-order (groups must stay the original column blocks the widths name).
+    With all widths equal to ``spec.bits`` the codes, scales and zeros are those of
+    :func:`quantize_weight`. Returns ``(MixedWidthWeight, losses, damp)``."""
+    from lowbit.core.mixed import assemble, check_widths
+
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"spec: expected a QuantSpec, got {type(spec).__name__}")
+    W = check_matrix(W, "W")
+    cols = W.shape[1]
+    resolve_group_size(spec, cols)
+    widths = check_widths(widths, spec, cols)
+    one = dataclasses.replace(spec, bits=max(widths))   # spec.bits is not used: the widths are
+    W, H = _check_problem(W, H, one, blocksize, damp, False)
+    codes, S, Z, losses, damp_used = _gptq_impl(
+        W, H, jnp.float32(damp), jnp.asarray(widths, jnp.int32), spec=one, blocksize=int(blocksize),
+        act_order=False, static_groups=False, zero_dead=bool(zero_dead))
+    zero = Z if not spec.symmetric else None
+    return assemble(codes, S, zero, spec, widths), losses, damp_used
 
 
 def _is_int(v) -> bool:
@@ -345,7 +386,7 @@ def _gptq_method(spec: QuantSpec, opts: GPTQOptions) -> transforms.Transform:
 
 
 def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
-         static_groups: bool = False, zero_dead: bool = False) -> transforms.Transform:
+         static_groups: bool = False, zero_dead: bool = False, widths: dict | None = None) -> transforms.Transform:
     """GPTQ as a :class:`~lowbit.core.transforms.Transform`.
 
     ``init`` allocates a zero :class:`HessianStat` per 2-D weight, ``update`` folds in each weight's
@@ -353,9 +394,15 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
     detected by the arrays' identity within one ``update`` call) and hands them on unchanged, and
     ``apply`` runs :func:`quantize_weight`, returning per-weight metrics ``gptq_loss`` (the sum of
     :attr:`GPTQResult.losses`) and ``damp`` (the dampening used). ``apply`` is traceable.
+
+    ``widths`` (path -> one bit width per column group): those paths are quantized by
+    :func:`quantize_weight_mixed` into :class:`~lowbit.core.mixed.MixedWidthWeight` nodes.
     """
     kw = dict(blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups,
               zero_dead=zero_dead)
+    widths = widths or {}
+    if widths and (act_order or static_groups):
+        raise ValueError("gptq widths per column group: need act_order=False and static_groups=False")
 
     def init(params):
         stats = {}
@@ -387,11 +434,16 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
                 raise ValueError(f"params[{path!r}]: no calibration activations reached this weight; "
                                  "GPTQ needs update() with its inputs first")
             try:
-                res = quantize_weight(w, stat.H, spec, **kw)
+                if path in widths:
+                    q, losses, damp_used = quantize_weight_mixed(w, stat.H, spec, widths[path], blocksize=blocksize,
+                                                                 damp=damp, zero_dead=zero_dead)
+                else:
+                    res = quantize_weight(w, stat.H, spec, **kw)
+                    q, losses, damp_used = res.q, res.losses, res.damp
             except ValueError as e:
                 raise ValueError(f"params[{path!r}]: {e}") from None
-            out[path] = res.q
-            metrics[path] = {"gptq_loss": jnp.sum(res.losses), "damp": res.damp}
+            out[path] = q
+            metrics[path] = {"gptq_loss": jnp.sum(losses), "damp": damp_used}
         return out, metrics
 
     return transforms.Transform(init, update, apply)

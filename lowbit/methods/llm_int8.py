@@ -187,6 +187,13 @@ class Int8Weight(QuantizedMatrix):
         return dict(format="llm_int8", bits=8, group_size=self.shape[1], act_order=False,
                     bits_per_param=self.bits_per_param(), threshold=self.threshold)
 
+    def ckpt_fields(self) -> tuple[dict, dict]:
+        return {"codes": self.codes, "absmax": self.absmax}, {"threshold": float(self.threshold)}
+
+    @classmethod
+    def from_ckpt(cls, fields: dict, meta: dict) -> "Int8Weight":
+        return cls(codes=fields["codes"], absmax=fields["absmax"], threshold=float(meta["threshold"]))
+
     def __repr__(self):
         return f"Int8Weight(shape={self.shape}, threshold={self.threshold:g})"
 

@@ -281,6 +281,13 @@ class OneBitWeight(QuantizedMatrix):
     def matmul(self, x):
         return onebit_linear(x, self)
 
+    def ckpt_fields(self) -> tuple[dict, dict]:
+        return {"w": self.w, "a": self.a, "b": self.b}, {"norm": bool(self.norm), "eps": float(self.eps)}
+
+    @classmethod
+    def from_ckpt(cls, fields: dict, meta: dict) -> "OneBitWeight":
+        return cls(fields["w"], fields.get("a"), fields.get("b"), bool(meta["norm"]), float(meta["eps"]))
+
     def dequantize(self, dtype=jnp.float32):
         """The dense ``sign(W) * outer(a, b)`` (the product *before* the output norm: with
         ``norm=True`` the layer is not ``x @ dequantize().T``)."""

@@ -3,6 +3,7 @@ format: int zero-point / absmax, NF4, FP4, codebooks, sign), and ``fp``, the unq
 
 from __future__ import annotations
 
+from lowbit.core.mixed import quantize_mixed
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import quantize
 from lowbit.core.transforms import Transform
@@ -21,8 +22,11 @@ def _fp_method(spec, opts: NoOptions) -> None:
     return None
 
 
-def rtn(spec: QuantSpec) -> Transform:
-    """Round-to-nearest (data-free) quantization of every 2-D float matrix it is given."""
+def rtn(spec: QuantSpec, *, widths: dict | None = None) -> Transform:
+    """Round-to-nearest (data-free) quantization of every 2-D float matrix it is given; ``widths``
+    (path -> a bit width per column group): those paths become
+    :class:`~lowbit.core.mixed.MixedWidthWeight` (:func:`lowbit.core.mixed.quantize_mixed`)."""
+    widths = widths or {}
 
     def apply(params, state):
         del state
@@ -34,7 +38,7 @@ def rtn(spec: QuantSpec) -> Transform:
                 raise ValueError(f"params[{path!r}]: rtn quantizes 2-D (out, in) matrices, got shape "
                                  f"{getattr(w, 'shape', None)}; exclude it with partition()")
             try:
-                out[path] = quantize(w, spec)
+                out[path] = quantize_mixed(w, spec, widths[path]) if path in widths else quantize(w, spec)
             except ValueError as e:
                 raise ValueError(f"params[{path!r}]: {e}") from None
         return out, {}
