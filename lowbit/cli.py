@@ -363,6 +363,9 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (learned)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
+    p.add_argument("--block", type=positive_int, default=None, metavar="COLS",
+                   help="learned: units are blocks of COLS input columns (a multiple of --group-size) instead of "
+                        "whole linears; a linear whose blocks differ gets a width per column group")
     p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
     p.add_argument("--run-dir", default=None,
                    help="learned: keep checkpoints here; rerunning the same command resumes from them")
@@ -397,7 +400,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
                                   batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
                                   cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
-                                  run_dir=args.run_dir, **budget)
+                                  run_dir=args.run_dir, block=args.block, **budget)
     info["calib"] = {k: v for k, v in record.items() if k != "tokens"}
     info["argv"] = sys.argv[1:]
     stem = args.out[:-5] if args.out.endswith(".yaml") else args.out

@@ -163,7 +163,7 @@ def test_hutchinson_trace_matches_the_exact_trace_of_a_quadratic():
     assert tr[0] == pytest.approx(3 * float(jnp.trace(h)), rel=0.1)
 
 
-@pytest.mark.parametrize("kind", ["learned", "hawq", "higgs"])
+@pytest.mark.parametrize("kind", ["learned", "hawq", "higgs", "learned-block"])
 def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, tmp_path, kind):
     import json
 
@@ -176,15 +176,17 @@ def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, 
     out = str(tmp_path / f"{kind}.yaml")
     common = ["--calib", str(root / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
               "--no-progress"]
+    block = ["--block", "32"] if kind == "learned-block" else []
+    kind = kind.split("-")[0]
     assert main(["allocate", "--model", str(root / "model"), "--kind", kind, "--bits", "2,4,8", "--group-size", "32",
-                 "--budget-like", "4", "--steps", "3", "--out", out] + common) == 0
+                 "--budget-like", "4", "--steps", "3", "--out", out] + block + common) == 0
     recipe = load_recipe(out)
     params, _, _ = load_model(str(root / "model"))
-    info = json.load(open(str(tmp_path / f"{kind}.json")))
+    info = json.load(open(out[:-5] + ".json"))
     want = uniform_bytes(params, QuantSpec(bits=4, group_size=32, partial_groups=True))
     assert info["budget"] == want and recipe.nbytes(params) == info["nbytes"] <= want
-    assert os.path.isfile(str(tmp_path / f"{kind}.png"))
-    assert os.path.isfile(str(tmp_path / f"{kind}-history.png")) == (kind == "learned")
+    assert os.path.isfile(out[:-5] + ".png")
+    assert os.path.isfile(out[:-5] + "-history.png") == (kind == "learned")
     assert main(["quantize", "--model", str(root / "model"), "--recipe", out, "--out", str(tmp_path / "q")]
                 + common) == 0
 
@@ -208,3 +210,47 @@ def test_an_interrupted_allocation_resumes_bit_for_bit(tmp_path):
     with pytest.raises(ConfigMismatchError, match="budget"):
         learned.allocate(params, cost, CANDS, xs, budget_bits=5.0, cfg=cfg, progress=False,
                          run_dir=str(tmp_path / "b"), save_every=2)
+
+
+def test_column_blocks_give_the_sensitive_columns_more_bits_and_quantize_mixed():
+    """Units = blocks of 128 input columns. The inputs of the first block are 10x larger: its
+    columns carry the output error, so that block gets more bits than the second one; the recipe
+    gives each linear a width per column group (GPTQ at those widths) and meets the budget exactly."""
+    from lowbit.alloc.recipe import MixedSpec
+    from lowbit.core.mixed import MixedWidthWeight
+    from lowbit.core.transforms import flatten
+
+    rng = np.random.default_rng(3)
+    params = {"layers": [{k: jnp.asarray(rng.standard_normal((32, 256)), jnp.float32) for k in ("a_proj", "b_proj")}]}
+    scale = jnp.concatenate([jnp.full((128,), 10.0), jnp.ones((128,))])
+    xs = [jnp.asarray(rng.standard_normal((64, 256)), jnp.float32) * scale for _ in range(4)]
+    ref = params["layers"][0]
+
+    def cost(p, x):
+        return sum(jnp.mean((x @ p["layers"][0][k].T - x @ ref[k].T) ** 2) for k in ("a_proj", "b_proj"))
+
+    cands = learned.int_candidates(bits=(2, 3, 4, 8), group_size=32)
+    res = learned.allocate(params, cost, cands, xs, budget_bits=4.0, block=128,
+                           cfg=learned.AllocCfg(steps=60, lr=0.2), progress=False)
+    for path in ("layers/0/a_proj", "layers/0/b_proj"):
+        first, second = (cands[k].bits for k in res.choice[path])
+        assert first > second, (path, res.choice)
+        spec = res.recipe.weights[path]
+        assert isinstance(spec, MixedSpec) and spec.widths == (first,) * 4 + (second,) * 4
+    assert res.nbytes <= res.budget and res.recipe.nbytes(params) == res.nbytes
+    q = res.recipe.transform()      # GPTQ at the recipe's widths
+    flat = flatten(params)
+    stats, _ = q.update(q.init(flat), {p: xs[0] for p in flat})
+    out, _ = q.apply(flat, stats)
+    assert all(isinstance(v, MixedWidthWeight) for v in out.values())
+    assert sum(round(v.bits_per_param() * v.size / 8) for v in out.values()) == res.nbytes
+
+
+def test_column_blocks_need_int_candidates_of_one_group_size():
+    params, cost, xs = _toy()
+    for cands, block in ((learned.int_candidates((2, 4), 16) + [None], 32), (learned.int_candidates((2, 4), 16), 24),
+                         (learned.int_candidates((2,), 16) + learned.int_candidates((4,), 32), 32)):
+        with pytest.raises(ValueError, match="column-block units need"):
+            learned.allocate(params, cost, cands, xs, budget_bits=3.0, block=block, progress=False)
+    with pytest.raises(ValueError, match="block=0"):
+        learned.allocate(params, cost, CANDS, xs, budget_bits=3.0, block=0, progress=False)

@@ -120,6 +120,9 @@ def test_quantize_and_run_accept_a_recipe(tiny_experiment, tmp_path):
     run_experiment(cfg, results_dir=str(tmp_path / "res"), progress=False)
     m = json.load(open(os.path.join(experiment_dir(cfg, str(tmp_path / "res")), "mixed", "metrics.json")))
     assert m["bits"] == "mixed" and m["size"]["n_quantized"] == 7
+    row = os.path.join(experiment_dir(cfg, str(tmp_path / "res")), "mixed")
+    assert load_recipe(os.path.join(row, "recipe.yaml")) == load_recipe(recipe)   # the allocation, as run
+    assert os.path.isfile(os.path.join(row, "bits.png"))
     conf["methods"][1]["method"] = "rtn"
     p.write_text(yaml.safe_dump(conf))
     with pytest.raises(ValueError, match="recipe .* is for 'gptq'"):

@@ -9,11 +9,18 @@ task cost under a size budget (the idea of picoLLM Compression; issue "learned b
     res = learned.allocate(params, cost, cands, windows, budget_bits=3.25, cfg=learned.AllocCfg(steps=200))
     save_recipe(res.recipe, "alloc.yaml")                  # lowbit quantize --recipe alloc.yaml
 
-**Relaxation.** Every unit ``u`` (a linear weight; default every ``*_proj`` matrix) has candidate
+**Units.** A unit is a linear weight (default: every ``*_proj`` matrix) or, with ``block=g``, a
+block of ``g`` input columns of one (picoLLM's finer granularity): the final recipe then gives a
+matrix whose blocks chose different widths a :class:`~lowbit.alloc.recipe.MixedSpec` (a width per
+column group, quantized by GPTQ with per-group widths). Column blocks need group-wise int candidates
+of one group size dividing ``g`` (no 16-bit candidate).
+
+**Relaxation.** Every unit ``u`` has candidate
 quantizers ``Q_1..Q_K`` (any :class:`~lowbit.core.qtensor.QuantSpec`, or ``None`` = 16-bit), each
 with its exact storage bytes ``B_uk`` (:func:`lowbit.alloc.recipe.spec_bytes`), and logits
 ``theta_u``. The candidate weights ``Q_k(W_u)`` are computed once (round to nearest; the final model
-is re-quantized by the recipe's method, GPTQ by default). A step runs the model with::
+is re-quantized by the recipe's method, GPTQ by default). A step runs the model with (for column
+blocks: each block's columns mixed by its own ``p_u``)::
 
     p_u = softmax(theta_u / tau)              W_u = sum_k p_uk Q_k(W_u)
     L(theta, lam) = cost(model, batch) + lam * (sum_u p_u . B_u / budget - 1)
@@ -29,7 +36,10 @@ The temperature anneals geometrically from ``tau_start`` to ``tau_end``.
 **Discretisation that meets the budget** (:func:`discretize`): the argmax candidate per unit, then,
 while the total is over the budget, the downgrade (to a cheaper candidate of the same unit) with
 the smallest logit loss per byte saved; then, while some upgrade still fits, the upgrade with the
-smallest logit loss per extra byte. The result never exceeds the budget.
+smallest logit loss per extra byte. The result never exceeds the budget. (Column blocks: a block's
+bytes are its codes, scales and zeros; the recipe's exact bytes also round each width's packed zeros
+to whole words, so while the exact total is over the budget the discretisation is rerun with the
+budget lowered by the excess.)
 
 **Cost functions** are user-supplied and jittable: ``cost_fn(params, batch) -> scalar``.
 :func:`kl_cost` (KL from the float model's next-token distribution, the default objective) and
@@ -49,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowbit.alloc.recipe import Recipe, spec_bytes
+from lowbit.alloc.recipe import MixedSpec, Recipe, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten, unflatten
 from lowbit.progress import Bar
@@ -86,12 +96,12 @@ class AllocCfg:
 
 class AllocResult(NamedTuple):
     recipe: Recipe                 # the discrete allocation (never over the budget)
-    choice: dict                   # unit path -> candidate index
-    probs: dict                    # unit path -> final softmax(theta / tau_end) as numpy
-    theta: dict                    # unit path -> final logits
-    nbytes: int                    # bytes of the chosen candidates
+    choice: dict                   # linear path -> candidate index (column blocks: a list, one per block)
+    probs: dict                    # linear path -> final softmax(theta / tau_end) as numpy ((blocks, K) for blocks)
+    theta: dict                    # linear path -> final logits
+    nbytes: int                    # exact bytes of the recipe's linears
     budget: int                    # the budget in bytes
-    bytes_table: np.ndarray        # (units, candidates) exact bytes
+    bytes_table: np.ndarray        # (units, candidates) bytes (units: linears, or their column blocks)
     history: list                  # per step: step, cost, rel_bytes (E[bytes] / budget), lam, tau, seconds
 
 
@@ -122,6 +132,39 @@ def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpe
         q[u] = jnp.stack([w if s is None else dequantize(quantize(w, s)) for s in candidates])
         table[i] = [spec_bytes(s, w.shape) for s in candidates]
     return q, table
+
+
+def _check_block(block, cands, flat, units) -> int | None:
+    """``block`` (columns per unit) checked against the candidates: group-wise int specs of one
+    group size that divides it, no 16-bit candidate."""
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block <= 0:
+        raise ValueError(f"block={block!r}: expected a positive int (input columns per unit) or None (whole matrices)")
+    bad = [c for c in cands if c is None or c.format != "int" or c.group_size is None or c.per_tensor
+           or c.double_quant]
+    sizes = {c.group_size for c in cands if c is not None}
+    if bad or len(sizes) != 1 or block % next(iter(sizes)):
+        raise ValueError(f"block={block}: column-block units need group-wise int candidates (no 16-bit one, no "
+                         f"double quantization) of one group size dividing the block; got {cands}")
+    return int(block)
+
+
+def block_table(shape: tuple[int, int], candidates: Sequence[QuantSpec], block: int) -> np.ndarray:
+    """``(blocks, K)`` bytes of each ``block``-column block of a ``shape`` matrix at each candidate:
+    its codes, scales and zeros (the exact bytes of a matrix mixing widths also round each width's
+    packed codes and zeros to whole 32-bit words: see :func:`allocate`)."""
+    rows, cols = shape
+    out = []
+    for c0 in range(0, cols, block):
+        n = min(block, cols - c0)
+        row = []
+        for s in candidates:
+            ng = -(-n // s.group_size)
+            bits = n * s.bits + ng * 8 * np.dtype(s.scale_dtype).itemsize + (0 if s.symmetric else ng * s.bits)
+            row.append(-(-rows * bits // 8))
+        out.append(row)
+    return np.asarray(out, np.int64)
 
 
 def budget_range(bytes_table: np.ndarray) -> tuple[int, int]:
@@ -160,17 +203,20 @@ def _resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes)
     return budget
 
 
-def discretize(theta: np.ndarray, table: np.ndarray, budget: int, grad: np.ndarray | None = None) -> np.ndarray:
+def discretize(theta: np.ndarray, table: np.ndarray, budget: int) -> np.ndarray:
     """One candidate per unit (``(U,)`` indices) whose total bytes never exceed ``budget``.
 
-    Starts from the argmax of ``theta (U, K)``. The estimated cost of giving unit ``u`` candidate
-    ``k`` instead of its current one is ``grad[u, k] - grad[u, current]`` when ``grad`` (the cost's
-    gradient with respect to the mixing weights ``p``, a first-order Taylor estimate) is given, else
-    the logit drop ``theta[u, current] - theta[u, k]``. While over the budget: the downgrade with the
-    least estimated cost per byte saved; then, while an upgrade fits: the one with the least
-    estimated cost per extra byte (most negative first)."""
+    Starts from the argmax of the logits ``theta (U, K)``; the learned preference of unit ``u`` for
+    its current candidate over ``k`` is the logit drop ``theta[u, current] - theta[u, k]``. While
+    over the budget: the downgrade (to a cheaper candidate of the same unit) with the least logit
+    drop per byte saved; then, while an upgrade fits: the one with the least logit drop per extra
+    byte (most negative first).
+
+    (A first-order estimate ``d cost / d p`` at the argmax point was tried as the score instead: near
+    a fine candidate the cost's gradient is close to zero, so every downgrade looked free and the
+    repair threw away the widths the optimiser had learned.)"""
     theta, table = np.asarray(theta, np.float64), np.asarray(table, np.int64)
-    score = -theta if grad is None else np.asarray(grad, np.float64)   # lower = better
+    score = -theta   # lower = better
     choice = theta.argmax(axis=1)
     rows = np.arange(len(choice))
     total = int(table[rows, choice].sum())
@@ -189,11 +235,7 @@ def discretize(theta: np.ndarray, table: np.ndarray, budget: int, grad: np.ndarr
         fits = (extra > 0) & (extra <= budget - total)
         if not fits.any():
             break
-        gain = score - cur_s
-        ok = fits if grad is None else fits & (gain <= 0)   # with a cost estimate: only moves that help
-        if not ok.any():
-            break
-        loss = np.where(ok, gain / np.maximum(extra, 1), np.inf)
+        loss = np.where(fits, (score - cur_s) / np.maximum(extra, 1), np.inf)
         u, k = np.unravel_index(np.argmin(loss), loss.shape)
         total += int(extra[u, k])
         choice[u] = k
@@ -235,11 +277,12 @@ def _probs(theta, tau, key, hard: bool):
 
 def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
              budget_bits: float | None = None, budget_bytes: int | None = None, units: Sequence[str] | None = None,
-             cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True, run_dir: str | None = None,
-             save_every: int = 25, stop_after: int | None = None) -> AllocResult:
+             block: int | None = None, cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True,
+             run_dir: str | None = None, save_every: int = 25, stop_after: int | None = None) -> AllocResult:
     """Learn an allocation of ``candidates`` over ``units`` for ``cost_fn`` under the budget (see the
     module docstring). ``batches``: a sequence of batches (e.g. ``(B, T)`` token arrays) cycled over
     the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget.
+    ``block``: units are blocks of that many input columns of each linear (module docstring).
 
     ``run_dir``: checkpoints (logits, Adam state, multiplier; every ``save_every`` steps and at the
     end, :class:`lowbit.train.ckpt.TrainCheckpoints`) and ``history.json``; calling again with the
@@ -257,7 +300,14 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     missing = [u for u in units if u not in flat]
     if missing:
         raise ValueError(f"units: {missing[:5]} are not paths of params")
+    block = _check_block(block, cands, flat, units)
     qw, table = candidate_tables(params, units, cands)
+    # rows of theta: one per linear, or one per column block of each linear
+    shapes = {u: tuple(int(d) for d in flat[u].shape) for u in units}
+    n_rows = {u: 1 if block is None else -(-shapes[u][1] // block) for u in units}
+    offs = dict(zip(units, np.cumsum([0] + [n_rows[u] for u in units])[:-1].tolist()))
+    if block is not None:
+        table = np.concatenate([block_table(shapes[u], cands, block) for u in units])
     n_params = sum(int(np.prod(flat[u].shape)) for u in units)
     budget = _resolve_budget(table, n_params, budget_bits, budget_bytes)
     rel = jnp.asarray(table / budget, jnp.float32)
@@ -269,19 +319,22 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
         candidate weights) and ``base`` are arguments, not closures, so that jit does not embed the
         model in the program as constants."""
         mixed = dict(base)
-        for i, u in enumerate(units):
-            mixed[u] = jnp.einsum("k,koi->oi", p[i], q[u]).astype(flat[u].dtype)
+        for u in units:
+            if block is None:
+                mixed[u] = jnp.einsum("k,koi->oi", p[offs[u]], q[u]).astype(flat[u].dtype)
+            else:   # each column block mixed by its own probabilities
+                pc = jnp.repeat(p[offs[u]:offs[u] + n_rows[u]], block, axis=0)[:shapes[u][1]]
+                mixed[u] = jnp.einsum("ik,koi->oi", pc, q[u]).astype(flat[u].dtype)
         return cost_fn(unflatten(params, mixed), batch)
 
     def lagrangian(theta, lam, tau, batch, key, q, base, scale):
-        keys = jax.random.split(key, len(units))
-        p = jnp.stack([_probs(theta[i], tau, keys[i], cfg.hard) for i in range(len(units))])
+        p = _probs(theta, tau, key, cfg.hard)
         cost = cost_of(p, batch, q, base)
         e_rel = jnp.sum(p * rel)
         return cost / scale + lam * (e_rel - 1.0), (cost, e_rel)
 
     # the cost must be a scalar: checked on shapes before anything runs
-    theta0 = jnp.zeros((len(units), len(cands)), jnp.float32)
+    theta0 = jnp.zeros((len(table), len(cands)), jnp.float32)
     out = jax.eval_shape(lambda t, b: lagrangian(t, 0.0, 1.0, b, jax.random.key(0), qw, base, 1.0)[1][0], theta0,
                          jnp.asarray(batches[0]))
     if out.shape != ():
@@ -320,7 +373,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
         digest = hashlib.sha256()
         for b in batches:
             digest.update(np.ascontiguousarray(np.asarray(b)).tobytes())
-        config = {"units": units, "candidates": [repr(c) for c in cands], "budget": budget,
+        config = {"units": units, "block": block, "candidates": [repr(c) for c in cands], "budget": budget,
                   "cfg": dataclasses.asdict(cfg), "method": method, "batches": digest.hexdigest(),
                   "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}
         ckpts = TrainCheckpoints(os.path.join(run_dir, "checkpoints"))
@@ -358,14 +411,35 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
                 if stop_after is not None and s + 1 >= stop_after:
                     raise KeyboardInterrupt(f"stopped after step {s + 1} (stop_after)")
     theta_np = np.asarray(theta)
-    # first-order cost of each candidate at the argmax point: d cost / d p (averaged over batches)
-    onehot = jax.nn.one_hot(jnp.argmax(theta, axis=-1), len(cands), dtype=jnp.float32)
-    grad_p = jax.jit(jax.grad(cost_of))
-    g = np.mean([np.asarray(grad_p(onehot, jnp.asarray(b), qw, base)) for b in batches[:4]], axis=0)
-    choice = discretize(theta_np, table, budget, grad=g)
-    rows = np.arange(len(units))
-    probs = np.asarray(jax.nn.softmax(theta / cfg.tau_end, axis=-1))
-    recipe = Recipe({u: cands[int(k)] for u, k in zip(units, choice)}, method=method)
-    return AllocResult(recipe, {u: int(k) for u, k in zip(units, choice)}, dict(zip(units, probs)),
-                       dict(zip(units, theta_np)), int(table[rows, choice].sum()), budget, table, history)
 
+    def recipe_of(choice) -> Recipe:
+        weights = {}
+        for u in units:
+            ks = [int(k) for k in choice[offs[u]:offs[u] + n_rows[u]]]
+            if len(set(ks)) == 1:
+                weights[u] = cands[ks[0]]
+            else:   # a width per column group: the block's candidate for each of its groups
+                g = cands[0].group_size
+                widths = tuple(cands[ks[(gi * g) // block]].bits for gi in range(-(-shapes[u][1] // g)))
+                weights[u] = MixedSpec(dataclasses.replace(cands[0], bits=max(widths)), widths)
+        return Recipe(weights, method=method)
+
+    # the recipe's exact bytes can exceed the table's sum (column blocks: packed words per width);
+    # then discretize again under a budget lowered by the excess
+    target = budget
+    for _ in range(32):
+        choice = discretize(theta_np, table, target)
+        recipe = recipe_of(choice)
+        nbytes = sum(spec_bytes(recipe.weights[u], shapes[u]) for u in units)
+        if nbytes <= budget:
+            break
+        target -= nbytes - budget
+    else:  # pragma: no cover - the excess is a few words per matrix
+        raise RuntimeError(f"allocate: could not meet the budget of {budget} bytes exactly")
+    probs = np.asarray(jax.nn.softmax(theta / cfg.tau_end, axis=-1))
+
+    def per_linear(a):
+        return {u: (a[offs[u]] if block is None else a[offs[u]:offs[u] + n_rows[u]]) for u in units}
+
+    choice_d = {u: (int(v) if block is None else [int(x) for x in v]) for u, v in per_linear(choice).items()}
+    return AllocResult(recipe, choice_d, per_linear(probs), per_linear(theta_np), int(nbytes), budget, table, history)

@@ -35,13 +35,16 @@ def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
-                   progress: bool = True, run_dir: str | None = None) -> tuple[Recipe, dict]:
+                   progress: bool = True, run_dir: str | None = None, block: int | None = None) -> tuple[Recipe, dict]:
     """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
     token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
     or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record.
-    ``run_dir`` (learned): checkpoints to resume an interrupted run from."""
+    ``run_dir`` (learned): checkpoints to resume an interrupted run from; ``block`` (learned): units
+    of that many input columns instead of whole linears."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    if block is not None and kind != "learned":
+        raise ValueError(f"block={block}: column-block units are for kind='learned' (the baselines score whole linears)")
     if cost not in ("kl", "ce"):
         raise ValueError(f"cost={cost!r}: expected 'kl' (KL from the float model) or 'ce' (cross-entropy)")
     windows = np.asarray(windows, np.int32)
@@ -51,7 +54,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
     if kind == "learned":
         res = learned.allocate(params, cost_fn, candidates, batches, cfg=cfg, method=method, progress=progress,
-                               run_dir=run_dir, **budget)
+                               run_dir=run_dir, block=block, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
                                     "choice": res.choice}
     else:

@@ -766,6 +766,13 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             if recipe is not None:
                 with open(os.path.join(tmp, "calib_windows.json"), "w") as f:
                     json.dump(calib_record, f)
+            if m.recipe is not None:   # the row's allocation, as run, and its bits-per-linear heatmap
+                from lowbit.alloc import load_recipe
+                from lowbit.alloc.plan import plot_bits
+
+                shutil.copyfile(m.recipe, os.path.join(tmp, "recipe.yaml"))
+                plot_bits(load_recipe(m.recipe), os.path.join(tmp, "bits.png"),
+                          f"{m.name}: {metrics['size']['linear_bits_per_param']:.3f} bits/param")
             if rows:
                 with open(os.path.join(tmp, "layers.csv"), "w", newline="") as f:
                     f.write(layers_csv(rows))
