@@ -363,6 +363,9 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (learned)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
+    p.add_argument("--candidates", choices=["rtn", "gptq"], default="rtn",
+                   help="learned: candidate weights by round to nearest (default) or GPTQ at each width (one "
+                        "calibration pass per width on the same windows)")
     p.add_argument("--block", type=positive_int, default=None, metavar="COLS",
                    help="learned: units are blocks of COLS input columns (a multiple of --group-size) instead of "
                         "whole linears; a linear whose blocks differ gets a width per column group")
@@ -376,6 +379,7 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
+    from lowbit.runner.records import peak_rss_mb
     from lowbit.alloc import learned, save_recipe
     from lowbit.alloc.plan import allocate_model, plot_bits, plot_history, uniform_bytes
     from lowbit.core.qtensor import QuantSpec
@@ -400,9 +404,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
                                   batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
                                   cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
-                                  run_dir=args.run_dir, block=args.block, **budget)
+                                  run_dir=args.run_dir, block=args.block, candidate_weights=args.candidates, **budget)
     info["calib"] = {k: v for k, v in record.items() if k != "tokens"}
     info["argv"] = sys.argv[1:]
+    info["peak_rss_mb"] = peak_rss_mb()
     stem = args.out[:-5] if args.out.endswith(".yaml") else args.out
     save_recipe(recipe, args.out, comment=f"lowbit allocate {' '.join(sys.argv[2:])}\n{args.kind}: "
                 f"{info['bits_per_param']:.4f} bits/param ({info['nbytes']} bytes, budget {info['budget']})")

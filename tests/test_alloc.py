@@ -163,7 +163,7 @@ def test_hutchinson_trace_matches_the_exact_trace_of_a_quadratic():
     assert tr[0] == pytest.approx(3 * float(jnp.trace(h)), rel=0.1)
 
 
-@pytest.mark.parametrize("kind", ["learned", "hawq", "higgs", "learned-block"])
+@pytest.mark.parametrize("kind", ["learned", "hawq", "higgs", "learned-block", "learned-gptq"])
 def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, tmp_path, kind):
     import json
 
@@ -176,7 +176,7 @@ def test_lowbit_allocate_writes_a_recipe_that_quantize_accepts(tiny_experiment, 
     out = str(tmp_path / f"{kind}.yaml")
     common = ["--calib", str(root / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--batch-size", "2",
               "--no-progress"]
-    block = ["--block", "32"] if kind == "learned-block" else []
+    block = {"learned-block": ["--block", "32"], "learned-gptq": ["--candidates", "gptq"]}.get(kind, [])
     kind = kind.split("-")[0]
     assert main(["allocate", "--model", str(root / "model"), "--kind", kind, "--bits", "2,4,8", "--group-size", "32",
                  "--budget-like", "4", "--steps", "3", "--out", out] + block + common) == 0
@@ -254,3 +254,31 @@ def test_column_blocks_need_int_candidates_of_one_group_size():
             learned.allocate(params, cost, cands, xs, budget_bits=3.0, block=block, progress=False)
     with pytest.raises(ValueError, match="block=0"):
         learned.allocate(params, cost, CANDS, xs, budget_bits=3.0, block=0, progress=False)
+
+
+def test_gptq_candidates_are_the_gptq_models_weights(tiny_experiment):
+    """Candidate k of every unit is that unit of the model GPTQ-quantized at candidate k (16 bit:
+    the weight itself); given to allocate they replace the round-to-nearest stacks."""
+    from lowbit.alloc import Recipe
+    from lowbit.alloc.plan import gptq_candidates
+    from lowbit.calib.driver import quantize_model
+    from lowbit.core.quantizers import dequantize
+    from lowbit.core.transforms import flatten
+    from lowbit.models.loaders import load_model
+
+    root, _ = tiny_experiment
+    params, cfg, _ = load_model(str(root / "model"))
+    units = learned.linear_units(params)
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
+    cands = learned.int_candidates((2, 4), 32) + [None]
+    cw = gptq_candidates(params, cfg, windows, cands, units, progress=False)
+    q4, _ = quantize_model(params, cfg, Recipe({u: cands[1] for u in units}).transform(), windows,
+                           true_sequential=False, progress=False)
+    u = units[3]
+    np.testing.assert_array_equal(cw[u][1], np.asarray(dequantize(flatten(q4)[u])))
+    np.testing.assert_array_equal(cw[u][2], np.asarray(flatten(params)[u], np.float32))
+    qw, _ = learned.candidate_tables(params, units, cands, cw)
+    np.testing.assert_array_equal(np.asarray(qw[u]), cw[u])
+    with pytest.raises(ValueError, match=r"candidate weights\[.*expected a \(3, "):
+        learned.candidate_tables(params, units, cands, {v: w[:2] for v, w in cw.items()})

@@ -18,8 +18,9 @@ of one group size dividing ``g`` (no 16-bit candidate).
 **Relaxation.** Every unit ``u`` has candidate
 quantizers ``Q_1..Q_K`` (any :class:`~lowbit.core.qtensor.QuantSpec`, or ``None`` = 16-bit), each
 with its exact storage bytes ``B_uk`` (:func:`lowbit.alloc.recipe.spec_bytes`), and logits
-``theta_u``. The candidate weights ``Q_k(W_u)`` are computed once (round to nearest; the final model
-is re-quantized by the recipe's method, GPTQ by default). A step runs the model with (for column
+``theta_u``. The candidate weights ``Q_k(W_u)`` are computed once: round to nearest, or GPTQ at
+each width from the same calibration windows (``candidate_weights``); the final model is
+re-quantized by the recipe's method, GPTQ by default. A step runs the model with (for column
 blocks: each block's columns mixed by its own ``p_u``)::
 
     p_u = softmax(theta_u / tau)              W_u = sum_k p_uk Q_k(W_u)
@@ -120,16 +121,25 @@ def linear_units(params, pattern: str = r"_proj$") -> list[str]:
     return [p for p, v in flatten(params).items() if rx.search(p) and getattr(v, "ndim", 0) == 2]
 
 
-def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpec | None]):
+def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpec | None],
+                     weights: dict | None = None):
     """``(qweights, bytes)``: per unit the stacked dequantized candidates ``(K, out, in)`` float32
-    (round to nearest; ``None`` keeps the weight) and the exact bytes table ``(U, K)``."""
+    and the exact bytes table ``(U, K)``. The candidates are round to nearest (``None`` keeps the
+    weight) unless ``weights`` gives them: ``{unit: (K, out, in)}`` (e.g. :func:`lowbit.alloc.plan.gptq_candidates`)."""
     from lowbit.core.quantizers import dequantize, quantize
 
     flat = flatten(params)
     q, table = {}, np.zeros((len(units), len(candidates)), np.int64)
     for i, u in enumerate(units):
         w = jnp.asarray(flat[u], jnp.float32)
-        q[u] = jnp.stack([w if s is None else dequantize(quantize(w, s)) for s in candidates])
+        if weights is None:
+            q[u] = jnp.stack([w if s is None else dequantize(quantize(w, s)) for s in candidates])
+        else:
+            if u not in weights or tuple(weights[u].shape) != (len(candidates), *w.shape):
+                raise ValueError(f"candidate weights[{u!r}]: expected a ({len(candidates)}, {w.shape[0]}, "
+                                 f"{w.shape[1]}) stack (one per candidate), got "
+                                 f"{None if u not in weights else tuple(weights[u].shape)}")
+            q[u] = jnp.asarray(weights[u], jnp.float32)
         table[i] = [spec_bytes(s, w.shape) for s in candidates]
     return q, table
 
@@ -277,12 +287,15 @@ def _probs(theta, tau, key, hard: bool):
 
 def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
              budget_bits: float | None = None, budget_bytes: int | None = None, units: Sequence[str] | None = None,
-             block: int | None = None, cfg: AllocCfg = AllocCfg(), method: str = "gptq", progress: bool = True,
-             run_dir: str | None = None, save_every: int = 25, stop_after: int | None = None) -> AllocResult:
+             block: int | None = None, candidate_weights: dict | None = None, cfg: AllocCfg = AllocCfg(),
+             method: str = "gptq", progress: bool = True, run_dir: str | None = None, save_every: int = 25,
+             stop_after: int | None = None) -> AllocResult:
     """Learn an allocation of ``candidates`` over ``units`` for ``cost_fn`` under the budget (see the
     module docstring). ``batches``: a sequence of batches (e.g. ``(B, T)`` token arrays) cycled over
     the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget.
     ``block``: units are blocks of that many input columns of each linear (module docstring).
+    ``candidate_weights``: ``{unit: (K, out, in)}`` candidate weights instead of round to nearest
+    (e.g. GPTQ at each width: :func:`lowbit.alloc.plan.gptq_candidates`).
 
     ``run_dir``: checkpoints (logits, Adam state, multiplier; every ``save_every`` steps and at the
     end, :class:`lowbit.train.ckpt.TrainCheckpoints`) and ``history.json``; calling again with the
@@ -301,7 +314,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     if missing:
         raise ValueError(f"units: {missing[:5]} are not paths of params")
     block = _check_block(block, cands, flat, units)
-    qw, table = candidate_tables(params, units, cands)
+    qw, table = candidate_tables(params, units, cands, candidate_weights)
     # rows of theta: one per linear, or one per column block of each linear
     shapes = {u: tuple(int(d) for d in flat[u].shape) for u in units}
     n_rows = {u: 1 if block is None else -(-shapes[u][1] // block) for u in units}
@@ -373,7 +386,14 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
         digest = hashlib.sha256()
         for b in batches:
             digest.update(np.ascontiguousarray(np.asarray(b)).tobytes())
+        cand_digest = None
+        if candidate_weights is not None:
+            cd = hashlib.sha256()
+            for u in units:
+                cd.update(np.ascontiguousarray(np.asarray(qw[u])).tobytes())
+            cand_digest = cd.hexdigest()
         config = {"units": units, "block": block, "candidates": [repr(c) for c in cands], "budget": budget,
+                  "candidate_weights": cand_digest,
                   "cfg": dataclasses.asdict(cfg), "method": method, "batches": digest.hexdigest(),
                   "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}
         ckpts = TrainCheckpoints(os.path.join(run_dir, "checkpoints"))

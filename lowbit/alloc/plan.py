@@ -20,7 +20,7 @@ from lowbit.alloc.recipe import Recipe, code_bits, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
 
-__all__ = ["KINDS", "allocate_model", "uniform_bytes", "plot_bits", "plot_history"]
+__all__ = ["KINDS", "allocate_model", "gptq_candidates", "uniform_bytes", "plot_bits", "plot_history"]
 
 KINDS = ("learned", "hawq", "higgs")
 
@@ -32,15 +32,45 @@ def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -
     return sum(spec_bytes(spec, tuple(flat[u].shape)) for u in units)
 
 
+def gptq_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec | None], units: Sequence[str], *,
+                    batch_size: int = 4, progress: bool = True) -> dict:
+    """``{unit: (K, out, in)}`` float32: every unit GPTQ-quantized at each candidate (the whole model
+    at one candidate per pass of the layer-sequential driver, all linears of a block from one capture,
+    on the same calibration ``windows``), dequantized; ``None`` (16 bit) keeps the weight. For a
+    column-block allocation these are uniform-width GPTQ weights: the final GPTQ at mixed widths
+    feeds each block's error on to blocks of other widths."""
+    import jax.numpy as jnp
+
+    from lowbit.calib.driver import quantize_model
+    from lowbit.core.quantizers import dequantize
+
+    flat = flatten(params)
+    stacks = {u: [] for u in units}
+    for s in candidates:
+        if s is None:
+            q = flat
+        else:
+            t = Recipe({u: s for u in units}, method="gptq").transform()
+            qp, _ = quantize_model(params, model_cfg, t, windows, batch_size=batch_size, true_sequential=False,
+                                   progress=progress)
+            q = flatten(qp)
+        for u in units:
+            w = q[u]
+            stacks[u].append(np.asarray(dequantize(w) if s is not None else jnp.asarray(w, jnp.float32), np.float32))
+    return {u: np.stack(v) for u, v in stacks.items()}
+
+
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
-                   progress: bool = True, run_dir: str | None = None, block: int | None = None) -> tuple[Recipe, dict]:
+                   progress: bool = True, run_dir: str | None = None, block: int | None = None,
+                   candidate_weights: str = "rtn") -> tuple[Recipe, dict]:
     """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
     token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
     or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record.
     ``run_dir`` (learned): checkpoints to resume an interrupted run from; ``block`` (learned): units
-    of that many input columns instead of whole linears."""
+    of that many input columns instead of whole linears; ``candidate_weights`` (learned): ``rtn``
+    (round to nearest) or ``gptq`` (:func:`gptq_candidates` on the same windows)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if block is not None and kind != "learned":
@@ -52,9 +82,17 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     cost_fn = learned.kl_cost(model_cfg, params) if cost == "kl" else learned.ce_cost(model_cfg)
     t0 = time.perf_counter()
     budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
+    if candidate_weights not in ("rtn", "gptq"):
+        raise ValueError(f"candidate_weights={candidate_weights!r}: expected 'rtn' or 'gptq'")
+    if candidate_weights == "gptq" and kind != "learned":
+        raise ValueError("candidate_weights='gptq': for kind='learned' (the baselines score round-to-nearest errors)")
     if kind == "learned":
+        cw = None
+        if candidate_weights == "gptq":
+            cw = gptq_candidates(params, model_cfg, windows, candidates, learned.linear_units(params),
+                                 batch_size=batch_size, progress=progress)
         res = learned.allocate(params, cost_fn, candidates, batches, cfg=cfg, method=method, progress=progress,
-                               run_dir=run_dir, block=block, **budget)
+                               run_dir=run_dir, block=block, candidate_weights=cw, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
                                     "choice": res.choice}
     else:
