@@ -371,7 +371,8 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
                         "whole linears; a linear whose blocks differ gets a width per column group")
     p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
     p.add_argument("--run-dir", default=None,
-                   help="learned: keep checkpoints here; rerunning the same command resumes from them")
+                   help="learned: keep checkpoints here (rerunning the same command resumes from them); hawq / higgs: "
+                        "keep the measured sensitivities here (a run with another budget on the same windows reuses them)")
     _calibration_args(p, calib_default="brown", calib_help="calibration corpus for the cost (name or local text)")
     p.add_argument("--out", required=True, help="recipe file to write (YAML); also writes OUT.png (bits per "
                    "linear), OUT.json (record) and, for learned, OUT-history.png (cost, size, multiplier)")

@@ -282,3 +282,25 @@ def test_gptq_candidates_are_the_gptq_models_weights(tiny_experiment):
     np.testing.assert_array_equal(np.asarray(qw[u]), cw[u])
     with pytest.raises(ValueError, match=r"candidate weights\[.*expected a \(3, "):
         learned.candidate_tables(params, units, cands, {v: w[:2] for v, w in cw.items()})
+
+
+def test_baseline_sensitivities_are_measured_once_per_run_dir(tiny_experiment, tmp_path, monkeypatch):
+    """HAWQ traces / HIGGS alphas do not depend on the budget: with a run_dir a second allocation at
+    another budget on the same windows reuses them (and gives the allocation it would have given)."""
+    from lowbit.alloc import baselines
+    from lowbit.alloc.plan import allocate_model
+    from lowbit.models.loaders import load_model
+
+    root, _ = tiny_experiment
+    params, cfg, _ = load_model(str(root / "model"))
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
+    cands = learned.int_candidates((2, 4, 8), 32)
+    kw = dict(kind="higgs", candidates=cands, batch_size=2, progress=False, run_dir=str(tmp_path))
+    r_a, _ = allocate_model(params, cfg, windows, budget_bits=4.5, **kw)
+    fresh, _ = allocate_model(params, cfg, windows, budget_bits=6.0, **{**kw, "run_dir": None})
+    calls = []
+    monkeypatch.setattr(baselines, "noise_sensitivities", lambda *a, **k: calls.append(1) or np.ones(14))
+    r_b, _ = allocate_model(params, cfg, windows, budget_bits=6.0, **kw)
+    assert not calls and r_b == fresh and r_a != r_b
+    allocate_model(params, cfg, windows[:2], budget_bits=6.0, **kw)   # other windows: measured again
+    assert calls == [1]

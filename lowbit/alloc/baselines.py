@@ -146,6 +146,13 @@ def _rel_errors(params, units, qw) -> tuple[np.ndarray, np.ndarray]:
     return err, norm
 
 
+def _check_sensitivities(v, units, name: str) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    if v.shape != (len(units),) or not np.isfinite(v).all():
+        raise ValueError(f"{name}: expected {len(units)} finite values (one per unit), got shape {v.shape}")
+    return v
+
+
 def _setup(params, candidates, units, budget_bits, budget_bytes):
     cands = _check_candidates(candidates)
     units = list(linear_units(params) if units is None else units)
@@ -156,11 +163,15 @@ def _setup(params, candidates, units, budget_bits, budget_bytes):
 
 def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
                   budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
-                  samples: int = 8, method: str = "gptq", seed: int = 0) -> tuple[Recipe, dict]:
+                  samples: int = 8, method: str = "gptq", seed: int = 0,
+                  traces: np.ndarray | None = None) -> tuple[Recipe, dict]:
     """HAWQ-style allocation (module docstring): Hutchinson traces x quantization error, knapsack.
+    ``traces``: the units' traces measured before (they do not depend on the budget).
     Returns the recipe and ``{"traces", "costs", "choice", "nbytes", "budget"}``."""
     cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
-    traces = hutchinson_traces(params, cost_fn, units, batches, samples=samples, seed=seed)
+    if traces is None:
+        traces = hutchinson_traces(params, cost_fn, units, batches, samples=samples, seed=seed)
+    traces = _check_sensitivities(traces, units, "traces")
     err, _ = _rel_errors(params, units, qw)
     sizes = np.asarray([qw[u].shape[1] * qw[u].shape[2] for u in units], np.float64)
     costs = np.maximum(traces, 0.0)[:, None] / sizes[:, None] * err
@@ -173,11 +184,14 @@ def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | No
 def higgs_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
                    budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
                    rel_noise: float = 0.01, draws: int = 2, method: str = "gptq",
-                   seed: int = 0) -> tuple[Recipe, dict]:
+                   seed: int = 0, alphas: np.ndarray | None = None) -> tuple[Recipe, dict]:
     """HIGGS-style allocation (module docstring): noise sensitivities x relative error, DP.
+    ``alphas``: the units' coefficients measured before (they do not depend on the budget).
     Returns the recipe and ``{"alphas", "costs", "choice", "nbytes", "budget"}``."""
     cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
-    alphas = noise_sensitivities(params, cost_fn, units, batches, rel_noise=rel_noise, draws=draws, seed=seed)
+    if alphas is None:
+        alphas = noise_sensitivities(params, cost_fn, units, batches, rel_noise=rel_noise, draws=draws, seed=seed)
+    alphas = _check_sensitivities(alphas, units, "alphas")
     err, norm = _rel_errors(params, units, qw)
     costs = alphas[:, None] * err / np.maximum(norm, 1e-30)[:, None]
     choice = knapsack(costs, table, budget)

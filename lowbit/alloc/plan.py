@@ -60,6 +60,41 @@ def gptq_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec |
     return {u: np.stack(v) for u, v in stacks.items()}
 
 
+class _SensitivityCache:
+    """A baseline's per-unit sensitivities (HAWQ traces, HIGGS alphas: independent of the budget) in
+    ``run_dir/sensitivity-<kind>.json``, keyed by everything they depend on."""
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+
+    def load(self):
+        import json
+        import os
+
+        if not os.path.isfile(self.path):
+            return None
+        with open(self.path) as f:
+            d = json.load(f)
+        return np.asarray(d["values"], np.float64) if d.get("key") == self.key else None
+
+    def save(self, values) -> None:
+        from lowbit.runner.records import write_json
+
+        write_json(self.path, {"key": self.key, "values": [float(v) for v in values]})
+
+
+def _sensitivity_cache(run_dir, kind, cost, seed, batches, units):
+    if run_dir is None:
+        return None
+    import hashlib
+    import os
+
+    h = hashlib.sha256(repr((kind, cost, seed, list(units))).encode())
+    for b in batches:
+        h.update(np.ascontiguousarray(b).tobytes())
+    return _SensitivityCache(os.path.join(run_dir, f"sensitivity-{kind}.json"), h.hexdigest())
+
+
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
@@ -68,7 +103,8 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
     token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
     or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record.
-    ``run_dir`` (learned): checkpoints to resume an interrupted run from; ``block`` (learned): units
+    ``run_dir``: learned: checkpoints to resume an interrupted run from; hawq / higgs: the measured
+    sensitivities, reused by a later call with another budget on the same windows; ``block`` (learned): units
     of that many input columns instead of whole linears; ``candidate_weights`` (learned): ``rtn``
     (round to nearest) or ``gptq`` (:func:`gptq_candidates` on the same windows)."""
     if kind not in KINDS:
@@ -97,7 +133,13 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
                                     "choice": res.choice}
     else:
         fn = baselines.hawq_allocate if kind == "hawq" else baselines.higgs_allocate
-        recipe, extra = fn(params, cost_fn, candidates, batches, method=method, seed=cfg.seed, **budget)
+        name = "traces" if kind == "hawq" else "alphas"
+        cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params))
+        known = cache.load() if cache else None
+        recipe, extra = fn(params, cost_fn, candidates, batches, method=method, seed=cfg.seed, **budget,
+                           **({name: known} if known is not None else {}))
+        if cache and known is None:
+            cache.save(extra[name])
         info = {"nbytes": extra["nbytes"], "budget": extra["budget"],
                 "choice": dict(zip(recipe.weights, (int(k) for k in extra["choice"])))}
         info["sensitivity"] = dict(zip(recipe.weights, (float(v) for v in extra.get("traces", extra.get("alphas")))))
