@@ -25,3 +25,14 @@ def test_config_and_variants_load(path):
     assert cfg.methods and cfg.experiment == os.path.splitext(os.path.basename(path))[0]
     for variant in (yaml.safe_load(open(path)).get("variants") or {}):
         assert load_config(path, variant=variant).variant == variant
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_recipe_a_config_names_is_shipped_and_valid(path):
+    from lowbit.alloc import load_recipe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for m in load_config(path).methods:
+        if m.recipe is not None:
+            r = load_recipe(os.path.join(root, m.recipe))
+            assert r.method == m.method, (m.name, r.method)
