@@ -8,9 +8,14 @@
 # = uniform GPTQ w2g64's bytes); the candidates are int 2, 3, 4, 8 bits in groups of GROUP,
 # asymmetric (round-to-nearest candidate weights; the rows re-quantize with GPTQ at the chosen
 # widths). Cost: KL from the float model on 16 Brown calibration windows of 256 tokens (seed 0).
-# Units: whole linears, and (learned-kl-block) blocks of 128 input columns (a width per column
-# group). Rerunning resumes: learned runs from their checkpoints in $RUNS, and the baselines reuse
-# their sensitivities (HAWQ traces, HIGGS alphas: measured once per group size, for any budget).
+# Units: whole linears, and (learned-kl-block; BLOCKS=0 skips it) blocks of 128 input columns (a
+# width per column group). Rerunning resumes: learned runs from their checkpoints in $RUNS, and the baselines reuse
+# their sensitivities (HAWQ traces, HIGGS alphas: of the float model, measured once for every
+# budget and group size).
+#
+#   bash experiments/bitalloc_smollm2.sh task               # the task-aware pair, at w3g128's bytes
+#
+# learns the allocation with cross-entropy on Brown vs on Austen calibration windows (16 x 256 each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=configs/recipes/bitalloc
@@ -20,15 +25,24 @@ mkdir -p "$OUT" "$RUNS"
 common=(--bits 2,3,4,8 --cost kl --calib brown --nsamples 16 --seqlen 256 --batch-size 4 --no-progress)
 for sg in "${@:-3:128 2:64 4:128}"; do
   for x in $sg; do
+    if [ "$x" = task ]; then
+      for corpus in brown austen; do
+        lowbit allocate --kind learned --group-size 128 --budget-like 3 --steps "$STEPS" \
+            --run-dir "$RUNS/learned-ce-$corpus-w3" "${common[@]}" --cost ce --calib $corpus \
+            --out "$OUT/learned-ce-$corpus-w3.yaml"
+      done
+      continue
+    fi
     s=${x%%:*}; g=${x##*:}
     name=w$s; [ "$g" = 128 ] || name=w${s}g$g
     lowbit allocate --kind learned --group-size "$g" --budget-like "$s" --steps "$STEPS" \
         --run-dir "$RUNS/learned-kl-$name" "${common[@]}" --out "$OUT/learned-kl-$name.yaml"
-    lowbit allocate --kind learned --block 128 --group-size "$g" --budget-like "$s" --steps "$STEPS" \
-        --run-dir "$RUNS/learned-kl-block-$name" "${common[@]}" --out "$OUT/learned-kl-block-$name.yaml"
     for kind in hawq higgs; do
-      lowbit allocate --kind $kind --group-size "$g" --budget-like "$s" --run-dir "$RUNS/$kind-g$g" "${common[@]}" \
+      lowbit allocate --kind $kind --group-size "$g" --budget-like "$s" --run-dir "$RUNS/$kind" "${common[@]}" \
           --out "$OUT/$kind-$name.yaml"
     done
+    [ "${BLOCKS:-1}" = 1 ] || continue
+    lowbit allocate --kind learned --block 128 --group-size "$g" --budget-like "$s" --steps "$STEPS" \
+        --run-dir "$RUNS/learned-kl-block-$name" "${common[@]}" --out "$OUT/learned-kl-block-$name.yaml"
   done
 done

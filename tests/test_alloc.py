@@ -136,7 +136,11 @@ def test_knapsack_is_optimal_and_within_budget():
                    if sum(table[i, c[i]] for i in range(u)) <= budget)
         assert costs[np.arange(u), choice].sum() == pytest.approx(best)
         coarse = baselines.knapsack(costs, table, budget, resolution=7)    # rounding up never overshoots
-        assert table[np.arange(u), coarse].sum() <= budget
+        left = budget - table[np.arange(u), coarse].sum()
+        assert left >= 0
+        # ... and what the rounding left unused is filled: no upgrade that lowers the cost still fits
+        assert not any(0 < table[i, j] - table[i, coarse[i]] <= left and costs[i, j] < costs[i, coarse[i]]
+                       for i in range(u) for j in range(k))
 
 
 @pytest.mark.parametrize("which", ["hawq", "higgs"])

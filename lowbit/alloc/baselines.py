@@ -37,13 +37,15 @@ __all__ = ["knapsack", "hutchinson_traces", "noise_sensitivities", "hawq_allocat
            "uniform_recipe"]
 
 
-def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int = 4096) -> np.ndarray:
+def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int = 16384) -> np.ndarray:
     """Multiple-choice knapsack: one candidate per unit (``(U,)`` indices) minimising
     ``sum_u costs[u, k_u]`` subject to ``sum_u table[u, k_u] <= budget``, by dynamic programming
     over the budget in ``resolution`` steps (each item's bytes rounded *up* to a step, so the
     result never exceeds the budget; exact when the bytes are multiples of the step). When the
     rounding leaves no feasible allocation (a budget within a few steps of the smallest one), the
-    resolution is refined (x4) until one fits."""
+    resolution is refined (x4) until one fits. The bytes the rounding left unused are then filled
+    greedily with exact bytes: the upgrade with the largest cost decrease per extra byte, while one
+    fits (with 210 units the rounding alone left ~2% of a 42 MB budget unused at 4096 steps)."""
     costs, table = np.asarray(costs, np.float64), np.asarray(table, np.int64)
     if costs.shape != table.shape:
         raise ValueError(f"costs {costs.shape} and table {table.shape}: expected the same (units, candidates) shape")
@@ -83,7 +85,17 @@ def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int 
         k = int(back[u, c])
         choice[u] = k
         c -= int(w[u, k])
-    return choice
+    rows = np.arange(u_n)
+    total = int(table[rows, choice].sum())
+    while True:
+        extra = table - table[rows, choice][:, None]
+        gain = costs[rows, choice][:, None] - costs            # > 0: the upgrade lowers the cost
+        ok = (extra > 0) & (extra <= int(budget) - total) & (gain > 0)
+        if not ok.any():
+            return choice
+        u, k = np.unravel_index(np.argmax(np.where(ok, gain / np.maximum(extra, 1), -np.inf)), ok.shape)
+        total += int(extra[u, k])
+        choice[u] = k
 
 
 def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, *, samples: int = 8,

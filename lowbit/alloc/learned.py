@@ -393,9 +393,10 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
                 cd.update(np.ascontiguousarray(np.asarray(qw[u])).tobytes())
             cand_digest = cd.hexdigest()
         config = {"units": units, "block": block, "candidates": [repr(c) for c in cands], "budget": budget,
-                  "candidate_weights": cand_digest,
                   "cfg": dataclasses.asdict(cfg), "method": method, "batches": digest.hexdigest(),
                   "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}
+        if cand_digest is not None:   # (absent for round-to-nearest candidates, as before they existed)
+            config["candidate_weights"] = cand_digest
         ckpts = TrainCheckpoints(os.path.join(run_dir, "checkpoints"))
         hist_path = os.path.join(run_dir, "history.json")
         restored = ckpts.restore(TrainState({"theta": theta, "lam": lam}, opt_state, key), config=config)
