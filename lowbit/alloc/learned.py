@@ -34,10 +34,9 @@ Adam step on ``L``, then ``lam <- max(0, lam + dual_lr * (E[bytes] / budget - 1)
 multiplier grows while the expected size is over the budget and decays back to 0 when it is under.
 The temperature anneals geometrically from ``tau_start`` to ``tau_end``.
 
-**Discretisation that meets the budget** (:func:`discretize`): the argmax candidate per unit, then,
-while the total is over the budget, the downgrade (to a cheaper candidate of the same unit) with
-the smallest logit loss per byte saved; then, while some upgrade still fits, the upgrade with the
-smallest logit loss per extra byte. The result never exceeds the budget. (Column blocks: a block's
+**Discretisation that meets the budget** (:func:`discretize`): a multiple-choice knapsack over
+the units with the learned preferences ``-log softmax(theta_u / tau_end)`` as costs (the argmax
+where it fits). The result never exceeds the budget. (Column blocks: a block's
 bytes are its codes, scales and zeros; the recipe's exact bytes also round each width's packed zeros
 to whole words, so while the exact total is over the budget the discretisation is rerun with the
 budget lowered by the excess.)
@@ -213,43 +212,25 @@ def _resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes)
     return budget
 
 
-def discretize(theta: np.ndarray, table: np.ndarray, budget: int) -> np.ndarray:
-    """One candidate per unit (``(U,)`` indices) whose total bytes never exceed ``budget``.
+def discretize(theta: np.ndarray, table: np.ndarray, budget: int, tau: float = 1.0) -> np.ndarray:
+    """One candidate per unit (``(U,)`` indices) whose total bytes never exceed ``budget``: the
+    multiple-choice knapsack (:func:`lowbit.alloc.baselines.knapsack`) over the learned
+    preferences, each candidate costing ``-log softmax(theta / tau)``. Where the argmax of every
+    unit fits, that is the argmax.
 
-    Starts from the argmax of the logits ``theta (U, K)``; the learned preference of unit ``u`` for
-    its current candidate over ``k`` is the logit drop ``theta[u, current] - theta[u, k]``. While
-    over the budget: the downgrade (to a cheaper candidate of the same unit) with the least logit
-    drop per byte saved; then, while an upgrade fits: the one with the least logit drop per extra
-    byte (most negative first).
+    (Tried before: greedy repair of the argmax by the least logit drop per byte, which can halve one
+    unit's width where giving up a little elsewhere keeps it; and a first-order ``d cost / d p``
+    estimate at the argmax point, near which the cost's gradient is ~0, so every downgrade looked
+    free.)"""
+    from lowbit.alloc.baselines import knapsack
 
-    (A first-order estimate ``d cost / d p`` at the argmax point was tried as the score instead: near
-    a fine candidate the cost's gradient is close to zero, so every downgrade looked free and the
-    repair threw away the widths the optimiser had learned.)"""
     theta, table = np.asarray(theta, np.float64), np.asarray(table, np.int64)
-    score = -theta   # lower = better
-    choice = theta.argmax(axis=1)
-    rows = np.arange(len(choice))
-    total = int(table[rows, choice].sum())
-    if total > budget and int(table.min(axis=1).sum()) > budget:
+    z = theta / float(tau)
+    logp = z - z.max(axis=1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    if int(table.min(axis=1).sum()) > budget:
         raise ValueError(f"budget={budget} bytes: below the smallest allocation ({int(table.min(axis=1).sum())})")
-    while total > budget:
-        cur_b, cur_s = table[rows, choice][:, None], score[rows, choice][:, None]
-        saved = cur_b - table
-        loss = np.where(saved > 0, (score - cur_s) / np.maximum(saved, 1), np.inf)
-        u, k = np.unravel_index(np.argmin(loss), loss.shape)
-        total -= int(saved[u, k])
-        choice[u] = k
-    while True:
-        cur_b, cur_s = table[rows, choice][:, None], score[rows, choice][:, None]
-        extra = table - cur_b
-        fits = (extra > 0) & (extra <= budget - total)
-        if not fits.any():
-            break
-        loss = np.where(fits, (score - cur_s) / np.maximum(extra, 1), np.inf)
-        u, k = np.unravel_index(np.argmin(loss), loss.shape)
-        total += int(extra[u, k])
-        choice[u] = k
-    return choice
+    return knapsack(-logp, table, budget)
 
 
 def kl_cost(model_cfg, teacher_params, *, remat: bool = True) -> Callable:
@@ -449,7 +430,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     # then discretize again under a budget lowered by the excess
     target = budget
     for _ in range(32):
-        choice = discretize(theta_np, table, target)
+        choice = discretize(theta_np, table, target, cfg.tau_end)
         recipe = recipe_of(choice)
         nbytes = sum(spec_bytes(recipe.weights[u], shapes[u]) for u in units)
         if nbytes <= budget:
