@@ -61,7 +61,7 @@ def test_discretize_never_exceeds_the_budget():
         logp = theta - np.log(np.exp(theta).sum(axis=1, keepdims=True))
         best = max(sum(logp[i, c[i]] for i in range(u)) for c in itertools.product(range(k), repeat=u)
                    if sum(table[i, c[i]] for i in range(u)) <= budget)
-        assert logp[np.arange(u), choice].sum() >= best - 1e-9 or table.max() > 16384
+        assert logp[np.arange(u), choice].sum() >= best - 1e-9   # exact: the bytes are below the DP resolution
     theta = np.array([[0.0, 5.0], [5.0, 0.0]])
     assert list(learned.discretize(theta, np.array([[1, 2], [1, 2]]), 4)) == [1, 0]   # the argmax fits
 

@@ -143,7 +143,7 @@ def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpe
     return q, table
 
 
-def _check_block(block, cands, flat, units) -> int | None:
+def _check_block(block, cands) -> int | None:
     """``block`` (columns per unit) checked against the candidates: group-wise int specs of one
     group size that divides it, no 16-bit candidate."""
     if block is None:
@@ -294,7 +294,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     missing = [u for u in units if u not in flat]
     if missing:
         raise ValueError(f"units: {missing[:5]} are not paths of params")
-    block = _check_block(block, cands, flat, units)
+    block = _check_block(block, cands)
     qw, table = candidate_tables(params, units, cands, candidate_weights)
     # rows of theta: one per linear, or one per column block of each linear
     shapes = {u: tuple(int(d) for d in flat[u].shape) for u in units}
