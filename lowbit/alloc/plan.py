@@ -50,7 +50,7 @@ def gptq_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec |
         if s is None:
             q = flat
         else:
-            t = Recipe({u: s for u in units}, method="gptq").transform()
+            t = baselines.uniform_recipe(params, s, units).transform()
             qp, _ = quantize_model(params, model_cfg, t, windows, batch_size=batch_size, true_sequential=False,
                                    progress=progress)
             q = flatten(qp)
