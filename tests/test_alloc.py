@@ -121,6 +121,22 @@ def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
     assert isinstance(QuantSpec, type)
 
 
+def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
+    from lowbit.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, max_position_embeddings=32)
+    teacher = llama.init_params(jax.random.key(0), cfg)
+    student = llama.init_params(jax.random.key(1), cfg)
+    toks = [np.random.default_rng(i).integers(0, 64, (2, 16)).astype(np.int32) for i in range(2)]
+    cached = learned.teacher_batches(cfg, teacher, toks)
+    for t, b in zip(toks, cached):
+        want = float(learned.kl_cost(cfg, teacher, remat=False)(student, jnp.asarray(t)))
+        assert want > 0
+        assert float(learned.kl_cost_cached(cfg, remat=False)(student, b)) == pytest.approx(want, rel=1e-5)
+        assert float(learned.kl_cost_cached(cfg)(teacher, b)) == pytest.approx(0.0, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- baselines
 
 

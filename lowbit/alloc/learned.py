@@ -65,7 +65,7 @@ from lowbit.core.transforms import flatten, unflatten
 from lowbit.progress import Bar
 
 __all__ = ["AllocCfg", "AllocResult", "allocate", "discretize", "candidate_tables", "int_candidates", "kl_cost",
-           "ce_cost", "linear_units", "budget_range"]
+           "kl_cost_cached", "teacher_batches", "batches_digest", "ce_cost", "linear_units", "budget_range"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +246,40 @@ def kl_cost(model_cfg, teacher_params, *, remat: bool = True) -> Callable:
     return cost
 
 
+def kl_cost_cached(model_cfg, *, remat: bool = True) -> Callable:
+    """:func:`kl_cost` on batches ``(tokens, teacher_logits)`` from :func:`teacher_batches`: the
+    teacher's logits computed once per batch instead of on every call (the baselines' sensitivity
+    passes evaluate the cost hundreds of times on the same few batches)."""
+    from lowbit.train.losses import forward_train, kd_kl
+
+    def cost(params, batch):
+        tokens, t = batch
+        s = forward_train(params, tokens, model_cfg, remat=remat)
+        return kd_kl(s[:, :-1], t[:, :-1], 1.0)
+
+    return cost
+
+
+def teacher_batches(model_cfg, teacher_params, batches) -> list:
+    """``[(tokens, teacher_logits)]`` for :func:`kl_cost_cached` (float32 logits: ``B x T x vocab``
+    x 4 bytes per batch)."""
+    from lowbit.train.losses import forward_train
+
+    fwd = jax.jit(lambda p, t: forward_train(p, t, model_cfg, remat=False))
+    return [(jnp.asarray(b), fwd(teacher_params, jnp.asarray(b))) for b in batches]
+
+
+def batches_digest(batches, extra=None) -> str:
+    """sha256 of the token batches (and of ``repr(extra)`` first, when given): what a checkpoint or
+    a cached measurement on these batches is keyed by."""
+    import hashlib
+
+    h = hashlib.sha256() if extra is None else hashlib.sha256(repr(extra).encode())
+    for b in batches:
+        h.update(np.ascontiguousarray(np.asarray(b)).tobytes())
+    return h.hexdigest()
+
+
 def ce_cost(model_cfg, *, remat: bool = True) -> Callable:
     """``cost(params, tokens)``: the model's mean next-token cross-entropy on a task corpus."""
     from lowbit.train.losses import cross_entropy, forward_train
@@ -364,9 +398,6 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
         from lowbit.train.ckpt import TrainCheckpoints
         from lowbit.train.step import TrainState
 
-        digest = hashlib.sha256()
-        for b in batches:
-            digest.update(np.ascontiguousarray(np.asarray(b)).tobytes())
         cand_digest = None
         if candidate_weights is not None:
             cd = hashlib.sha256()
@@ -374,7 +405,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
                 cd.update(np.ascontiguousarray(np.asarray(qw[u])).tobytes())
             cand_digest = cd.hexdigest()
         config = {"units": units, "block": block, "candidates": [repr(c) for c in cands], "budget": budget,
-                  "cfg": dataclasses.asdict(cfg), "method": method, "batches": digest.hexdigest(),
+                  "cfg": dataclasses.asdict(cfg), "method": method, "batches": batches_digest(batches),
                   "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}
         if cand_digest is not None:   # (absent for round-to-nearest candidates, as before they existed)
             config["candidate_weights"] = cand_digest

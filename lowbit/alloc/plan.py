@@ -86,13 +86,10 @@ class _SensitivityCache:
 def _sensitivity_cache(run_dir, kind, cost, seed, batches, units):
     if run_dir is None:
         return None
-    import hashlib
     import os
 
-    h = hashlib.sha256(repr((kind, cost, seed, list(units))).encode())
-    for b in batches:
-        h.update(np.ascontiguousarray(b).tobytes())
-    return _SensitivityCache(os.path.join(run_dir, f"sensitivity-{kind}.json"), h.hexdigest())
+    key = learned.batches_digest(batches, (kind, cost, seed, list(units)))
+    return _SensitivityCache(os.path.join(run_dir, f"sensitivity-{kind}.json"), key)
 
 
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
@@ -136,7 +133,10 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         name = "traces" if kind == "hawq" else "alphas"
         cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params))
         known = cache.load() if cache else None
-        recipe, extra = fn(params, cost_fn, candidates, batches, method=method, seed=cfg.seed, **budget,
+        fn_cost, fn_batches = cost_fn, batches
+        if known is None and cost == "kl":   # hundreds of cost calls on the same batches: teacher once per batch
+            fn_cost, fn_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
+        recipe, extra = fn(params, fn_cost, candidates, fn_batches, method=method, seed=cfg.seed, **budget,
                            **({name: known} if known is not None else {}))
         if cache and known is None:
             cache.save(extra[name])
