@@ -1,16 +1,33 @@
-"""GPTQ speed, side by side on the same saved (W, H): lowbit (JAX, jit) vs a straightforward PyTorch GPTQ.
+"""GPTQ speed, side by side: lowbit (JAX, jit) vs PyTorch GPTQ, per layer and for a whole model.
 
-The PyTorch baseline below is the textbook algorithm written the usual way (the structure of the
-reference implementation: Python loop over the columns of each block, in-place rank-1 updates, a
-lazy matmul per block, float32, same dampening and the same asymmetric min/max group quantizer).
-Both run in one process on the same CPU, interleaved repetition by repetition, on the same ``(W, H)`` saved to ``--out/problem_<n>.npz``,
-and we report wall time (median of ``--repeats`` after one warm-up; lowbit's first call, which
-includes compilation, is reported separately) and the output error ``||(W - Q) X^T|| / ||W X^T||``
-of each, so a faster but wrong implementation cannot hide.
+**Per layer** (``--shapes``): the same saved ``(W, H)`` through three implementations in one process,
+interleaved repetition by repetition so machine noise hits all alike:
 
-    python experiments/bench_gptq.py --sizes 1024 4096 --out results/bench_gptq
+- ``lowbit``: :func:`lowbit.methods.gptq.quantize_weight`, timed up to the packed QuantizedTensor;
+- ``torch_ref``: the IST-DASLab reference's ``fasterquant`` structure (gptq.py / quant.py of
+  IST-DASLab/gptq, rewritten here): a quantizer object whose ``find_params`` runs at every group
+  start on ``W``, per-column ``quantize`` of a ``(rows, 1)`` column, the losses kept, Python loops
+  over the columns of each block of 128 and a lazy update per block;
+- ``torch``: the same algorithm written tight (no losses, no quantizer object): a stricter baseline.
 
-Writes ``results.json``, ``results.csv`` and prints a table. Needs torch (``pip install -e .[torch]``).
+Reported: wall time (median of ``--repeats`` after one warm-up; lowbit's first call, which
+compiles, separately), the speedups, the output error ``||(W - Q) X^T|| / ||W X^T||`` of each on
+held-out inputs (a faster but wrong implementation cannot hide) and, with ``--memory``, the peak
+memory of one call of each, measured in a fresh process (peak RSS minus the RSS before the call).
+
+**Whole model** (``--model NAME``): lowbit's layer-sequential GPTQ (``lowbit.calib.driver``) vs
+the reference's ``llama_sequential`` pipeline in PyTorch + transformers (a Catcher for the first
+block's inputs, forward hooks accumulating ``H``, one window per forward as the reference, all
+linears of a block from one capture, the block rerun on the quantized weights), on the same token
+ids and the same float weights, each in its own process (time and peak RSS); both quantized models
+are evaluated by the same lowbit perplexity code on the same evaluation windows.
+
+    python experiments/bench_gptq.py --shapes 1024 4096 8192 4096x14336 14336x4096 --out results/bench_gptq
+    python experiments/bench_gptq.py --model smollm2-135m --nsamples 128 --seqlen 512 --out results/bench_gptq_model
+
+Writes ``results.json`` and ``results.csv`` and prints a table. Needs torch (``pip install -e .[torch]``).
+Run it on an otherwise idle machine: torch's OpenMP threads spin while waiting, and a busy machine
+slows the PyTorch loops far more than jitted code (see ../shared/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -68,19 +85,112 @@ def torch_gptq(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: 
     return Q
 
 
-def make_problem(n: int, path: str, tokens: int = 4096, seed: int = 0):
-    """Correlated heavy-tailed inputs -> H = 2/N X^T X; W ~ N(0, 1). Saved once, reused by both."""
+class _RefQuantizer:
+    """The reference's per-channel asymmetric min/max quantizer object (quant.py's ``Quantizer``
+    with ``perchannel=True, sym=False, mse=False``): ``find_params`` on a ``(rows, g)`` slice sets
+    ``scale``/``zero`` of shape ``(rows, 1)``."""
+
+    def __init__(self, bits: int):
+        import torch
+
+        self.maxq = torch.tensor(2**bits - 1)
+
+    def find_params(self, x):
+        import torch
+
+        x = x.flatten(1)
+        tmp = torch.zeros(x.shape[0], device=x.device)
+        xmin = torch.minimum(x.min(1)[0], tmp)
+        xmax = torch.maximum(x.max(1)[0], tmp)
+        tmp = (xmin == 0) & (xmax == 0)
+        xmin[tmp] = -1
+        xmax[tmp] = +1
+        self.scale = ((xmax - xmin) / self.maxq).reshape(-1, 1)
+        self.zero = torch.round(-xmin / self.scale.flatten()).reshape(-1, 1)
+
+    def quantize(self, x):
+        import torch
+
+        q = torch.clamp(torch.round(x / self.scale) + self.zero, 0, self.maxq)
+        return self.scale * (q - self.zero)
+
+
+def torch_gptq_reference(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
+    """The IST-DASLab reference's ``GPTQ.fasterquant`` structure (no act-order, dynamic groups):
+    dead columns zeroed, the inverse Hessian's upper Cholesky factor from cholesky /
+    cholesky_inverse / cholesky, and per block of ``blocksize`` columns a Python loop over the
+    columns with the quantizer refit on ``W`` at every group start, the per-column losses kept, and
+    one lazy update of the later columns. Returns ``(Q, losses)``."""
+    import torch
+
+    W = W.clone().float()
+    H = H.clone().float()
+    cols = W.shape[1]
+    quantizer = _RefQuantizer(bits)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Losses = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(cols)
+    H[diag, diag] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if (i1 + i) % groupsize == 0:
+                quantizer.find_params(W[:, (i1 + i):(i1 + i + groupsize)])
+            q = quantizer.quantize(w.unsqueeze(1)).flatten()
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d ** 2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return Q, Losses
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096"`` -> (4096, 4096); ``"4096x14336"`` -> (rows=out, cols=in) = (4096, 14336)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise SystemExit(f"--shapes {text!r}: expected N or ROWSxCOLS (out x in features), e.g. 4096x14336")
+    return parts[0], parts[1]
+
+
+def make_problem(rows: int, cols: int, path: str, tokens: int = 4096, seed: int = 0):
+    """Correlated heavy-tailed inputs -> H = 2/N X^T X (cols x cols); W ~ N(0, 1) (rows x cols).
+    Saved once, reused by every implementation (and by the memory subprocesses)."""
     if os.path.exists(path):
         d = np.load(path)
         return d["W"], d["H"], d["X"]
     rng = np.random.default_rng(seed)
-    Z = rng.standard_t(3.0, size=(tokens, n // 8)).astype(np.float32)
-    Xfull = Z @ rng.standard_normal((n // 8, n)).astype(np.float32)
-    Xfull += 0.2 * rng.standard_normal((tokens, n)).astype(np.float32)
+    Z = rng.standard_t(3.0, size=(tokens, max(cols // 8, 1))).astype(np.float32)
+    Xfull = Z @ rng.standard_normal((Z.shape[1], cols)).astype(np.float32)
+    Xfull += 0.2 * rng.standard_normal((tokens, cols)).astype(np.float32)
     H = ((2.0 / tokens) * Xfull.T @ Xfull).astype(np.float32)
     X = Xfull[:1024]  # kept for the output-error check only
-    W = rng.standard_normal((n, n)).astype(np.float32)
-    np.savez(path, W=W, H=H, X=X)
+    W = rng.standard_normal((rows, cols)).astype(np.float32)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, W=W, H=H, X=X)
+    os.replace(tmp, path)
     return W, H, X
 
 
@@ -88,70 +198,403 @@ def _rel_out_err(W, Q, X):
     return float(np.linalg.norm((W - Q) @ X.T) / np.linalg.norm(W @ X.T))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="results/bench_gptq")
-    args = ap.parse_args(argv)
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
 
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``; ``getrusage``'s ``ru_maxrss`` survives ``exec`` on Linux,
+    so a child would report the parent's peak when that was larger)."""
+    return _status_mib("VmHWM")
+
+
+def _implementations(bits: int, group_size: int):
+    """name -> fn(W_np, H_np) returning the dequantized weight (numpy), each timed to its result."""
     import jax
     import torch
 
     from lowbit import QuantSpec, dequantize
     from lowbit.methods.gptq import quantize_weight
 
-    os.makedirs(args.out, exist_ok=True)
-    spec = QuantSpec(bits=args.bits, group_size=args.group_size)
+    spec = QuantSpec(bits=bits, group_size=group_size)
+
+    def run_lowbit(W, H):
+        q = quantize_weight(W, H, spec).q
+        jax.block_until_ready(q.data)   # timed up to the packed QuantizedTensor
+        return q
+
+    return {
+        "lowbit": (run_lowbit, lambda q: np.asarray(dequantize(q))),
+        "torch_ref": (lambda W, H: torch_gptq_reference(torch.from_numpy(W), torch.from_numpy(H), bits, group_size)[0],
+                      lambda q: q.numpy()),
+        "torch": (lambda W, H: torch_gptq(torch.from_numpy(W), torch.from_numpy(H), bits, group_size),
+                  lambda q: q.numpy()),
+    }
+
+
+def one_call_memory(impl: str, problem: str, bits: int, group_size: int) -> dict:
+    """Run ``impl`` once on the saved problem in this (fresh) process: peak RSS above the RSS after
+    imports and loading, for the first call (lowbit compiles) and for a warm one (``--one``)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    d = np.load(problem)
+    W, H = d["W"], d["H"]
+    fn, _ = _implementations(bits, group_size)[impl]
+    base = _rss_mib()
+    fn(W, H)   # first call: lowbit compiles here
+    first = _peak_rss_mib() - base
+    out = {"impl": impl, "rss_before_mib": base, "first_call_peak_above_mib": first}
+    try:   # reset the peak (Linux: clear_refs 5) and measure a warm call
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return {**out, "peak_above_mib": first}
+    base = _rss_mib()
+    fn(W, H)
+    return {**out, "peak_above_mib": _peak_rss_mib() - base}
+
+
+def bench_layers(args) -> list[dict]:
+    import subprocess
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    impls = _implementations(args.bits, args.group_size)
     rows = []
-    for n in args.sizes:
-        W, H, X = make_problem(n, os.path.join(args.out, f"problem_{n}.npz"))
-
-        def run_lowbit():  # timed up to the packed QuantizedTensor (torch's loop stops at a float Q)
-            r = quantize_weight(W, H, spec)
-            jax.block_until_ready(r.q.data)
-            return r.q
-
+    for text in args.shapes:
+        r_, c_ = parse_shape(text)
+        problem = os.path.join(args.out, f"problem_{r_}x{c_}.npz")
+        W, H, X = make_problem(r_, c_, problem)
+        times = {k: [] for k in impls}
         t0 = time.perf_counter()
-        run_lowbit()
+        impls["lowbit"][0](W, H)
         first = time.perf_counter() - t0
-        Wt, Ht = torch.from_numpy(W), torch.from_numpy(H)
-        torch_gptq(Wt[:64], Ht, args.bits, args.group_size)  # warm-up (allocator, kernels)
-        tl, tt = [], []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-            t0 = time.perf_counter()
-            q = run_lowbit()
-            tl.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            Qt = torch_gptq(Wt, Ht, args.bits, args.group_size).numpy()
-            tt.append(time.perf_counter() - t0)
-
-        Ql = np.asarray(dequantize(q))
-        row = dict(n=n, bits=args.bits, group_size=args.group_size,
-                   lowbit_s=statistics.median(tl), lowbit_min_s=min(tl), lowbit_max_s=max(tl),
-                   lowbit_first_call_s=first, torch_s=statistics.median(tt), torch_min_s=min(tt),
-                   torch_max_s=max(tt), speedup=statistics.median(tt) / statistics.median(tl),
-                   lowbit_rel_out_err=_rel_out_err(W, Ql, X), torch_rel_out_err=_rel_out_err(W, Qt, X))
+        impls["torch_ref"][0](W[:64], H)   # warm-up (allocator, kernels)
+        impls["torch"][0](W[:64], H)
+        outs = {}
+        for _ in range(args.repeats):  # interleaved, so machine noise hits every implementation alike
+            for k, (fn, _) in impls.items():
+                t0 = time.perf_counter()
+                outs[k] = fn(W, H)
+                times[k].append(time.perf_counter() - t0)
+        row = dict(rows=r_, cols=c_, bits=args.bits, group_size=args.group_size, lowbit_first_call_s=first)
+        for k, ts in times.items():
+            row.update({f"{k}_s": statistics.median(ts), f"{k}_min_s": min(ts), f"{k}_max_s": max(ts)})
+        row["speedup_vs_ref"] = row["torch_ref_s"] / row["lowbit_s"]
+        row["speedup_vs_torch"] = row["torch_s"] / row["lowbit_s"]
+        for k, (_, to_np) in impls.items():
+            row[f"{k}_rel_out_err"] = _rel_out_err(W, to_np(outs[k]), X)
+        if args.memory:
+            for k in impls:
+                res = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", k, "--problem", problem,
+                                      "--bits", str(args.bits), "--group-size", str(args.group_size)],
+                                     check=True, capture_output=True, text=True)
+                m = json.loads(res.stdout.strip().splitlines()[-1])
+                row[f"{k}_peak_mib"] = m["peak_above_mib"]
+                if k == "lowbit":
+                    row["lowbit_first_call_peak_mib"] = m["first_call_peak_above_mib"]
         rows.append(row)
-        print(f"n={n}: lowbit {row['lowbit_s']:.3f}s (first call {first:.2f}s) | torch {row['torch_s']:.3f}s | "
-              f"speedup {row['speedup']:.2f}x | rel. output error lowbit {row['lowbit_rel_out_err']:.4f} "
-              f"torch {row['torch_rel_out_err']:.4f}", flush=True)
+        print(f"{r_}x{c_}: lowbit {row['lowbit_s']:.3f}s (first call {first:.2f}s) | reference {row['torch_ref_s']:.3f}s "
+              f"({row['speedup_vs_ref']:.2f}x) | tight torch {row['torch_s']:.3f}s ({row['speedup_vs_torch']:.2f}x) | "
+              f"rel. output error {row['lowbit_rel_out_err']:.4f} / {row['torch_ref_rel_out_err']:.4f} / "
+              f"{row['torch_rel_out_err']:.4f}", flush=True)
+    return rows
 
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def _prepare_model(args) -> dict:
+    """Load the model once with lowbit: calibration and evaluation windows (token ids, as lowbit
+    run would draw them) and an HF-layout float32 copy of the weights for the PyTorch pipeline."""
+    from safetensors.numpy import save_file
+
+    from lowbit import data
+    from lowbit.core.transforms import flatten
+    from lowbit.eval.likelihood import make_windows
+    from lowbit.io.export import _hf_name, hf_config
+    from lowbit.models.loaders import load_model
+    from lowbit.runner.config import CalibCfg
+    from lowbit.runner.experiment import calibration_data
+
+    params, cfg, tok = load_model(args.model)
+    calib = CalibCfg(data=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    windows, _ = calibration_data(calib, params, cfg, tok, args.seed, progress=False)
+    ev = make_windows(np.asarray(tok.encode(data.corpus_text(args.eval, "eval")), np.int32), args.eval_seqlen,
+                      args.eval_windows)
+    prep = os.path.join(args.out, "prep")
+    hf = os.path.join(prep, "hf")
+    os.makedirs(hf, exist_ok=True)
+    tensors = {}
+    for p, v in flatten(params).items():
+        suffix = "bias" if p.endswith("_bias") else "weight"
+        tensors[f"{_hf_name(p)}.{suffix}"] = np.ascontiguousarray(np.asarray(v, np.float32))
+    save_file(tensors, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    conf = {**hf_config(cfg), "torch_dtype": "float32", "use_cache": False}
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    np.save(os.path.join(prep, "calib.npy"), np.asarray(windows, np.int64))
+    np.save(os.path.join(prep, "eval.npy"), ev)
+    return {"hf": hf, "calib": os.path.join(prep, "calib.npy"), "eval": os.path.join(prep, "eval.npy")}
+
+
+def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group_size: int) -> dict:
+    """The reference's ``llama_sequential`` (IST-DASLab/gptq llama.py), without true-sequential:
+    capture block 0's inputs with a Catcher, then per block: hooks on every linear accumulate
+    ``H`` (the reference's ``add_batch``: running mean of ``2 x x^T`` over sequences) while the
+    block runs one window at a time, every linear is quantized by :func:`torch_gptq_reference`,
+    and the block reruns on its quantized weights to give the next block's inputs. Saves the
+    quantized linears (``out_path``, safetensors) and returns the timings."""
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    load_s = time.perf_counter() - t0
+    rss_before = _rss_mib()
+    t_start = time.perf_counter()
+    toks = torch.from_numpy(np.load(calib_path))
+    n, T = toks.shape
+    layers = model.model.layers
+    inps = torch.zeros((n, T, model.config.hidden_size), dtype=torch.float32)
+    cache = {"i": 0, "kw": None}
+
+    class Catcher(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.attention_type = getattr(module, "attention_type", "full_attention")
+
+        def forward(self, inp, *args, **kwargs):
+            inps[cache["i"]] = inp[0]
+            cache["i"] += 1
+            cache["kw"] = kwargs
+            raise ValueError
+
+    timings = {"capture_s": 0.0, "stats_s": 0.0, "gptq_s": 0.0, "rerun_s": 0.0}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        layers[0] = Catcher(layers[0])
+        for j in range(n):
+            try:
+                model(toks[j:j + 1])
+            except ValueError:
+                pass
+        layers[0] = layers[0].module
+        kw = {k: v for k, v in cache["kw"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        timings["capture_s"] = time.perf_counter() - t0
+
+        def run(layer, x):
+            y = layer(x.unsqueeze(0), **kw)
+            return (y[0] if isinstance(y, tuple) else y)[0]
+
+        outs = torch.zeros_like(inps)
+        quantized = {}
+        for i, layer in enumerate(layers):
+            linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            stats = {name: [torch.zeros((m.in_features, m.in_features)), 0] for name, m in linears.items()}
+
+            def hook(name):
+                def add_batch(_, inp, out):
+                    x = inp[0].data
+                    s = stats[name]
+                    tmp = x.shape[0] if x.dim() == 3 else 1
+                    x = x.reshape(-1, x.shape[-1]).t().float()
+                    s[0] *= s[1] / (s[1] + tmp)
+                    s[1] += tmp
+                    x = math.sqrt(2 / s[1]) * x
+                    s[0] += x.matmul(x.t())
+                return add_batch
+
+            t0 = time.perf_counter()
+            handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+            for j in range(n):
+                outs[j] = run(layer, inps[j])
+            for h in handles:
+                h.remove()
+            timings["stats_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for name, m in linears.items():
+                q, _ = torch_gptq_reference(m.weight.data, stats[name][0], bits, group_size)
+                m.weight.data = q.to(m.weight.dtype)
+                quantized[f"layers/{i}/{name.replace('.', '/')}"] = q.contiguous()
+            timings["gptq_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for j in range(n):
+                outs[j] = run(layer, inps[j])
+            timings["rerun_s"] += time.perf_counter() - t0
+            inps, outs = outs, inps
+    total = time.perf_counter() - t_start
+    peak = _peak_rss_mib()
+    save_file(quantized, out_path)
+    return {"impl": "torch", "seconds": total, "load_s": load_s, **timings, "peak_rss_mib": peak,
+            "rss_before_mib": rss_before}
+
+
+def lowbit_pipeline(model: str, calib_path: str, eval_path: str, bits: int, group_size: int, batch_size: int) -> dict:
+    """lowbit's layer-sequential GPTQ on the same windows (all linears of a block from one capture,
+    as the PyTorch pipeline), timed from the loaded model; then its perplexity on the eval windows."""
+    import jax
+
+    from lowbit.calib.driver import default_recipe, quantize_model
+    from lowbit.core.qtensor import QuantSpec
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.methods.gptq import gptq
+    from lowbit.models.loaders import load_model
+
+    t0 = time.perf_counter()
+    params, cfg, _ = load_model(model)
+    jax.block_until_ready(jax.tree.leaves(params))
+    load_s = time.perf_counter() - t0
+    windows = np.load(calib_path).astype(np.int32)
+    rss_before = _rss_mib()
+    t_start = time.perf_counter()
+    recipe = default_recipe(gptq(QuantSpec(bits=bits, group_size=group_size)))
+    qp, rows = quantize_model(params, cfg, recipe, windows, batch_size=batch_size, true_sequential=False,
+                              progress=False)
+    jax.block_until_ready(jax.tree.leaves(qp))
+    total = time.perf_counter() - t_start
+    peak = _peak_rss_mib()
+    layer_s = [r["layer_seconds"] for r in rows if "layer_seconds" in r]
+    ppl = perplexity(qp, cfg, np.load(eval_path), seqlen=np.load(eval_path).shape[1], batch_size=1, progress=False)
+    return {"impl": "lowbit", "seconds": total, "load_s": load_s, "first_layer_s": layer_s[0] if layer_s else None,
+            "median_layer_s": statistics.median(layer_s) if layer_s else None, "peak_rss_mib": peak,
+            "rss_before_mib": rss_before, "ppl": ppl["ppl"]}
+
+
+def _torch_model_ppl(model: str, q_path: str, eval_path: str) -> float:
+    """Perplexity of the PyTorch pipeline's quantized linears, through lowbit's evaluation."""
+    from safetensors.numpy import load_file
+
+    from lowbit.core.transforms import flatten, unflatten
+    from lowbit.eval.likelihood import perplexity
+    from lowbit.models.loaders import load_model
+
+    params, cfg, _ = load_model(model)
+    q = load_file(q_path)
+    flat = flatten(params)
+    missing = sorted(set(p for p in flat if p.startswith("layers/") and p.endswith("_proj")) - set(q))
+    if missing:
+        raise RuntimeError(f"the PyTorch pipeline did not quantize {missing[:4]}")
+    params = unflatten(params, {**flat, **{p: np.asarray(v, np.float32) for p, v in q.items()}})
+    ev = np.load(eval_path)
+    return perplexity(params, cfg, ev, seqlen=ev.shape[1], batch_size=1, progress=False)["ppl"]
+
+
+def bench_model(args) -> list[dict]:
+    import subprocess
+
+    prep = _prepare_model(args)
+    me = os.path.abspath(__file__)
+    common = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
+    res = {}
+    for impl in ("lowbit", "torch"):   # each in a fresh process: its own peak RSS, no thread interference
+        cmd = [sys.executable, me, "--pipeline", impl, "--model", args.model, "--hf", prep["hf"],
+               "--calib-ids", prep["calib"], "--eval-ids", prep["eval"], "--batch-size", str(args.batch_size),
+               "--q-out", os.path.join(args.out, "prep", "torch_q.safetensors")] + common
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{impl}: {res[impl]['seconds']:.1f} s, peak RSS {res[impl]['peak_rss_mib']:.0f} MiB", flush=True)
+    res["torch"]["ppl"] = _torch_model_ppl(args.model, os.path.join(args.out, "prep", "torch_q.safetensors"),
+                                           prep["eval"])
+    n, T = np.load(prep["calib"]).shape
+    ev = np.load(prep["eval"])
+    row = dict(model=args.model, bits=args.bits, group_size=args.group_size, calib=f"{n}x{T}",
+               eval=f"{args.eval} {ev.shape[0]}x{ev.shape[1]}",
+               lowbit_s=res["lowbit"]["seconds"], torch_s=res["torch"]["seconds"],
+               speedup=res["torch"]["seconds"] / res["lowbit"]["seconds"],
+               lowbit_load_s=res["lowbit"]["load_s"], torch_load_s=res["torch"]["load_s"],
+               lowbit_first_layer_s=res["lowbit"]["first_layer_s"], lowbit_median_layer_s=res["lowbit"]["median_layer_s"],
+               torch_gptq_s=res["torch"]["gptq_s"], torch_forward_s=res["torch"]["stats_s"] + res["torch"]["rerun_s"]
+               + res["torch"]["capture_s"],
+               lowbit_peak_rss_mib=res["lowbit"]["peak_rss_mib"], torch_peak_rss_mib=res["torch"]["peak_rss_mib"],
+               lowbit_ppl=res["lowbit"]["ppl"], torch_ppl=res["torch"]["ppl"],
+               ppl_rel_diff=res["lowbit"]["ppl"] / res["torch"]["ppl"] - 1.0)
+    return [row]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["1024", "4096"],
+                    help="per-layer problems: N (square) or ROWSxCOLS (out x in features)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="square sizes (same as --shapes N ...)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="per layer: also the peak memory of one call of each, in a fresh process")
+    ap.add_argument("--model", default=None, help="whole-model mode: lowbit vs the PyTorch pipeline on this model")
+    ap.add_argument("--calib", default="brown")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8, help="lowbit's calibration batch (windows per forward)")
+    ap.add_argument("--eval", default="brown")
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/bench_gptq")
+    # internal: one measurement in a fresh process
+    ap.add_argument("--one", choices=["lowbit", "torch_ref", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--problem", help=argparse.SUPPRESS)
+    ap.add_argument("--pipeline", choices=["lowbit", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--hf", help=argparse.SUPPRESS)
+    ap.add_argument("--calib-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--q-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(one_call_memory(args.one, args.problem, args.bits, args.group_size)))
+        return
+    if args.pipeline == "torch":
+        print(json.dumps(torch_pipeline(args.hf, args.calib_ids, args.q_out, args.bits, args.group_size)))
+        return
+    if args.pipeline == "lowbit":
+        print(json.dumps(lowbit_pipeline(args.model, args.calib_ids, args.eval_ids, args.bits, args.group_size,
+                                         args.batch_size)))
+        return
+    if args.sizes:
+        args.shapes = [str(n) for n in args.sizes]
+
+    import jax
+    import torch
+
+    os.makedirs(args.out, exist_ok=True)
+    rows = bench_model(args) if args.model else bench_layers(args)
     meta = dict(jax=jax.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                 cores=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
+                load=os.getloadavg()[0],
                 command="python experiments/bench_gptq.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+    for name, obj in (("results.json", {"meta": meta, "rows": rows}),):
+        tmp = os.path.join(args.out, name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, name))
+    tmp = os.path.join(args.out, "results.csv.tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print("\n| n | lowbit s | torch s | speedup | lowbit err | torch err |\n|---|---|---|---|---|---|")
+    os.replace(tmp, os.path.join(args.out, "results.csv"))
+    keys = list(rows[0])
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
-        print(f"| {r['n']} | {r['lowbit_s']:.3f} | {r['torch_s']:.3f} | {r['speedup']:.2f}x | "
-              f"{r['lowbit_rel_out_err']:.4f} | {r['torch_rel_out_err']:.4f} |")
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
 
 
 if __name__ == "__main__":
