@@ -369,6 +369,8 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", type=positive_int, default=None, metavar="COLS",
                    help="learned: units are blocks of COLS input columns (a multiple of --group-size) instead of "
                         "whole linears; a linear whose blocks differ gets a width per column group")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="hawq: Hutchinson probes (default 8); higgs: noise draws per linear (default 2)")
     p.add_argument("--method", default="gptq", help="the method the recipe quantizes with (default gptq)")
     p.add_argument("--run-dir", default=None,
                    help="learned: keep checkpoints here (rerunning the same command resumes from them); hawq / higgs: "
@@ -405,7 +407,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
                                   batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
                                   cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
-                                  run_dir=args.run_dir, block=args.block, candidate_weights=args.candidates, **budget)
+                                  run_dir=args.run_dir, block=args.block, candidate_weights=args.candidates,
+                                  samples=args.samples, **budget)
     info["calib"] = {k: v for k, v in record.items() if k != "tokens"}
     info["argv"] = sys.argv[1:]
     info["peak_rss_mb"] = peak_rss_mb()

@@ -330,3 +330,8 @@ def test_baseline_sensitivities_are_measured_once_per_run_dir(tiny_experiment, t
     assert not calls and r_b == fresh and r_a != r_b
     allocate_model(params, cfg, windows[:2], budget_bits=6.0, **kw)   # other windows: measured again
     assert calls == [1]
+    allocate_model(params, cfg, windows, budget_bits=6.0, samples=1, **kw)   # other draws: measured again
+    assert calls == [1, 1]
+    for bad in (dict(kind="learned", samples=2), dict(kind="higgs", samples=0)):
+        with pytest.raises(ValueError, match="samples"):
+            allocate_model(params, cfg, windows, budget_bits=6.0, **{**kw, **bad})

@@ -32,6 +32,7 @@ from lowbit.alloc.learned import _check_candidates, _resolve_budget, candidate_t
 from lowbit.alloc.recipe import Recipe
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten, unflatten
+from lowbit.progress import Bar
 
 __all__ = ["knapsack", "hutchinson_traces", "noise_sensitivities", "hawq_allocate", "higgs_allocate",
            "uniform_recipe"]
@@ -99,7 +100,7 @@ def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int 
 
 
 def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, *, samples: int = 8,
-                      seed: int = 0) -> np.ndarray:
+                      seed: int = 0, progress: bool = False) -> np.ndarray:
     """``Tr(H_u)`` of the cost's Hessian with respect to each unit's weights (Hutchinson: the mean of
     ``v_u^T (H v)_u`` over Rademacher vectors ``v`` on all units at once; ``samples`` per batch,
     batches cycled)."""
@@ -119,15 +120,17 @@ def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, 
     key = jax.random.key(seed)
     est = []
     batches = list(batches)
-    for s in range(samples):
-        ks = jax.random.split(jax.random.fold_in(key, s), len(units))
-        v = {u: jax.random.rademacher(k, ws[u].shape, jnp.float32) for u, k in zip(units, ks)}
-        est.append(np.asarray(hvp_quad(ws, v, jax.tree.map(jnp.asarray, batches[s % len(batches)]), base)))
+    with Bar(samples, "Hutchinson traces", enabled=progress, unit="probes") as bar:
+        for s in range(samples):
+            ks = jax.random.split(jax.random.fold_in(key, s), len(units))
+            v = {u: jax.random.rademacher(k, ws[u].shape, jnp.float32) for u, k in zip(units, ks)}
+            est.append(np.asarray(hvp_quad(ws, v, jax.tree.map(jnp.asarray, batches[s % len(batches)]), base)))
+            bar.advance()
     return np.mean(est, axis=0)
 
 
 def noise_sensitivities(params, cost_fn: Callable, units: Sequence[str], batches, *, rel_noise: float = 0.01,
-                        draws: int = 2, seed: int = 0) -> np.ndarray:
+                        draws: int = 2, seed: int = 0, progress: bool = False) -> np.ndarray:
     """HIGGS' per-layer linear coefficients ``alpha_u``: the increase of the mean cost when unit
     ``u`` alone gets Gaussian noise of relative power ``rel_noise`` (``||N||^2 = rel_noise *
     ||W||^2``), divided by ``rel_noise``, averaged over ``draws`` noise draws."""
@@ -137,15 +140,17 @@ def noise_sensitivities(params, cost_fn: Callable, units: Sequence[str], batches
     clean = float(np.mean([float(cost_j(params, b)) for b in batches]))
     key = jax.random.key(seed)
     alphas = []
-    for i, u in enumerate(units):
-        w = jnp.asarray(flat[u], jnp.float32)
-        scale = jnp.sqrt(rel_noise * jnp.sum(w * w) / w.size)
-        incs = []
-        for d in range(draws):
-            n = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), d), w.shape) * scale
-            noisy = unflatten(params, {**flat, u: (w + n).astype(flat[u].dtype)})
-            incs.append(np.mean([float(cost_j(noisy, b)) for b in batches]) - clean)
-        alphas.append(max(float(np.mean(incs)), 0.0) / rel_noise)
+    with Bar(len(units), "noise sensitivities", enabled=progress, unit="linears") as bar:
+        for i, u in enumerate(units):
+            w = jnp.asarray(flat[u], jnp.float32)
+            scale = jnp.sqrt(rel_noise * jnp.sum(w * w) / w.size)
+            incs = []
+            for d in range(draws):
+                n = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), d), w.shape) * scale
+                noisy = unflatten(params, {**flat, u: (w + n).astype(flat[u].dtype)})
+                incs.append(np.mean([float(cost_j(noisy, b)) for b in batches]) - clean)
+            alphas.append(max(float(np.mean(incs)), 0.0) / rel_noise)
+            bar.advance()
     return np.asarray(alphas)
 
 
@@ -176,13 +181,13 @@ def _setup(params, candidates, units, budget_bits, budget_bytes):
 def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
                   budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
                   samples: int = 8, method: str = "gptq", seed: int = 0,
-                  traces: np.ndarray | None = None) -> tuple[Recipe, dict]:
+                  traces: np.ndarray | None = None, progress: bool = False) -> tuple[Recipe, dict]:
     """HAWQ-style allocation (module docstring): Hutchinson traces x quantization error, knapsack.
     ``traces``: the units' traces measured before (they do not depend on the budget).
     Returns the recipe and ``{"traces", "costs", "choice", "nbytes", "budget"}``."""
     cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
     if traces is None:
-        traces = hutchinson_traces(params, cost_fn, units, batches, samples=samples, seed=seed)
+        traces = hutchinson_traces(params, cost_fn, units, batches, samples=samples, seed=seed, progress=progress)
     traces = _check_sensitivities(traces, units, "traces")
     err, _ = _rel_errors(params, units, qw)
     sizes = np.asarray([qw[u].shape[1] * qw[u].shape[2] for u in units], np.float64)
@@ -196,13 +201,14 @@ def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | No
 def higgs_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,
                    budget_bits: float | None = None, budget_bytes: int | None = None, units=None,
                    rel_noise: float = 0.01, draws: int = 2, method: str = "gptq",
-                   seed: int = 0, alphas: np.ndarray | None = None) -> tuple[Recipe, dict]:
+                   seed: int = 0, alphas: np.ndarray | None = None, progress: bool = False) -> tuple[Recipe, dict]:
     """HIGGS-style allocation (module docstring): noise sensitivities x relative error, DP.
     ``alphas``: the units' coefficients measured before (they do not depend on the budget).
     Returns the recipe and ``{"alphas", "costs", "choice", "nbytes", "budget"}``."""
     cands, units, qw, table, budget = _setup(params, candidates, units, budget_bits, budget_bytes)
     if alphas is None:
-        alphas = noise_sensitivities(params, cost_fn, units, batches, rel_noise=rel_noise, draws=draws, seed=seed)
+        alphas = noise_sensitivities(params, cost_fn, units, batches, rel_noise=rel_noise, draws=draws, seed=seed,
+                                     progress=progress)
     alphas = _check_sensitivities(alphas, units, "alphas")
     err, norm = _rel_errors(params, units, qw)
     costs = alphas[:, None] * err / np.maximum(norm, 1e-30)[:, None]

@@ -83,12 +83,12 @@ class _SensitivityCache:
         write_json(self.path, {"key": self.key, "values": [float(v) for v in values]})
 
 
-def _sensitivity_cache(run_dir, kind, cost, seed, batches, units):
+def _sensitivity_cache(run_dir, kind, cost, seed, batches, units, samples):
     if run_dir is None:
         return None
     import os
 
-    key = learned.batches_digest(batches, (kind, cost, seed, list(units)))
+    key = learned.batches_digest(batches, (kind, cost, seed, list(units)) + ((samples,) if samples else ()))
     return _SensitivityCache(os.path.join(run_dir, f"sensitivity-{kind}.json"), key)
 
 
@@ -96,14 +96,15 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
                    progress: bool = True, run_dir: str | None = None, block: int | None = None,
-                   candidate_weights: str = "rtn") -> tuple[Recipe, dict]:
+                   candidate_weights: str = "rtn", samples: int | None = None) -> tuple[Recipe, dict]:
     """The allocation of ``kind`` (:data:`KINDS`) for the model on calibration ``windows`` (``(N, T)``
     token ids, cut into batches of ``batch_size``), with the cost ``kl`` (KL from the float model)
     or ``ce`` (next-token cross-entropy on the windows). Returns the recipe and a JSON-able record.
     ``run_dir``: learned: checkpoints to resume an interrupted run from; hawq / higgs: the measured
     sensitivities, reused by a later call with another budget on the same windows; ``block`` (learned): units
     of that many input columns instead of whole linears; ``candidate_weights`` (learned): ``rtn``
-    (round to nearest) or ``gptq`` (:func:`gptq_candidates` on the same windows)."""
+    (round to nearest) or ``gptq`` (:func:`gptq_candidates` on the same windows); ``samples``: hawq:
+    Hutchinson probes (default 8), higgs: noise draws per unit (default 2)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     if block is not None and kind != "learned":
@@ -117,6 +118,9 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
     if candidate_weights not in ("rtn", "gptq"):
         raise ValueError(f"candidate_weights={candidate_weights!r}: expected 'rtn' or 'gptq'")
+    if samples is not None and (kind == "learned" or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples={samples!r}: expected a positive int, for kind='hawq' (Hutchinson probes) "
+                         "or 'higgs' (noise draws per unit)")
     if candidate_weights == "gptq" and kind != "learned":
         raise ValueError("candidate_weights='gptq': for kind='learned' (the baselines score round-to-nearest errors)")
     if kind == "learned":
@@ -131,12 +135,14 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     else:
         fn = baselines.hawq_allocate if kind == "hawq" else baselines.higgs_allocate
         name = "traces" if kind == "hawq" else "alphas"
-        cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params))
+        cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params), samples)
         known = cache.load() if cache else None
         fn_cost, fn_batches = cost_fn, batches
         if known is None and cost == "kl":   # hundreds of cost calls on the same batches: teacher once per batch
             fn_cost, fn_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
-        recipe, extra = fn(params, fn_cost, candidates, fn_batches, method=method, seed=cfg.seed, **budget,
+        n = {} if samples is None else {("samples" if kind == "hawq" else "draws"): samples}
+        recipe, extra = fn(params, fn_cost, candidates, fn_batches, method=method, seed=cfg.seed, progress=progress,
+                           **budget, **n,
                            **({name: known} if known is not None else {}))
         if cache and known is None:
             cache.save(extra[name])
