@@ -135,6 +135,13 @@ def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
         assert want > 0
         assert float(learned.kl_cost_cached(cfg, remat=False)(student, b)) == pytest.approx(want, rel=1e-5)
         assert float(learned.kl_cost_cached(cfg)(teacher, b)) == pytest.approx(0.0, abs=1e-5)
+    # the allocation itself runs on (tokens, teacher logits) batches and learns the same thing
+    cands = learned.int_candidates(bits=(2, 4), group_size=16)
+    kw = dict(budget_bits=4.5, cfg=learned.AllocCfg(steps=4), progress=False)
+    a = learned.allocate(teacher, learned.kl_cost(cfg, teacher, remat=False), cands, toks, **kw)
+    b = learned.allocate(teacher, learned.kl_cost_cached(cfg, remat=False), cands, cached, **kw)
+    assert a.choice == b.choice
+    np.testing.assert_allclose([h["cost"] for h in a.history], [h["cost"] for h in b.history], rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -276,7 +276,8 @@ def batches_digest(batches, extra=None) -> str:
 
     h = hashlib.sha256() if extra is None else hashlib.sha256(repr(extra).encode())
     for b in batches:
-        h.update(np.ascontiguousarray(np.asarray(b)).tobytes())
+        for leaf in jax.tree.leaves(b):   # a batch: token ids, or (token ids, teacher logits)
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()
 
 
@@ -289,6 +290,10 @@ def ce_cost(model_cfg, *, remat: bool = True) -> Callable:
         return cross_entropy(logits[:, :-1], tokens[:, 1:])
 
     return cost
+
+
+def _as_batch(b):
+    return jax.tree.map(jnp.asarray, b)
 
 
 def _probs(theta, tau, key, hard: bool):
@@ -364,14 +369,14 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     # the cost must be a scalar: checked on shapes before anything runs
     theta0 = jnp.zeros((len(table), len(cands)), jnp.float32)
     out = jax.eval_shape(lambda t, b: lagrangian(t, 0.0, 1.0, b, jax.random.key(0), qw, base, 1.0)[1][0], theta0,
-                         jnp.asarray(batches[0]))
+                         _as_batch(batches[0]))
     if out.shape != ():
         raise ValueError(f"cost_fn: returned shape {out.shape}; expected a scalar (one number per batch)")
     # the cost is measured in units of its value at the start (the uniform mix), so that the
     # multiplier's scale (cost per budget fraction) does not depend on the cost's units
     p0 = jax.nn.softmax(theta0, axis=-1)
     cost_jit = jax.jit(cost_of)
-    scale = float(np.mean([float(cost_jit(p0, jnp.asarray(b), qw, base)) for b in batches[:4]]))
+    scale = float(np.mean([float(cost_jit(p0, _as_batch(b), qw, base)) for b in batches[:4]]))
     if not math.isfinite(scale):
         raise FloatingPointError(f"cost_fn: returned {scale} for the uniform candidate mix; the cost must be finite")
     scale = max(abs(scale), 1e-12)
@@ -430,7 +435,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
             tau = cfg.tau(s)
             lam_before = float(lam)
             theta, opt_state, lam, cost, e_rel = step(theta, opt_state, lam, jnp.float32(tau),
-                                                      jnp.asarray(batches[s % len(batches)]),
+                                                      _as_batch(batches[s % len(batches)]),
                                                       jax.random.fold_in(key, s), qw, base)
             cost = float(cost)
             if not math.isfinite(cost):

@@ -92,6 +92,15 @@ def _sensitivity_cache(run_dir, kind, cost, seed, batches, units, samples):
     return _SensitivityCache(os.path.join(run_dir, f"sensitivity-{kind}.json"), key)
 
 
+TEACHER_CACHE_BYTES = 4 << 30   # the KL cost keeps the float model's logits when they fit in this
+
+
+def _teacher_bytes(model_cfg, windows) -> int:
+    """Bytes of float32 teacher logits for every calibration window (``N x T x vocab x 4``)."""
+    n, t = np.shape(windows)
+    return int(n) * int(t) * int(model_cfg.vocab_size) * 4
+
+
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
                    budget_bits: float | None = None, budget_bytes: int | None = None, cost: str = "kl",
                    batch_size: int = 4, cfg: learned.AllocCfg = learned.AllocCfg(), method: str = "gptq",
@@ -128,7 +137,11 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         if candidate_weights == "gptq":
             cw = gptq_candidates(params, model_cfg, windows, candidates, learned.linear_units(params),
                                  batch_size=batch_size, progress=progress)
-        res = learned.allocate(params, cost_fn, candidates, batches, cfg=cfg, method=method, progress=progress,
+        l_cost, l_batches = cost_fn, batches
+        if cost == "kl" and _teacher_bytes(model_cfg, windows) <= TEACHER_CACHE_BYTES:
+            # the float model's logits once per batch instead of on every step
+            l_cost, l_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
+        res = learned.allocate(params, l_cost, candidates, l_batches, cfg=cfg, method=method, progress=progress,
                                run_dir=run_dir, block=block, candidate_weights=cw, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
                                     "choice": res.choice}
@@ -138,7 +151,8 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params), samples)
         known = cache.load() if cache else None
         fn_cost, fn_batches = cost_fn, batches
-        if known is None and cost == "kl":   # hundreds of cost calls on the same batches: teacher once per batch
+        if known is None and cost == "kl" and _teacher_bytes(model_cfg, windows) <= TEACHER_CACHE_BYTES:
+            # hundreds of cost calls on the same batches: the teacher once per batch
             fn_cost, fn_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
         n = {} if samples is None else {("samples" if kind == "hawq" else "draws"): samples}
         recipe, extra = fn(params, fn_cost, candidates, fn_batches, method=method, seed=cfg.seed, progress=progress,
