@@ -19,8 +19,9 @@ memory of one call of each, measured in a fresh process (peak RSS minus the RSS 
 the reference's ``llama_sequential`` pipeline in PyTorch + transformers (a Catcher for the first
 block's inputs, forward hooks accumulating ``H``, one window per forward as the reference, all
 linears of a block from one capture, the block rerun on the quantized weights), on the same token
-ids and the same float weights, each in its own process (time and peak RSS); both quantized models
-are evaluated by the same lowbit perplexity code on the same evaluation windows.
+ids and the same float weights, each in its own process (time, and peak RSS above the loaded model);
+both quantized models are evaluated as dequantized float weights by the same lowbit perplexity code
+on the same evaluation windows.
 
     python experiments/bench_gptq.py --shapes 1024 4096 8192 4096x14336 14336x4096 --out results/bench_gptq
     python experiments/bench_gptq.py --model smollm2-135m --nsamples 128 --seqlen 512 --out results/bench_gptq_model
@@ -115,18 +116,21 @@ class _RefQuantizer:
         return self.scale * (q - self.zero)
 
 
-def torch_gptq_reference(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
+def torch_gptq_reference(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: float = 0.01,
+                         consume_h: bool = False):
     """The IST-DASLab reference's ``GPTQ.fasterquant`` structure (no act-order, dynamic groups):
     dead columns zeroed, the inverse Hessian's upper Cholesky factor from cholesky /
     cholesky_inverse / cholesky, and per block of ``blocksize`` columns a Python loop over the
     columns with the quantizer refit on ``W`` at every group start, the per-column losses kept, and
-    one lazy update of the later columns. Returns ``(Q, losses)``."""
+    one lazy update of the later columns. ``consume_h``: factor ``H`` in place (the reference
+    consumes its accumulated Hessian); otherwise work on a copy. Returns ``(Q, losses)``."""
     import torch
 
     W = W.clone().float()
-    H = H.clone().float()
+    H = H.float() if consume_h else H.clone().float()
     cols = W.shape[1]
     quantizer = _RefQuantizer(bits)
+    quantizer.find_params(W)   # the reference fits the whole matrix first (refit at every group start)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -198,6 +202,21 @@ def _rel_out_err(W, Q, X):
     return float(np.linalg.norm((W - Q) @ X.T) / np.linalg.norm(W @ X.T))
 
 
+def _threads() -> int:
+    """The CPUs this process may run on (physical + logical within its affinity mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux: ``clear_refs`` 5), so VmHWM measures from here."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -216,15 +235,29 @@ def _peak_rss_mib() -> float:
     return _status_mib("VmHWM")
 
 
+def _lowbit_spec(bits: int, group_size: int):
+    """lowbit's quantizer matching the PyTorch ones: asymmetric min/max groups, float32 scales."""
+    from lowbit import QuantSpec
+
+    return QuantSpec(bits=bits, group_size=group_size, scale_dtype="float32")
+
+
+def _check_group_size(g: int) -> int:
+    if g <= 0 or 128 % g:
+        raise SystemExit(f"--group-size {g}: expected a divisor of the block size 128 (e.g. 32, 64, 128): the "
+                         "PyTorch implementations fit a group's parameters inside one block")
+    return g
+
+
 def _implementations(bits: int, group_size: int):
     """name -> fn(W_np, H_np) returning the dequantized weight (numpy), each timed to its result."""
     import jax
     import torch
 
-    from lowbit import QuantSpec, dequantize
+    from lowbit import dequantize
     from lowbit.methods.gptq import quantize_weight
 
-    spec = QuantSpec(bits=bits, group_size=group_size)
+    spec = _lowbit_spec(bits, group_size)
 
     def run_lowbit(W, H):
         q = quantize_weight(W, H, spec).q
@@ -245,18 +278,16 @@ def one_call_memory(impl: str, problem: str, bits: int, group_size: int) -> dict
     imports and loading, for the first call (lowbit compiles) and for a warm one (``--one``)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(_threads())
     d = np.load(problem)
     W, H = d["W"], d["H"]
     fn, _ = _implementations(bits, group_size)[impl]
+    _reset_peak()
     base = _rss_mib()
     fn(W, H)   # first call: lowbit compiles here
     first = _peak_rss_mib() - base
     out = {"impl": impl, "rss_before_mib": base, "first_call_peak_above_mib": first}
-    try:   # reset the peak (Linux: clear_refs 5) and measure a warm call
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
+    if not _reset_peak():   # then a warm call
         return {**out, "peak_above_mib": first}
     base = _rss_mib()
     fn(W, H)
@@ -268,7 +299,7 @@ def bench_layers(args) -> list[dict]:
 
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(_threads())
     impls = _implementations(args.bits, args.group_size)
     rows = []
     for text in args.shapes:
@@ -361,14 +392,15 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(_threads())
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     load_s = time.perf_counter() - t0
+    toks = torch.from_numpy(np.load(calib_path))
+    _reset_peak()
     rss_before = _rss_mib()
     t_start = time.perf_counter()
-    toks = torch.from_numpy(np.load(calib_path))
     n, T = toks.shape
     layers = model.model.layers
     inps = torch.zeros((n, T, model.config.hidden_size), dtype=torch.float32)
@@ -396,7 +428,10 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
             except ValueError:
                 pass
         layers[0] = layers[0].module
-        kw = {k: v for k, v in cache["kw"].items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        if cache["i"] != n:
+            raise RuntimeError(f"captured {cache['i']} of {n} windows' block-0 inputs (the model raised before block 0?)")
+        kw = {k: v for k, v in cache["kw"].items()
+              if k not in ("cache", "past_key_values", "past_key_value", "use_cache")}
         timings["capture_s"] = time.perf_counter() - t0
 
         def run(layer, x):
@@ -430,7 +465,7 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
             timings["stats_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             for name, m in linears.items():
-                q, _ = torch_gptq_reference(m.weight.data, stats[name][0], bits, group_size)
+                q, _ = torch_gptq_reference(m.weight.data, stats.pop(name)[0], bits, group_size, consume_h=True)
                 m.weight.data = q.to(m.weight.dtype)
                 quantized[f"layers/{i}/{name.replace('.', '/')}"] = q.contiguous()
             timings["gptq_s"] += time.perf_counter() - t0
@@ -440,20 +475,26 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
             timings["rerun_s"] += time.perf_counter() - t0
             inps, outs = outs, inps
     total = time.perf_counter() - t_start
-    peak = _peak_rss_mib()
+    peak = _peak_rss_mib() - rss_before
     save_file(quantized, out_path)
-    return {"impl": "torch", "seconds": total, "load_s": load_s, **timings, "peak_rss_mib": peak,
+    return {"impl": "torch", "seconds": total, "load_s": load_s, **timings, "peak_above_mib": peak,
             "rss_before_mib": rss_before}
 
 
-def lowbit_pipeline(model: str, calib_path: str, eval_path: str, bits: int, group_size: int, batch_size: int) -> dict:
+def lowbit_pipeline(model: str, calib_path: str, eval_path: str, q_path: str, bits: int, group_size: int,
+                    batch_size: int) -> dict:
     """lowbit's layer-sequential GPTQ on the same windows (all linears of a block from one capture,
-    as the PyTorch pipeline), timed from the loaded model; then its perplexity on the eval windows."""
+    as the PyTorch pipeline; dead columns zeroed and float32 scales, as the reference), timed from
+    the loaded model. Saves the dequantized linears (``q_path``) for the same evaluation as the
+    PyTorch pipeline's."""
     import jax
 
+    from safetensors.numpy import save_file
+
+    from lowbit import dequantize
     from lowbit.calib.driver import default_recipe, quantize_model
-    from lowbit.core.qtensor import QuantSpec
-    from lowbit.eval.likelihood import perplexity
+    from lowbit.core.qtensor import QuantizedTensor
+    from lowbit.core.transforms import flatten
     from lowbit.methods.gptq import gptq
     from lowbit.models.loaders import load_model
 
@@ -462,23 +503,27 @@ def lowbit_pipeline(model: str, calib_path: str, eval_path: str, bits: int, grou
     jax.block_until_ready(jax.tree.leaves(params))
     load_s = time.perf_counter() - t0
     windows = np.load(calib_path).astype(np.int32)
+    _reset_peak()
     rss_before = _rss_mib()
     t_start = time.perf_counter()
-    recipe = default_recipe(gptq(QuantSpec(bits=bits, group_size=group_size)))
+    recipe = default_recipe(gptq(_lowbit_spec(bits, group_size), zero_dead=True))
     qp, rows = quantize_model(params, cfg, recipe, windows, batch_size=batch_size, true_sequential=False,
                               progress=False)
     jax.block_until_ready(jax.tree.leaves(qp))
     total = time.perf_counter() - t_start
-    peak = _peak_rss_mib()
+    peak = _peak_rss_mib() - rss_before
     layer_s = [r["layer_seconds"] for r in rows if "layer_seconds" in r]
-    ppl = perplexity(qp, cfg, np.load(eval_path), seqlen=np.load(eval_path).shape[1], batch_size=1, progress=False)
+    flat = flatten(qp)
+    save_file({p: np.ascontiguousarray(np.asarray(dequantize(v), np.float32)) for p, v in flat.items()
+               if isinstance(v, QuantizedTensor)}, q_path)
     return {"impl": "lowbit", "seconds": total, "load_s": load_s, "first_layer_s": layer_s[0] if layer_s else None,
-            "median_layer_s": statistics.median(layer_s) if layer_s else None, "peak_rss_mib": peak,
-            "rss_before_mib": rss_before, "ppl": ppl["ppl"]}
+            "median_layer_s": statistics.median(layer_s) if layer_s else None, "peak_above_mib": peak,
+            "rss_before_mib": rss_before}
 
 
-def _torch_model_ppl(model: str, q_path: str, eval_path: str) -> float:
-    """Perplexity of the PyTorch pipeline's quantized linears, through lowbit's evaluation."""
+def _quantized_model_ppl(model: str, q_path: str, eval_path: str) -> float:
+    """Perplexity of a pipeline's dequantized linears (``q_path``) in the float model, by lowbit's
+    evaluation: both pipelines' results through the same code on the same windows."""
     from safetensors.numpy import load_file
 
     from lowbit.core.transforms import flatten, unflatten
@@ -490,7 +535,7 @@ def _torch_model_ppl(model: str, q_path: str, eval_path: str) -> float:
     flat = flatten(params)
     missing = sorted(set(p for p in flat if p.startswith("layers/") and p.endswith("_proj")) - set(q))
     if missing:
-        raise RuntimeError(f"the PyTorch pipeline did not quantize {missing[:4]}")
+        raise RuntimeError(f"{q_path}: the pipeline did not quantize {missing[:4]}")
     params = unflatten(params, {**flat, **{p: np.asarray(v, np.float32) for p, v in q.items()}})
     ev = np.load(eval_path)
     return perplexity(params, cfg, ev, seqlen=ev.shape[1], batch_size=1, progress=False)["ppl"]
@@ -503,15 +548,16 @@ def bench_model(args) -> list[dict]:
     me = os.path.abspath(__file__)
     common = ["--bits", str(args.bits), "--group-size", str(args.group_size)]
     res = {}
+    q = {impl: os.path.join(args.out, "prep", f"{impl}_q.safetensors") for impl in ("lowbit", "torch")}
     for impl in ("lowbit", "torch"):   # each in a fresh process: its own peak RSS, no thread interference
         cmd = [sys.executable, me, "--pipeline", impl, "--model", args.model, "--hf", prep["hf"],
                "--calib-ids", prep["calib"], "--eval-ids", prep["eval"], "--batch-size", str(args.batch_size),
-               "--q-out", os.path.join(args.out, "prep", "torch_q.safetensors")] + common
+               "--q-out", q[impl]] + common
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{impl}: {res[impl]['seconds']:.1f} s, peak RSS {res[impl]['peak_rss_mib']:.0f} MiB", flush=True)
-    res["torch"]["ppl"] = _torch_model_ppl(args.model, os.path.join(args.out, "prep", "torch_q.safetensors"),
-                                           prep["eval"])
+        print(f"{impl}: {res[impl]['seconds']:.1f} s, peak RSS {res[impl]['peak_above_mib']:.0f} MiB above the model", flush=True)
+    for impl in ("lowbit", "torch"):
+        res[impl]["ppl"] = _quantized_model_ppl(args.model, q[impl], prep["eval"])
     n, T = np.load(prep["calib"]).shape
     ev = np.load(prep["eval"])
     row = dict(model=args.model, bits=args.bits, group_size=args.group_size, calib=f"{n}x{T}",
@@ -522,7 +568,7 @@ def bench_model(args) -> list[dict]:
                lowbit_first_layer_s=res["lowbit"]["first_layer_s"], lowbit_median_layer_s=res["lowbit"]["median_layer_s"],
                torch_gptq_s=res["torch"]["gptq_s"], torch_forward_s=res["torch"]["stats_s"] + res["torch"]["rerun_s"]
                + res["torch"]["capture_s"],
-               lowbit_peak_rss_mib=res["lowbit"]["peak_rss_mib"], torch_peak_rss_mib=res["torch"]["peak_rss_mib"],
+               lowbit_peak_mib=res["lowbit"]["peak_above_mib"], torch_peak_mib=res["torch"]["peak_above_mib"],
                lowbit_ppl=res["lowbit"]["ppl"], torch_ppl=res["torch"]["ppl"],
                ppl_rel_diff=res["lowbit"]["ppl"] / res["torch"]["ppl"] - 1.0)
     return [row]
@@ -565,11 +611,12 @@ def main(argv=None):
         print(json.dumps(torch_pipeline(args.hf, args.calib_ids, args.q_out, args.bits, args.group_size)))
         return
     if args.pipeline == "lowbit":
-        print(json.dumps(lowbit_pipeline(args.model, args.calib_ids, args.eval_ids, args.bits, args.group_size,
-                                         args.batch_size)))
+        print(json.dumps(lowbit_pipeline(args.model, args.calib_ids, args.eval_ids, args.q_out, args.bits,
+                                         args.group_size, args.batch_size)))
         return
     if args.sizes:
         args.shapes = [str(n) for n in args.sizes]
+    _check_group_size(args.group_size)
 
     import jax
     import torch
@@ -577,7 +624,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rows = bench_model(args) if args.model else bench_layers(args)
     meta = dict(jax=jax.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
+                cores=_threads(), torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
                 load=os.getloadavg()[0],
                 command="python experiments/bench_gptq.py " + " ".join(sys.argv[1:] if argv is None else argv))
     for name, obj in (("results.json", {"meta": meta, "rows": rows}),):

@@ -45,6 +45,9 @@ def test_reference_structured_torch_gptq_matches_lowbit():
     assert bench.parse_shape("4096x14336") == (4096, 14336) and bench.parse_shape("8") == (8, 8)
     with pytest.raises(SystemExit, match="ROWSxCOLS"):
         bench.parse_shape("4096x")
+    for bad in (-1, 0, 96, 256):
+        with pytest.raises(SystemExit, match="divisor of the block size"):
+            bench._check_group_size(bad)
 
 
 def test_bench_layers_writes_times_errors_and_memory(tmp_path):
@@ -56,22 +59,31 @@ def test_bench_layers_writes_times_errors_and_memory(tmp_path):
     assert (row["rows"], row["cols"]) == (32, 128)
     for k in ("lowbit", "torch_ref", "torch"):
         assert row[f"{k}_s"] > 0 and row[f"{k}_peak_mib"] >= 0
-        assert row[f"{k}_rel_out_err"] == pytest.approx(row["torch_ref_rel_out_err"], rel=0.15)
-    assert row["speedup_vs_ref"] == pytest.approx(row["torch_ref_s"] / row["lowbit_s"])
-    assert row["lowbit_first_call_peak_mib"] >= row["lowbit_peak_mib"]
+        assert row[f"{k}_rel_out_err"] == pytest.approx(row["torch_ref_rel_out_err"], rel=0.03)
+    assert row["lowbit_first_call_peak_mib"] > 0
     assert (out / "results.csv").read_text().startswith("rows,cols,")
 
 
 def test_bench_whole_model_pipelines_agree(tiny_experiment, tmp_path):
     pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
     root, _ = tiny_experiment
     out = tmp_path / "m"
     subprocess.run([sys.executable, BENCH, "--model", str(root / "model"), "--calib", str(root / "corpus.txt"),
                     "--eval", str(root / "corpus.txt"), "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32",
-                    "--eval-windows", "4", "--batch-size", "2", "--bits", "3", "--group-size", "32",
+                    "--eval-windows", "4", "--batch-size", "2", "--bits", "3", "--group-size", "64",
                     "--out", str(out)], check=True, cwd=ROOT, timeout=600)
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["calib"] == "4x32" and row["lowbit_s"] > 0 and row["torch_s"] > 0
-    assert row["lowbit_peak_rss_mib"] > 0 and row["torch_peak_rss_mib"] > 0
-    # same windows, same weights, same algorithm: the two quantized models agree closely
-    assert abs(row["ppl_rel_diff"]) < 0.05, row
+    assert row["lowbit_peak_mib"] >= 0 and row["torch_peak_mib"] >= 0
+    # Same windows, weights and algorithm. Block 0's inputs are the same embeddings, so its linears
+    # whose groups start at block starts (64 input columns, one group) must come out equal up to
+    # float rounding of the Hessians (a causal-mask, Hessian or data mistake on either side breaks this).
+    lb, tq = load_file(str(out / "prep" / "lowbit_q.safetensors")), load_file(str(out / "prep" / "torch_q.safetensors"))
+    assert set(lb) == set(tq) and len(lb) == 14
+    for name in ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
+                 "mlp/up_proj"):
+        a, b = lb[f"layers/0/{name}"], tq[f"layers/0/{name}"]
+        assert np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6)) > 0.98, name
+    assert abs(row["ppl_rel_diff"]) < 0.02, row
