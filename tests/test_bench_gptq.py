@@ -59,7 +59,10 @@ def test_bench_layers_writes_times_errors_and_memory(tmp_path):
     assert (row["rows"], row["cols"]) == (32, 128)
     for k in ("lowbit", "torch_ref", "torch"):
         assert row[f"{k}_s"] > 0 and row[f"{k}_peak_mib"] >= 0
-        assert row[f"{k}_rel_out_err"] == pytest.approx(row["torch_ref_rel_out_err"], rel=0.03)
+    # lowbit and the tight version fit each group on the corrected weights; the reference refits
+    # groups that start inside a block on the not-yet-corrected ones (a small, known difference)
+    assert row["lowbit_rel_out_err"] == pytest.approx(row["torch_rel_out_err"], rel=0.02)
+    assert row["torch_ref_rel_out_err"] == pytest.approx(row["torch_rel_out_err"], rel=0.1)
     assert row["lowbit_first_call_peak_mib"] > 0
     assert (out / "results.csv").read_text().startswith("rows,cols,")
 
