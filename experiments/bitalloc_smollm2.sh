@@ -6,16 +6,22 @@
 #
 # SIZE:GROUP: the budget is the exact size of uniform SIZE-bit weights in groups of GROUP (e.g. 2:64
 # = uniform GPTQ w2g64's bytes); the candidates are int 2, 3, 4, 8 bits in groups of GROUP,
-# asymmetric (round-to-nearest candidate weights; the rows re-quantize with GPTQ at the chosen
-# widths). Cost: KL from the float model on 16 Brown calibration windows of 256 tokens (seed 0).
-# Units: whole linears, and (learned-kl-block; BLOCKS=0 skips it) blocks of 128 input columns (a
-# width per column group). Rerunning resumes: learned runs from their checkpoints in $RUNS, and the baselines reuse
+# asymmetric; the rows re-quantize with GPTQ at the chosen widths. Cost: KL from the float model on
+# 16 Brown calibration windows of 256 tokens (seed 0). Recipes per size:
+#   learned-kl        whole linears, round-to-nearest candidate weights
+#   learned-kl-gptq   whole linears, GPTQ candidate weights (GPTQ at each width on the same windows)
+#   learned-kl-block  blocks of 128 input columns (a width per column group; BLOCKS=0 skips both
+#   learned-kl-gptq-block   block runs), with round-to-nearest / GPTQ candidate weights
+#   hawq              Hutchinson traces (64 probes) x error, knapsack
+#   higgs             noise sensitivities (1 draw per linear; HIGGS=0 skips it) x error, DP
+# Rerunning resumes: learned runs from their checkpoints in $RUNS, and the baselines reuse
 # their sensitivities (HAWQ traces, HIGGS alphas: of the float model, measured once for every
 # budget and group size).
 #
 #   bash experiments/bitalloc_smollm2.sh task               # the task-aware pair, at w3g128's bytes
 #
-# learns the allocation with cross-entropy on Brown vs on Austen calibration windows (16 x 256 each).
+# learns the allocation with cross-entropy on Brown vs on Austen calibration windows (16 x 256 each;
+# GPTQ candidate weights calibrated on the same windows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=configs/recipes/bitalloc
@@ -27,9 +33,9 @@ for sg in "${@:-3:128 2:64 4:128}"; do
   for x in $sg; do
     if [ "$x" = task ]; then
       for corpus in brown austen; do
-        lowbit allocate --kind learned --group-size 128 --budget-like 3 --steps "$STEPS" \
-            --run-dir "$RUNS/learned-ce-$corpus-w3" "${common[@]}" --cost ce --calib $corpus \
-            --out "$OUT/learned-ce-$corpus-w3.yaml"
+        lowbit allocate --kind learned --candidates gptq --group-size 128 --budget-like 3 --steps "$STEPS" \
+            --run-dir "$RUNS/learned-ce-gptq-$corpus-w3" "${common[@]}" --cost ce --calib $corpus \
+            --out "$OUT/learned-ce-gptq-$corpus-w3.yaml"
       done
       continue
     fi
@@ -37,12 +43,19 @@ for sg in "${@:-3:128 2:64 4:128}"; do
     name=w$s; [ "$g" = 128 ] || name=w${s}g$g
     lowbit allocate --kind learned --group-size "$g" --budget-like "$s" --steps "$STEPS" \
         --run-dir "$RUNS/learned-kl-$name" "${common[@]}" --out "$OUT/learned-kl-$name.yaml"
-    for kind in hawq higgs; do
-      lowbit allocate --kind $kind --group-size "$g" --budget-like "$s" --run-dir "$RUNS/$kind" "${common[@]}" \
-          --out "$OUT/$kind-$name.yaml"
-    done
+    lowbit allocate --kind learned --candidates gptq --group-size "$g" --budget-like "$s" --steps "$STEPS" \
+        --run-dir "$RUNS/learned-kl-gptq-$name" "${common[@]}" --out "$OUT/learned-kl-gptq-$name.yaml"
+    lowbit allocate --kind hawq --samples 64 --group-size "$g" --budget-like "$s" --run-dir "$RUNS/hawq" \
+        "${common[@]}" --out "$OUT/hawq-$name.yaml"
+    if [ "${HIGGS:-1}" = 1 ]; then
+      lowbit allocate --kind higgs --samples 1 --group-size "$g" --budget-like "$s" --run-dir "$RUNS/higgs" \
+          "${common[@]}" --out "$OUT/higgs-$name.yaml"
+    fi
     [ "${BLOCKS:-1}" = 1 ] || continue
     lowbit allocate --kind learned --block 128 --group-size "$g" --budget-like "$s" --steps "$STEPS" \
         --run-dir "$RUNS/learned-kl-block-$name" "${common[@]}" --out "$OUT/learned-kl-block-$name.yaml"
+    lowbit allocate --kind learned --candidates gptq --block 128 --group-size "$g" --budget-like "$s" \
+        --steps "$STEPS" --run-dir "$RUNS/learned-kl-gptq-block-$name" "${common[@]}" \
+        --out "$OUT/learned-kl-gptq-block-$name.yaml"
   done
 done
