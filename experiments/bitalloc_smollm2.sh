@@ -6,7 +6,8 @@
 #
 # SIZE:GROUP: the budget is the exact size of uniform SIZE-bit weights in groups of GROUP (e.g. 2:64
 # = uniform GPTQ w2g64's bytes); the candidates are int 2, 3, 4, 8 bits in groups of GROUP,
-# asymmetric; the rows re-quantize with GPTQ at the chosen widths. Cost: KL from the float model on
+# asymmetric (and 1 bit at SIZE 2: without a candidate below the budget's width, the only
+# allocation that fits is the uniform one); the rows re-quantize with GPTQ at the chosen widths. Cost: KL from the float model on
 # 16 Brown calibration windows of 256 tokens (seed 0). Recipes per size:
 #   learned-kl        whole linears, round-to-nearest candidate weights
 #   learned-kl-gptq   whole linears, GPTQ candidate weights (GPTQ at each width on the same windows)
@@ -40,22 +41,23 @@ for sg in "${@:-3:128 2:64 4:128}"; do
       continue
     fi
     s=${x%%:*}; g=${x##*:}
+    bits=2,3,4,8; [ "$s" -gt 2 ] || bits=1,2,3,4,8
     name=w$s; [ "$g" = 128 ] || name=w${s}g$g
     lowbit allocate --kind learned --group-size "$g" --budget-like "$s" --steps "$STEPS" \
-        --run-dir "$RUNS/learned-kl-$name" "${common[@]}" --out "$OUT/learned-kl-$name.yaml"
+        --run-dir "$RUNS/learned-kl-$name" "${common[@]}" --bits $bits --out "$OUT/learned-kl-$name.yaml"
     lowbit allocate --kind learned --candidates gptq --group-size "$g" --budget-like "$s" --steps "$STEPS" \
-        --run-dir "$RUNS/learned-kl-gptq-$name" "${common[@]}" --out "$OUT/learned-kl-gptq-$name.yaml"
+        --run-dir "$RUNS/learned-kl-gptq-$name" "${common[@]}" --bits $bits --out "$OUT/learned-kl-gptq-$name.yaml"
     lowbit allocate --kind hawq --samples 64 --group-size "$g" --budget-like "$s" --run-dir "$RUNS/hawq" \
-        "${common[@]}" --out "$OUT/hawq-$name.yaml"
+        "${common[@]}" --bits $bits --out "$OUT/hawq-$name.yaml"
     if [ "${HIGGS:-1}" = 1 ]; then
       lowbit allocate --kind higgs --samples 1 --group-size "$g" --budget-like "$s" --run-dir "$RUNS/higgs" \
-          "${common[@]}" --out "$OUT/higgs-$name.yaml"
+          "${common[@]}" --bits $bits --out "$OUT/higgs-$name.yaml"
     fi
     [ "${BLOCKS:-1}" = 1 ] || continue
     lowbit allocate --kind learned --block 128 --group-size "$g" --budget-like "$s" --steps "$STEPS" \
-        --run-dir "$RUNS/learned-kl-block-$name" "${common[@]}" --out "$OUT/learned-kl-block-$name.yaml"
+        --run-dir "$RUNS/learned-kl-block-$name" "${common[@]}" --bits $bits --out "$OUT/learned-kl-block-$name.yaml"
     lowbit allocate --kind learned --candidates gptq --block 128 --group-size "$g" --budget-like "$s" \
-        --steps "$STEPS" --run-dir "$RUNS/learned-kl-gptq-block-$name" "${common[@]}" \
+        --steps "$STEPS" --run-dir "$RUNS/learned-kl-gptq-block-$name" "${common[@]}" --bits $bits \
         --out "$OUT/learned-kl-gptq-block-$name.yaml"
   done
 done
