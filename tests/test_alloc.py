@@ -121,6 +121,21 @@ def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
     assert isinstance(QuantSpec, type)
 
 
+def test_a_budget_with_no_room_to_choose_warns():
+    params = {"a_proj": jnp.ones((4, 32)), "b_proj": jnp.ones((4, 32))}
+    cands = learned.int_candidates(bits=(2, 4), group_size=16)
+    _, table = learned.candidate_tables(params, ["a_proj", "b_proj"], cands)
+    lo, _ = learned.budget_range(table)
+    with pytest.warns(UserWarning, match="allocation is forced"):
+        assert learned._resolve_budget(table, 256, None, lo) == lo
+    step = int((table[:, 1] - table[:, 0]).min())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert learned._resolve_budget(table, 256, None, lo + step) == lo + step
+
+
 def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
     from lowbit.models import llama
 

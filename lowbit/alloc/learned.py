@@ -209,6 +209,13 @@ def _resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes)
     if not lo <= budget <= hi:
         raise ValueError(f"{what}: outside the feasible range of these candidates: {lo}..{hi} bytes "
                          f"({8 * lo / n_params:.4f}..{8 * hi / n_params:.4f} bits per parameter)")
+    srt = np.sort(table, axis=1)
+    if table.shape[1] < 2 or budget < lo + int((srt[:, 1] - srt[:, 0]).min()):   # not one upgrade fits
+        import warnings
+
+        warnings.warn(f"{what}: no unit can afford more than its cheapest candidate ({lo} bytes for all), so the "
+                      "allocation is forced; offer a cheaper candidate (e.g. fewer bits) to leave room to choose",
+                      stacklevel=3)
     return budget
 
 
