@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from lowbit.runner.records import proc_status_mib, reset_peak_rss
+
 
 def torch_gptq(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
     """Straightforward PyTorch GPTQ (asymmetric min/max groups), returns the dequantized weight."""
@@ -207,32 +209,13 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux: ``clear_refs`` 5), so VmHWM measures from here."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def _rss_mib() -> float:
-    return _status_mib("VmRSS")
+    return proc_status_mib("VmRSS")
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak RSS (``VmHWM``; ``getrusage``'s ``ru_maxrss`` survives ``exec`` on Linux,
-    so a child would report the parent's peak when that was larger)."""
-    return _status_mib("VmHWM")
+    """This process's peak RSS (``VmHWM``, reset by :func:`reset_peak_rss`)."""
+    return proc_status_mib("VmHWM")
 
 
 def _lowbit_spec(bits: int, group_size: int):
@@ -282,12 +265,12 @@ def one_call_memory(impl: str, problem: str, bits: int, group_size: int) -> dict
     d = np.load(problem)
     W, H = d["W"], d["H"]
     fn, _ = _implementations(bits, group_size)[impl]
-    _reset_peak()
+    reset_peak_rss()
     base = _rss_mib()
     fn(W, H)   # first call: lowbit compiles here
     first = _peak_rss_mib() - base
     out = {"impl": impl, "rss_before_mib": base, "first_call_peak_above_mib": first}
-    if not _reset_peak():   # then a warm call
+    if not reset_peak_rss():   # then a warm call
         return {**out, "peak_above_mib": first}
     base = _rss_mib()
     fn(W, H)
@@ -398,7 +381,7 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
     model.eval()
     load_s = time.perf_counter() - t0
     toks = torch.from_numpy(np.load(calib_path))
-    _reset_peak()
+    reset_peak_rss()
     rss_before = _rss_mib()
     t_start = time.perf_counter()
     n, T = toks.shape
@@ -503,7 +486,7 @@ def lowbit_pipeline(model: str, calib_path: str, eval_path: str, q_path: str, bi
     jax.block_until_ready(jax.tree.leaves(params))
     load_s = time.perf_counter() - t0
     windows = np.load(calib_path).astype(np.int32)
-    _reset_peak()
+    reset_peak_rss()
     rss_before = _rss_mib()
     t_start = time.perf_counter()
     recipe = default_recipe(gptq(_lowbit_spec(bits, group_size), zero_dead=True))

@@ -37,25 +37,9 @@ import subprocess
 import sys
 import time
 
+from lowbit.runner.records import proc_status_mib, reset_peak_rss
+
 BASES = ("fp", "nf4", "fp4", "int4")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (VmHWM) of this process (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _spec(base: str):
@@ -119,8 +103,8 @@ def worker(base: str, args) -> dict:
     compiled = step.lower(state, frozen, jnp.asarray(stream[0])).compile()
     compile_s = time.perf_counter() - t0
     mem = step_memory(compiled)
-    reset = _reset_peak_rss()
-    rss_start = _status_kib("VmRSS") / 1024
+    reset = reset_peak_rss()
+    rss_start = proc_status_mib("VmRSS")
     times = []
     for i in range(args.steps + 1):
         t = time.perf_counter()
@@ -134,7 +118,7 @@ def worker(base: str, args) -> dict:
             "adapter params": sum(int(x.size) for x in jax.tree.leaves(state.params)),
             "step MiB (XLA)": mem["total"] / 2**20, "inputs MiB": mem["argument"] / 2**20,
             "temp MiB": mem["temp"] / 2**20, "RSS at start MiB": rss_start,
-            "peak RSS MiB": _status_kib("VmHWM") / 1024 if reset else float("nan"),
+            "peak RSS MiB": proc_status_mib("VmHWM") if reset else float("nan"),
             "step s": step_s, "tokens/s": args.batch * args.seqlen / step_s, "compile s": compile_s,
             "final loss": float(m["loss"])}
 

@@ -29,6 +29,29 @@ def _git_info() -> dict:
     return {"git_sha": sha, "git_dirty": dirty if sha else None}
 
 
+def proc_status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``: the peak since the process
+    started or since :func:`reset_peak_rss`) in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (``VmHWM``; Linux ``clear_refs`` 5), so
+    that it measures from here; False where the kernel does not allow it. (``getrusage``'s
+    ``ru_maxrss`` cannot be reset and survives ``exec``: a child reports its parent's peak when
+    that was larger.)"""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (``getrusage``; Linux reports KiB) in MiB."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
