@@ -329,8 +329,10 @@ def bench_layers(args) -> list[dict]:
 
 
 def _prepare_model(args) -> dict:
-    """Load the model once with lowbit: calibration and evaluation windows (token ids, as lowbit
-    run would draw them) and an HF-layout float32 copy of the weights for the PyTorch pipeline."""
+    """Load the model once with lowbit: calibration windows (token ids, as lowbit run would draw
+    them, saved for both pipelines), evaluation windows, and an HF-layout float32 copy of the weights
+    for the PyTorch pipeline. Returns the paths and the loaded ``params``, ``cfg`` and ``eval``
+    windows (kept to evaluate both pipelines' results without loading the model again)."""
     from safetensors.numpy import save_file
 
     from lowbit import data
@@ -358,8 +360,7 @@ def _prepare_model(args) -> dict:
     with open(os.path.join(hf, "config.json"), "w") as f:
         json.dump(conf, f, indent=2)
     np.save(os.path.join(prep, "calib.npy"), np.asarray(windows, np.int64))
-    np.save(os.path.join(prep, "eval.npy"), ev)
-    return {"hf": hf, "calib": os.path.join(prep, "calib.npy"), "eval": os.path.join(prep, "eval.npy")}
+    return {"hf": hf, "calib": os.path.join(prep, "calib.npy"), "params": params, "cfg": cfg, "eval": ev}
 
 
 def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group_size: int) -> dict:
@@ -464,7 +465,7 @@ def torch_pipeline(hf_dir: str, calib_path: str, out_path: str, bits: int, group
             "rss_before_mib": rss_before}
 
 
-def lowbit_pipeline(model: str, calib_path: str, eval_path: str, q_path: str, bits: int, group_size: int,
+def lowbit_pipeline(model: str, calib_path: str, q_path: str, bits: int, group_size: int,
                     batch_size: int) -> dict:
     """lowbit's layer-sequential GPTQ on the same windows (all linears of a block from one capture,
     as the PyTorch pipeline; dead columns zeroed and float32 scales, as the reference), timed from
@@ -504,23 +505,20 @@ def lowbit_pipeline(model: str, calib_path: str, eval_path: str, q_path: str, bi
             "rss_before_mib": rss_before}
 
 
-def _quantized_model_ppl(model: str, q_path: str, eval_path: str) -> float:
-    """Perplexity of a pipeline's dequantized linears (``q_path``) in the float model, by lowbit's
-    evaluation: both pipelines' results through the same code on the same windows."""
+def _quantized_model_ppl(params, cfg, q_path: str, ev: np.ndarray) -> float:
+    """Perplexity of a pipeline's dequantized linears (``q_path``) in the float model ``params``, by
+    lowbit's evaluation on windows ``ev``: both pipelines' results through the same code."""
     from safetensors.numpy import load_file
 
     from lowbit.core.transforms import flatten, unflatten
     from lowbit.eval.likelihood import perplexity
-    from lowbit.models.loaders import load_model
 
-    params, cfg, _ = load_model(model)
     q = load_file(q_path)
     flat = flatten(params)
     missing = sorted(set(p for p in flat if p.startswith("layers/") and p.endswith("_proj")) - set(q))
     if missing:
         raise RuntimeError(f"{q_path}: the pipeline did not quantize {missing[:4]}")
     params = unflatten(params, {**flat, **{p: np.asarray(v, np.float32) for p, v in q.items()}})
-    ev = np.load(eval_path)
     return perplexity(params, cfg, ev, seqlen=ev.shape[1], batch_size=1, progress=False)["ppl"]
 
 
@@ -534,15 +532,15 @@ def bench_model(args) -> list[dict]:
     q = {impl: os.path.join(args.out, "prep", f"{impl}_q.safetensors") for impl in ("lowbit", "torch")}
     for impl in ("lowbit", "torch"):   # each in a fresh process: its own peak RSS, no thread interference
         cmd = [sys.executable, me, "--pipeline", impl, "--model", args.model, "--hf", prep["hf"],
-               "--calib-ids", prep["calib"], "--eval-ids", prep["eval"], "--batch-size", str(args.batch_size),
+               "--calib-ids", prep["calib"], "--batch-size", str(args.batch_size),
                "--q-out", q[impl]] + common
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{impl}: {res[impl]['seconds']:.1f} s, peak RSS {res[impl]['peak_above_mib']:.0f} MiB above the model", flush=True)
     for impl in ("lowbit", "torch"):
-        res[impl]["ppl"] = _quantized_model_ppl(args.model, q[impl], prep["eval"])
+        res[impl]["ppl"] = _quantized_model_ppl(prep["params"], prep["cfg"], q[impl], prep["eval"])
     n, T = np.load(prep["calib"]).shape
-    ev = np.load(prep["eval"])
+    ev = prep["eval"]
     row = dict(model=args.model, bits=args.bits, group_size=args.group_size, calib=f"{n}x{T}",
                eval=f"{args.eval} {ev.shape[0]}x{ev.shape[1]}",
                lowbit_s=res["lowbit"]["seconds"], torch_s=res["torch"]["seconds"],
@@ -583,7 +581,6 @@ def main(argv=None):
     ap.add_argument("--pipeline", choices=["lowbit", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--hf", help=argparse.SUPPRESS)
     ap.add_argument("--calib-ids", help=argparse.SUPPRESS)
-    ap.add_argument("--eval-ids", help=argparse.SUPPRESS)
     ap.add_argument("--q-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -594,7 +591,7 @@ def main(argv=None):
         print(json.dumps(torch_pipeline(args.hf, args.calib_ids, args.q_out, args.bits, args.group_size)))
         return
     if args.pipeline == "lowbit":
-        print(json.dumps(lowbit_pipeline(args.model, args.calib_ids, args.eval_ids, args.q_out, args.bits,
+        print(json.dumps(lowbit_pipeline(args.model, args.calib_ids, args.q_out, args.bits,
                                          args.group_size, args.batch_size)))
         return
     if args.sizes:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.alloc.learned import _check_candidates, _resolve_budget, candidate_tables, linear_units
+from lowbit.alloc.learned import _as_batch, _check_candidates, _resolve_budget, candidate_tables, linear_units
 from lowbit.alloc.recipe import Recipe
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten, unflatten
@@ -124,7 +124,7 @@ def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, 
         for s in range(samples):
             ks = jax.random.split(jax.random.fold_in(key, s), len(units))
             v = {u: jax.random.rademacher(k, ws[u].shape, jnp.float32) for u, k in zip(units, ks)}
-            est.append(np.asarray(hvp_quad(ws, v, jax.tree.map(jnp.asarray, batches[s % len(batches)]), base)))
+            est.append(np.asarray(hvp_quad(ws, v, _as_batch(batches[s % len(batches)]), base)))
             bar.advance()
     return np.mean(est, axis=0)
 
@@ -135,7 +135,7 @@ def noise_sensitivities(params, cost_fn: Callable, units: Sequence[str], batches
     ``u`` alone gets Gaussian noise of relative power ``rel_noise`` (``||N||^2 = rel_noise *
     ||W||^2``), divided by ``rel_noise``, averaged over ``draws`` noise draws."""
     flat = flatten(params)
-    batches = [jax.tree.map(jnp.asarray, b) for b in batches]
+    batches = [_as_batch(b) for b in batches]
     cost_j = jax.jit(lambda p, b: cost_fn(p, b))
     clean = float(np.mean([float(cost_j(params, b)) for b in batches]))
     key = jax.random.key(seed)

@@ -277,8 +277,9 @@ def teacher_batches(model_cfg, teacher_params, batches) -> list:
 
 
 def batches_digest(batches, extra=None) -> str:
-    """sha256 of the token batches (and of ``repr(extra)`` first, when given): what a checkpoint or
-    a cached measurement on these batches is keyed by."""
+    """sha256 of the arrays of every item of ``batches`` (token batches, ``(tokens, logits)`` pairs,
+    or candidate weight stacks; ``repr(extra)`` first, when given): what a checkpoint or a cached
+    measurement on them is keyed by."""
     import hashlib
 
     h = hashlib.sha256() if extra is None else hashlib.sha256(repr(extra).encode())
@@ -403,19 +404,13 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     key = jax.random.key(cfg.seed)
     history, start, ckpts = [], 0, None
     if run_dir is not None:
-        import hashlib
         import json
         import os
 
         from lowbit.train.ckpt import TrainCheckpoints
         from lowbit.train.step import TrainState
 
-        cand_digest = None
-        if candidate_weights is not None:
-            cd = hashlib.sha256()
-            for u in units:
-                cd.update(np.ascontiguousarray(np.asarray(qw[u])).tobytes())
-            cand_digest = cd.hexdigest()
+        cand_digest = None if candidate_weights is None else batches_digest([qw[u] for u in units])
         config = {"units": units, "block": block, "candidates": [repr(c) for c in cands], "budget": budget,
                   "cfg": dataclasses.asdict(cfg), "method": method, "batches": batches_digest(batches),
                   "cost": getattr(cost_fn, "__qualname__", repr(cost_fn)), "cost_scale": scale}

@@ -95,10 +95,15 @@ def _sensitivity_cache(run_dir, kind, cost, seed, batches, units, samples):
 TEACHER_CACHE_BYTES = 4 << 30   # the KL cost keeps the float model's logits when they fit in this
 
 
-def _teacher_bytes(model_cfg, windows) -> int:
-    """Bytes of float32 teacher logits for every calibration window (``N x T x vocab x 4``)."""
+def _cached_teacher(cost: str, cost_fn, batches, params, model_cfg, windows):
+    """``(cost_fn, batches)`` for a run that evaluates the cost many times on the same batches: with
+    the KL cost, the float model's logits computed once per batch (:func:`learned.kl_cost_cached`)
+    when every window's float32 logits (``N x T x vocab x 4`` bytes) fit in
+    :data:`TEACHER_CACHE_BYTES`; otherwise the cost as it is."""
     n, t = np.shape(windows)
-    return int(n) * int(t) * int(model_cfg.vocab_size) * 4
+    if cost != "kl" or int(n) * int(t) * int(model_cfg.vocab_size) * 4 > TEACHER_CACHE_BYTES:
+        return cost_fn, batches
+    return learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
 
 
 def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candidates: Sequence[QuantSpec | None],
@@ -137,10 +142,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         if candidate_weights == "gptq":
             cw = gptq_candidates(params, model_cfg, windows, candidates, learned.linear_units(params),
                                  batch_size=batch_size, progress=progress)
-        l_cost, l_batches = cost_fn, batches
-        if cost == "kl" and _teacher_bytes(model_cfg, windows) <= TEACHER_CACHE_BYTES:
-            # the float model's logits once per batch instead of on every step
-            l_cost, l_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
+        l_cost, l_batches = _cached_teacher(cost, cost_fn, batches, params, model_cfg, windows)
         res = learned.allocate(params, l_cost, candidates, l_batches, cfg=cfg, method=method, progress=progress,
                                run_dir=run_dir, block=block, candidate_weights=cw, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
@@ -150,10 +152,8 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         name = "traces" if kind == "hawq" else "alphas"
         cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params), samples)
         known = cache.load() if cache else None
-        fn_cost, fn_batches = cost_fn, batches
-        if known is None and cost == "kl" and _teacher_bytes(model_cfg, windows) <= TEACHER_CACHE_BYTES:
-            # hundreds of cost calls on the same batches: the teacher once per batch
-            fn_cost, fn_batches = learned.kl_cost_cached(model_cfg), learned.teacher_batches(model_cfg, params, batches)
+        fn_cost, fn_batches = (cost_fn, batches) if known is not None else \
+            _cached_teacher(cost, cost_fn, batches, params, model_cfg, windows)
         n = {} if samples is None else {("samples" if kind == "hawq" else "draws"): samples}
         recipe, extra = fn(params, fn_cost, candidates, fn_batches, method=method, seed=cfg.seed, progress=progress,
                            **budget, **n,
