@@ -298,6 +298,7 @@ def bench_layers(args) -> list[dict]:
         outs = {}
         for _ in range(args.repeats):  # interleaved, so machine noise hits every implementation alike
             for k, (fn, _) in impls.items():
+                time.sleep(0.5)   # let the previous implementation's spinning worker threads go to sleep
                 t0 = time.perf_counter()
                 outs[k] = fn(W, H)
                 times[k].append(time.perf_counter() - t0)

@@ -88,6 +88,20 @@ def test_matches_a_column_by_column_float64_reference(blocksize):
     assert abs(_out_err(W, got, X) / _out_err(W, ref, X) - 1) < 0.02
 
 
+def test_segments_with_a_short_last_one_match_the_reference():
+    # 13 blocks of 16 columns run as 7 segments of 2 blocks, the last one of a single block: the
+    # left-looking corrections from earlier segments and inside a segment both matter
+    W, X, H = _problem(rows=24, cols=208, n=512)
+    res = quantize_weight(W, H, QuantSpec(bits=3, group_size=16), blocksize=16)
+    ref = _numpy_gptq(W, H, 3, 16)
+    got = np.asarray(dequantize(res.q), np.float64)
+    assert np.mean(np.isclose(got, ref, rtol=1e-3, atol=1e-5)) > 0.99
+    U, _ = inverse_hessian_upper(H, 0.01)   # the explicit factor still equals the float64 one
+    Hd = np.asarray(H, np.float64) + 0.01 * np.mean(np.diag(np.asarray(H, np.float64))) * np.eye(208)
+    np.testing.assert_allclose(np.asarray(U), np.linalg.cholesky(np.linalg.inv(Hd)).T, rtol=2e-3,
+                               atol=2e-3 * float(np.abs(np.asarray(U)).max()))
+
+
 def test_blocksize_does_not_change_the_result():
     W, X, H = _problem(cols=320)  # 320 is not a multiple of 128: a padded last block
     outs = [np.asarray(dequantize(quantize_weight(W, H, QuantSpec(bits=4, group_size=64), blocksize=b).q))

@@ -8,7 +8,7 @@ Hessian (Optimal Brain Quantization with a fixed column order)::
     U = chol(inv(H + damp * mean(diag H) * I)), upper      (so inv(H) = U^T U)
     for each column i:  q_i = Q(w_i);  err = (w_i - q_i) / U[i, i];  W[:, i:] -= err U[i, i:]
 
-The pure core :func:`quantize_weight` implements, inside one ``jax.jit``:
+The pure core :func:`quantize_weight` implements, as a few jitted stages (traceable as a whole):
 
 - dead columns (``H[i, i] == 0``: the input feature never fired) get ``H[i, i] = 1`` so they are
   rounded to nearest and pass no error on (``zero_dead=True`` also zeroes their weights, as the
@@ -16,8 +16,11 @@ The pure core :func:`quantize_weight` implements, inside one ``jax.jit``:
 - dampening relative to the mean diagonal, with automatic retries at 10x the dampening when the
   float32 Cholesky fails (a singular or zero Hessian is handled; the dampening used is returned);
 - lazy block updates: columns are processed in blocks of ``blocksize``; inside a block the column
-  loop is a ``lax.fori_loop`` updating only the block, and the block's accumulated error is applied
-  to the rest of ``W`` with one matrix product (a ``lax.fori_loop`` over blocks, no Python loop);
+  loop is a ``lax.fori_loop`` updating only the block; the block's weights are corrected for every
+  earlier block's rounding with matrix products against ``R = U^-1`` (the Cholesky factor itself,
+  left-looking: ``U`` is never formed, only its diagonal blocks; see the comment above
+  :data:`_SEGMENTS`), and the blocks run in a ``lax.fori_loop`` per segment, one compiled segment
+  function for every segment of the same shape;
 - group-wise parameters computed *on the error-corrected weights* at the start of each group
   (the reference reads the not-yet-updated weights for groups that start inside a block; here the
   block is widened to a multiple of the group size so every group sees all earlier corrections);
@@ -85,40 +88,97 @@ def hessian_update(stat: HessianStat, x) -> HessianStat:
     return _fold(stat, *_gram(x))
 
 
-def _upper_cholesky_of_inverse(H, damp_abs):
-    """``U`` upper triangular with ``U^T U = inv(H + damp_abs I)``, from one Cholesky and one
-    triangular inverse: with ``J`` the reversal, ``J chol(J H J) J = R`` is upper and ``H = R R^T``,
-    so ``inv(H) = R^-T R^-1`` and ``U = R^-1`` (same factor as chol(inv(H)), upper, at a third of the cost)."""
-    eye = jnp.eye(H.shape[0], dtype=H.dtype)
-    Hd = H + damp_abs * eye
-    R = jnp.linalg.cholesky(Hd[::-1, ::-1])[::-1, ::-1]
-    return jax.scipy.linalg.solve_triangular(R, eye, lower=False)
+def _reversed_cholesky(H, damp_abs):
+    """``R`` upper triangular with ``R R^T = H + damp_abs I``: with ``J`` the reversal,
+    ``R = J chol(J H J) J``. Then ``U = R^-1`` is upper with ``U^T U = inv(H + damp_abs I)``: the
+    reference's ``chol(inv(H), upper)``, the factor GPTQ's column updates use, from one Cholesky."""
+    Hd = H + damp_abs * jnp.eye(H.shape[0], dtype=H.dtype)
+    return jnp.linalg.cholesky(Hd[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]   # H is symmetrized once, in _prepare
 
 
-def inverse_hessian_upper(H, damp: float | jax.Array = 0.01, max_tries: int = 6):
-    """Upper Cholesky factor ``U`` of ``inv(H + d * mean(diag H) I)`` and the relative ``d`` used.
+def _diag_block_inverses(R, B: int):
+    """``(n // B, B, B)``: the inverses of ``R``'s diagonal ``B x B`` blocks (``R`` upper, ``n % B == 0``),
+    which are the diagonal blocks of ``R^-1``."""
+    k = R.shape[0] // B
+    blocks = R.reshape(k, B, k, B)[jnp.arange(k), :, jnp.arange(k), :]
+    eye = jnp.eye(B, dtype=R.dtype)
+    # lax.map, not vmap: a batched triangular solve inside the retry loop wedged XLA CPU's thread
+    # pool (a jitted apply of two weights hung, idle, in two full runs of tests/test_gptq.py)
+    return jax.lax.map(lambda r: jax.scipy.linalg.solve_triangular(r, eye, lower=False), blocks)
 
-    Starts from ``d = damp`` and multiplies it by 10 while the float32 factorisation is not finite.
-    """
+
+def _factor(H, damp, B: int, max_tries: int = 6):
+    """``(R, Ub, d)``: ``R`` from :func:`_reversed_cholesky` of ``H + d * mean(diag H) I``, padded with
+    the identity to a multiple of ``B``; ``Ub`` its diagonal blocks' inverses; ``d`` the relative
+    dampening used: ``damp``, multiplied by 10 while the float32 factorisation is not finite."""
+    n = H.shape[0]
+    pad = -n % B
     mean_diag = jnp.mean(jnp.diag(H))
     mean_diag = jnp.where(mean_diag > 0, mean_diag, 1.0)
-    d0 = jnp.maximum(jnp.asarray(damp, jnp.float32), 0.0)
-    U0 = _upper_cholesky_of_inverse(H, d0 * mean_diag)
+
+    def attempt(d):
+        R = _reversed_cholesky(H, d * mean_diag)
+        if pad:  # padded columns: identity, so no error flows to or from them
+            R = jnp.pad(R, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(n), jnp.ones(pad)]))
+        return R, _diag_block_inverses(R, B)
 
     def cond(state):
-        _, U, tries = state
-        return (~jnp.all(jnp.isfinite(U))) & (tries < max_tries)
+        _, R, Ub, tries = state
+        return ~(jnp.all(jnp.isfinite(R)) & jnp.all(jnp.isfinite(Ub))) & (tries < max_tries)
 
     def body(state):
-        d, _, tries = state
+        d, _, _, tries = state
         d = jnp.maximum(d * 10.0, 1e-4)
-        return d, _upper_cholesky_of_inverse(H, d * mean_diag), tries + 1
+        return (d, *attempt(d), tries + 1)
 
-    d, U, _ = jax.lax.while_loop(cond, body, (d0, U0, jnp.int32(0)))
-    return U, d
+    d0 = jnp.maximum(jnp.asarray(damp, jnp.float32), 0.0)
+    d, R, Ub, _ = jax.lax.while_loop(cond, body, (d0, *attempt(d0), jnp.int32(0)))
+    return R, Ub, d
+
+
+_TRI_LEAF = 256  # below this size a triangular inverse is one LAPACK trsm
+
+
+def _inverse_upper(R):
+    """Inverse of the upper-triangular ``R`` by recursion on 2x2 blocks,
+    ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`` (matrix products, 2/3 n^3 flops,
+    instead of one ``solve_triangular(R, I)``: n^3 flops in a trsm)."""
+    n = R.shape[0]
+    if n <= _TRI_LEAF:
+        return jax.scipy.linalg.solve_triangular(R, jnp.eye(n, dtype=R.dtype), lower=False)
+    h = (n // 2) // 128 * 128
+    Ai, Ci = _inverse_upper(R[:h, :h]), _inverse_upper(R[h:, h:])
+    return jnp.block([[Ai, -(Ai @ R[:h, h:]) @ Ci], [jnp.zeros((n - h, h), R.dtype), Ci]])
+
+
+@jax.jit
+def inverse_hessian_upper(H, damp: float | jax.Array = 0.01):
+    """Upper Cholesky factor ``U`` of ``inv(H + d * mean(diag H) I)`` and the relative ``d`` used
+    (``damp``, multiplied by 10 while the float32 factorisation is not finite). The GPTQ core does not
+    form ``U``: it works with ``R = U^-1`` and ``U``'s diagonal blocks (see :func:`_segment`)."""
+    H = jnp.asarray(H, jnp.float32)
+    R, _, d = _factor((H + H.T) / 2, damp, min(128, H.shape[0]))
+    return _inverse_upper(R)[:H.shape[0], :H.shape[0]], d
 
 
 # ----------------------------------------------------------------------------- core
+#
+# Left-looking blocked GPTQ. With U = R^-1 (R R^T = H), GPTQ's updates give, for the columns of
+# block b and the finished columns before it, W_b = W0_b - Err_<b U_<b,b, where W0 are the original
+# weights and Err the scaled errors (w - q) / U_ii; and (W0 - Q)_<b = Err_<b U_<b,<b. The block
+# inverse U_<b,b = -U_<b,<b R_<b,b U_bb turns this into
+#
+#     W_b = W0_b + (W0 - Q)_<b R_<b,b U_bb,
+#
+# so the lazy update of a block needs R (one Cholesky) and the inverse of R's own diagonal block,
+# never the whole inverse. The columns of a block are then processed as in the reference (rank-1
+# updates inside the block, in sub-blocks). The blocks run in segments of about n_blocks / 8 blocks:
+# the contribution of each earlier segment is one matrix product of a fixed shape; inside a segment,
+# each block reads the whole segment, its not-yet-finished rows masked by R's zeros.
+# The work is that of the reference's right-looking lazy updates (rows x cols^2 flops) times
+# (1 + 1/segments), and one compiled segment function serves every segment of the same size.
+
+_SEGMENTS = 8
 
 
 def _block_size(spec: QuantSpec, cols: int, blocksize: int, dynamic_groups: bool) -> int:
@@ -128,12 +188,111 @@ def _block_size(spec: QuantSpec, cols: int, blocksize: int, dynamic_groups: bool
     return g * max(1, blocksize // g)  # a whole number of groups per block
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order", "static_groups", "zero_dead"))
-def _gptq_impl(W, H, damp, group_bits=None, *, spec: QuantSpec, blocksize: int, act_order: bool,
-               static_groups: bool, zero_dead: bool):
-    """The GPTQ core. ``group_bits`` (int32 ``(n_groups,)``, dynamic int groups only): a bit width
-    per group instead of ``spec.bits``; the result is then the raw ``(codes, scales, zeros, losses,
-    damp)`` (codes as uint8, one width per group: :func:`quantize_weight_mixed` packs them)."""
+def _sub_block_size(B: int, g: int, dynamic: bool) -> int:
+    return next(c for c in (16, 8, 4, 2, 1) if B % c == 0 and (not dynamic or g % c == 0))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "B", "g", "dynamic"), donate_argnames=("done",))
+def _segment(A, Rs, done, s, Ub, n_valid, bits, col_group, fixed_scale_t, fixed_zero_t, *, spec: QuantSpec,
+             B: int, g: int, dynamic: bool):
+    """GPTQ on segment ``s``: ``k = len(Ub)`` blocks of ``B`` columns (transposed: ``A (k B, rows)``).
+
+    ``Rs``: ``R`` with its ``B x B`` diagonal blocks zeroed, ``Ub`` the inverses of this segment's
+    diagonal blocks; ``done (segments, SF, rows)``: ``(W0 - Q)^T`` of the finished segments of ``SF``
+    columns (the last segment may be shorter than ``SF``); ``n_valid``: columns from the segment's
+    start that are not padding; ``bits`` (``(k B / g,)`` int32, mixed widths) or ``None``;
+    ``col_group`` / ``fixed_*``: the group of each column and the fixed group parameters
+    (``dynamic=False``). Every argument has the same shape for every full segment: one compilation.
+    Returns ``done`` with this segment's ``(W0 - Q)^T``, the codes ``(k B, rows)``, the losses
+    ``(k B,)`` and the dynamic groups' ``S, Z``."""
+    SB, rows = A.shape
+    SF = done.shape[1]
+    k = SB // B
+    off = s * SF
+    # earlier segments' contribution R_<seg,seg^T (W0 - Q)_<seg^T: one (SF x SB) product per segment
+    corr = jax.lax.fori_loop(0, s, lambda j, acc: acc + jax.lax.dynamic_slice(Rs, (j * SF, off), (SF, SB)).T
+                             @ done[j], jnp.zeros((SB, rows), jnp.float32))
+    Rseg = jax.lax.dynamic_slice(Rs, (off, off), (SB, SB))
+    rows_s = 1 if spec.per_tensor else rows
+    levels = spec.table
+    sb = _sub_block_size(B, g, dynamic)
+
+    def sub_block(c0, params_of, state):
+        W1, U1, Q1, C1, L1 = state          # W1, Q1, C1: (B, rows): the block's columns, transposed
+        Ws = jax.lax.dynamic_slice(W1, (c0, 0), (sb, rows))
+        Us = jax.lax.dynamic_slice(U1, (c0, c0), (sb, sb))
+
+        def column(i, st):
+            Ws, Es, Qs, Cs, Ls = st
+            s, z, b = params_of(c0 + i)
+            w = Ws[i]
+            d = Us[i, i]
+            code = quantize_codes(w, s, z, spec, b)
+            q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits if b is None else b, levels=levels)
+            err = (w - q) / d
+            Ws = Ws - Us[i][:, None] * err[None, :]   # Us upper triangular: earlier rows untouched
+            return (Ws, Es.at[i].set(err), Qs.at[i].set(q), Cs.at[i].set(code),
+                    Ls.at[i].set(jnp.sum((w - q) ** 2) / (d * d) / 2))
+
+        zeros = jnp.zeros((sb, rows), jnp.float32)
+        init = (Ws, zeros, zeros, jnp.zeros((sb, rows), jnp.uint8), jnp.zeros((sb,), jnp.float32))
+        _, Es, Qs, Cs, Ls = jax.lax.fori_loop(0, sb, column, init)
+        # the sub-block's errors reach the rest of the block with one small product
+        W1 = W1 - jax.lax.dynamic_slice(U1, (c0, 0), (sb, B)).T @ Es
+        return (W1, U1, jax.lax.dynamic_update_slice(Q1, Qs, (c0, 0)),
+                jax.lax.dynamic_update_slice(C1, Cs, (c0, 0)), jax.lax.dynamic_update_slice(L1, Ls, (c0,)))
+
+    def block(l, carry):
+        A, codes, losses, S, Z = carry
+        o = l * B
+        W0 = jax.lax.dynamic_slice(A, (o, 0), (B, rows))
+        # W_b = W0_b + U_bb^T R_<b,b^T (W0 - Q)_<b^T: rows of A at and after this block still hold W0,
+        # and Rseg's zeros (its zeroed diagonal block and the triangle below) mask them out
+        c = jax.lax.dynamic_slice(corr, (o, 0), (B, rows)) + jax.lax.dynamic_slice(Rseg, (0, o), (SB, B)).T @ A
+        U1 = Ub[l]
+        state = (W0 + U1.T @ c, U1, jnp.zeros((B, rows), jnp.float32), jnp.zeros((B, rows), jnp.uint8),
+                 jnp.zeros((B,), jnp.float32))
+        if dynamic:
+            def group(j, carry):
+                state, S, Z = carry
+                Wg = jax.lax.dynamic_slice(state[0], (j * g, 0), (g, rows))
+                valid = (o + j * g + jnp.arange(g)) < n_valid   # padding columns don't count
+                gi = (o + j * g) // g
+                b = None if bits is None else bits[gi]
+                s, z = compute_params(Wg.T, spec, valid, b)
+                S = jax.lax.dynamic_update_slice(S, s[None, :], (gi, 0))
+                if z is not None:
+                    Z = jax.lax.dynamic_update_slice(Z, z[None, :], (gi, 0))
+                state = jax.lax.fori_loop(0, g // sb, lambda t, st: sub_block(j * g + t * sb, lambda i: (s, z, b), st),
+                                          state)
+                return state, S, Z
+
+            state, S, Z = jax.lax.fori_loop(0, B // g, group, (state, S, Z))
+        else:
+            def fixed(i):
+                gi = col_group[o + i]
+                return fixed_scale_t[gi], (None if fixed_zero_t is None else fixed_zero_t[gi]), None
+
+            state = jax.lax.fori_loop(0, B // sb, lambda t, st: sub_block(t * sb, fixed, st), state)
+        _, _, Q1, C1, L1 = state
+        A = jax.lax.dynamic_update_slice(A, W0 - Q1, (o, 0))   # finished: A holds (W0 - Q)^T
+        return (A, jax.lax.dynamic_update_slice(codes, C1, (o, 0)), jax.lax.dynamic_update_slice(losses, L1, (o,)),
+                S, Z)
+
+    n_g = SB // g if dynamic else 1
+    init = (A, jnp.zeros((SB, rows), jnp.uint8), jnp.zeros((SB,), jnp.float32),
+            jnp.zeros((n_g, rows_s), jnp.float32), jnp.zeros((n_g, rows_s), jnp.float32))
+    A, codes, losses, S, Z = jax.lax.fori_loop(0, k, block, init)
+    if SB == SF:   # a shorter (last) segment is never read again
+        done = jax.lax.dynamic_update_slice(done, A[None], (s, 0, 0))
+    return done, codes, losses, S, Z
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "B", "act_order", "static_groups", "zero_dead"))
+def _prepare(W, H, damp, *, spec: QuantSpec, B: int, act_order: bool, static_groups: bool, zero_dead: bool):
+    """Dead columns, fixed group parameters, act-order and the factorisation: returns the permuted,
+    padded, transposed weights ``(cols_pad, rows)``, ``R`` with its diagonal blocks zeroed, their
+    inverses ``Ub``, the permutation, the dampening used and the fixed group parameters (or ``None``)."""
     rows, cols = W.shape
     W = W.astype(jnp.float32)
     H = H.astype(jnp.float32)
@@ -143,135 +302,80 @@ def _gptq_impl(W, H, damp, group_bits=None, *, spec: QuantSpec, blocksize: int, 
     H = H + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
     if zero_dead:
         W = jnp.where(dead[None, :], 0.0, W)
-
-    g = resolve_group_size(spec, cols)
-    n_groups = -(-cols // g)  # the last group may be partial (spec.partial_groups)
     dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
-    if not dynamic:  # parameters of every group, from the original column order
-        fixed_scale, fixed_zero, scales_leaf = group_params(W, spec)
-
+    fixed = None if dynamic else group_params(W, spec)   # every group's parameters, original column order
     if act_order:
         perm = jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32)
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
         perm = jnp.arange(cols, dtype=jnp.int32)
+    R, Ub, damp_used = _factor(H, damp, B)
+    blk = jnp.arange(R.shape[0]) // B
+    Rs = jnp.where(blk[:, None] == blk[None, :], 0.0, R)
+    Wt = jnp.pad(W, ((0, 0), (0, R.shape[0] - cols))).T
+    return Wt, Rs, Ub, perm, damp_used, fixed
 
-    U, damp_used = inverse_hessian_upper(H, damp)
 
+def _gptq_impl(W, H, damp, group_bits=None, *, spec: QuantSpec, blocksize: int, act_order: bool,
+               static_groups: bool, zero_dead: bool):
+    """The GPTQ core (see the comment above :data:`_SEGMENTS`). ``group_bits`` (int32 ``(n_groups,)``,
+    dynamic int groups only): a bit width per group instead of ``spec.bits``; the result is then the
+    raw ``(codes, scales, zeros, losses, damp)`` (codes as uint8, one width per group:
+    :func:`quantize_weight_mixed` packs them)."""
+    rows, cols = W.shape
+    g = resolve_group_size(spec, cols)
+    n_groups = -(-cols // g)  # the last group may be partial (spec.partial_groups)
+    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
     B = _block_size(spec, cols, blocksize, dynamic)
     n_blocks = -(-cols // B)
     cols_pad = n_blocks * B
-    pad = cols_pad - cols
-    if pad:  # padded columns: zero weights, identity inverse Hessian -> no error flows to or from them
-        W = jnp.pad(W, ((0, 0), (0, pad)))
-        U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(cols), jnp.ones(pad)]))
-    # group of each processed column (fixed parameters); padded columns read group 0
-    col_group = jnp.pad(perm // g, (0, pad)) if not dynamic else None
-    rows_s = 1 if spec.per_tensor else rows
-    levels = spec.table
-
-    # Work on transposed matrices (column i of W is the contiguous row i of Wt): reads and writes
-    # of one column are contiguous, and a block of columns is a contiguous slab of rows.
-    # Two levels of lazy updates: inside a block, columns are processed in sub-blocks of `sb`; a
-    # column's rank-1 update touches only its sub-block, and each finished sub-block pushes its
-    # error to the rest of the block with one small matrix product (memory traffic per column
-    # drops from B rows to sb rows); each finished block updates all later columns the same way.
-    sb = next(c for c in (16, 8, 4, 2, 1) if B % c == 0 and (not dynamic or g % c == 0))
-
-    def sub_block(c0, params_of, state):
-        W1, U1, Err1, C1, L1 = state           # W1, Err1, C1: (B, rows)
-        Ws = jax.lax.dynamic_slice(W1, (c0, 0), (sb, rows))
-        Us = jax.lax.dynamic_slice(U1, (c0, c0), (sb, sb))
-
-        def column(k, st):
-            Ws, Es, Cs, Ls = st
-            s, z, b = params_of(c0 + k)
-            w = Ws[k]
-            d = Us[k, k]
-            code = quantize_codes(w, s, z, spec, b)
-            q = dequantize_codes(code, s, z, format=spec.format, bits=spec.bits if b is None else b, levels=levels)
-            err = (w - q) / d
-            Ws = Ws - Us[k][:, None] * err[None, :]   # Us upper triangular: earlier rows untouched
-            return (Ws, Es.at[k].set(err), Cs.at[k].set(code),
-                    Ls.at[k].set(jnp.sum((w - q) ** 2) / (d * d) / 2))
-
-        init = (Ws, jnp.zeros((sb, rows), jnp.float32), jnp.zeros((sb, rows), jnp.uint8), jnp.zeros((sb,), jnp.float32))
-        _, Es, Cs, Ls = jax.lax.fori_loop(0, sb, column, init)
-        W1 = W1 - jax.lax.dynamic_slice(U1, (c0, 0), (sb, B)).T @ Es
-        return (W1, U1, jax.lax.dynamic_update_slice(Err1, Es, (c0, 0)),
-                jax.lax.dynamic_update_slice(C1, Cs, (c0, 0)), jax.lax.dynamic_update_slice(L1, Ls, (c0,)))
-
-    def block_body(o, b, carry):
-        # Wt: rows o.. of the transposed weights (columns not yet final), codes (cols_pad, rows), S/Z (groups, rows_s)
-        Wt, codes, losses, S, Z = carry
-        i1 = b * B
-        W1 = jax.lax.dynamic_slice(Wt, (i1 - o, 0), (B, rows))
-        U1 = jax.lax.dynamic_slice(U, (i1, i1), (B, B))
-        state = (W1, U1, jnp.zeros((B, rows), jnp.float32), jnp.zeros((B, rows), jnp.uint8),
-                 jnp.zeros((B,), jnp.float32))
-        if dynamic:
-            def group_body(j, carry):
-                state, S, Z = carry
-                Wg = jax.lax.dynamic_slice(state[0], (j * g, 0), (g, rows))
-                valid = (i1 + j * g + jnp.arange(g)) < cols  # padding columns don't count
-                gi = (i1 + j * g) // g
-                b = None if group_bits is None else group_bits[gi]
-                s, z = compute_params(Wg.T, spec, valid, b)
-                S = jax.lax.dynamic_update_slice(S, s[None, :], (gi, 0))
-                if z is not None:
-                    Z = jax.lax.dynamic_update_slice(Z, z[None, :], (gi, 0))
-                state = jax.lax.fori_loop(0, g // sb, lambda t, st: sub_block(j * g + t * sb, lambda i: (s, z, b), st),
-                                          state)
-                return state, S, Z
-
-            state, S, Z = jax.lax.fori_loop(0, B // g, group_body, (state, S, Z))
-        else:
-            def fixed(i):
-                gi = col_group[i1 + i]
-                return fixed_scale_t[gi], (None if fixed_zero is None else fixed_zero_t[gi]), None
-
-            state = jax.lax.fori_loop(0, B // sb, lambda t, st: sub_block(t * sb, fixed, st), state)
-        _, _, Err1, C1, L1 = state
-        # lazy batch update of every later column (U is upper triangular: earlier columns get 0)
-        Wt = Wt - jax.lax.dynamic_slice(U, (i1, o), (B, cols_pad - o)).T @ Err1
-        codes = jax.lax.dynamic_update_slice(codes, C1, (i1, 0))
-        losses = jax.lax.dynamic_update_slice(losses, L1, (i1,))
-        return Wt, codes, losses, S, Z
-
-    if not dynamic:
+    Wt, Rs, Ub, perm, damp_used, fixed = _prepare(W, H, damp, spec=spec, B=B, act_order=act_order,
+                                                  static_groups=static_groups, zero_dead=zero_dead)
+    if fixed is None:
+        col_group = fixed_scale_t = fixed_zero_t = None
+    else:
+        fixed_scale, fixed_zero, scales_leaf = fixed
+        col_group = jnp.pad(perm // g, (0, cols_pad - cols))   # padded columns read group 0
         fixed_scale_t = fixed_scale.T
         fixed_zero_t = None if fixed_zero is None else fixed_zero.T
-    groups_pad = cols_pad // g if dynamic else n_groups  # padded groups get (discarded) parameters too
     if group_bits is not None:  # padded groups quantize at spec.bits; their output is dropped
-        group_bits = jnp.pad(jnp.asarray(group_bits, jnp.int32), (0, groups_pad - n_groups),
+        group_bits = jnp.pad(jnp.asarray(group_bits, jnp.int32), (0, cols_pad // g - n_groups),
                              constant_values=spec.bits)
-    S0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
-    Z0 = jnp.zeros((groups_pad, rows_s), jnp.float32)
-    # The lazy update of a block only concerns later columns; U's zeros below the diagonal make a
-    # full-width update correct but wasteful. Large matrices run in up to 4 segments whose updates
-    # start at the segment's first column (0.625 instead of 1x the full-width cost).
-    n_seg = max(1, min(4, n_blocks // 8))
-    bounds = [round(k * n_blocks / n_seg) for k in range(n_seg + 1)]
-    Wt = W.T
-    rest = (jnp.zeros((cols_pad, rows), jnp.uint8), jnp.zeros((cols_pad,), jnp.float32), S0, Z0)
-    o_prev = 0
-    for b0, b1 in zip(bounds[:-1], bounds[1:]):
-        o = b0 * B  # Wt holds rows o_prev..; the segment needs rows o..
-        Wt, *rest = jax.lax.fori_loop(b0, b1, functools.partial(block_body, o), (Wt[o - o_prev:], *rest))
-        o_prev = o
-    codes, losses, S, Z = rest
-    codes, S, Z = codes.T, S.T, Z.T
-    codes, losses, S, Z = codes[:, :cols], losses[:cols], S[:, :n_groups], Z[:, :n_groups]
-    losses = jnp.zeros_like(losses).at[perm].set(losses)
+    k = -(-n_blocks // _SEGMENTS)   # blocks per segment (the last one may be shorter)
+    done = jnp.zeros((n_blocks // k, k * B, rows), jnp.float32)   # (W0 - Q)^T of the full segments
+    codes, losses, S, Z = [], [], [], []
+    for s, b0 in enumerate(range(0, n_blocks, k)):
+        off, end = b0 * B, min(n_blocks, b0 + k) * B
+        done, *out = _segment(Wt[off:end], Rs, done, jnp.int32(s), Ub[b0:b0 + k], jnp.int32(cols - off),
+                              None if group_bits is None else group_bits[off // g:end // g],
+                              None if col_group is None else col_group[off:end], fixed_scale_t, fixed_zero_t,
+                              spec=spec, B=B, g=g, dynamic=dynamic)
+        for acc, v in zip((codes, losses, S, Z), out):
+            acc.append(v)
+    return _finish(codes, losses, S, Z, perm, damp_used, group_bits is not None,
+                   None if fixed is None else (scales_leaf, fixed_zero), spec=spec, g=g, cols=cols,
+                   act_order=act_order, dynamic=dynamic)
 
-    if group_bits is not None:
+
+@functools.partial(jax.jit, static_argnames=("mixed", "spec", "g", "cols", "act_order", "dynamic"))
+def _finish(codes, losses, S, Z, perm, damp_used, mixed, fixed, *, spec, g, cols, act_order, dynamic):
+    """Concatenate the segments, undo the transposition, padding and act-order, and pack."""
+    n_groups = -(-cols // g)
+    codes = jnp.concatenate(codes).T[:, :cols]
+    losses = jnp.concatenate(losses)[:cols]
+    losses = jnp.zeros_like(losses).at[perm].set(losses)
+    if dynamic:
+        S = jnp.concatenate(S).T[:, :n_groups]
+        Z = jnp.concatenate(Z).T[:, :n_groups]
+    if mixed:
         return codes, S, Z, losses, damp_used
     if dynamic:
         zero = Z if (spec.format == "int" and not spec.symmetric) else None
         q = pack_result(codes, S.astype(spec.scale_dtype), zero, spec, group_size=g,
                         perm=perm if act_order else None)
     else:
+        scales_leaf, fixed_zero = fixed
         if act_order:  # codes back to the original column order: the groups are the original ones
             codes = jnp.zeros_like(codes).at[:, perm].set(codes)
         q = pack_result(codes, scales_leaf, fixed_zero, spec, group_size=g)
