@@ -25,6 +25,9 @@ on the same evaluation windows.
 
     python experiments/bench_gptq.py --shapes 1024 4096 8192 4096x14336 14336x4096 --out results/bench_gptq
     python experiments/bench_gptq.py --model smollm2-135m --nsamples 128 --seqlen 512 --out results/bench_gptq_model
+    git worktree add /tmp/before REV && python experiments/bench_gptq.py --shapes 4096 --baseline /tmp/before
+
+``--baseline DIR`` times lowbit against the GPTQ of another lowbit checkout (before/after of a change).
 
 Writes ``results.json`` and ``results.csv`` and prints a table. Needs torch (``pip install -e .[torch]``).
 Run it on an otherwise idle machine: torch's OpenMP threads spin while waiting, and a busy machine
@@ -219,10 +222,11 @@ def _peak_rss_mib() -> float:
 
 
 def _lowbit_spec(bits: int, group_size: int):
-    """lowbit's quantizer matching the PyTorch ones: asymmetric min/max groups, float32 scales."""
+    """lowbit's quantizer matching the PyTorch ones: asymmetric min/max groups, float32 scales, and a
+    shorter last group where the group size does not divide the columns (SmolLM2's 576 inputs)."""
     from lowbit import QuantSpec
 
-    return QuantSpec(bits=bits, group_size=group_size, scale_dtype="float32")
+    return QuantSpec(bits=bits, group_size=group_size, scale_dtype="float32", partial_groups=True)
 
 
 def _check_group_size(g: int) -> int:
@@ -323,6 +327,66 @@ def bench_layers(args) -> list[dict]:
               f"({row['speedup_vs_ref']:.2f}x) | tight torch {row['torch_s']:.3f}s ({row['speedup_vs_torch']:.2f}x) | "
               f"rel. output error {row['lowbit_rel_out_err']:.4f} / {row['torch_ref_rel_out_err']:.4f} / "
               f"{row['torch_rel_out_err']:.4f}", flush=True)
+    return rows
+
+
+def _gptq_module_from(checkout: str):
+    """``lowbit/methods/gptq.py`` of another lowbit checkout (e.g. ``git worktree add /tmp/before REV``),
+    loaded as a separate module next to this one (its own helpers from this checkout's lowbit)."""
+    import importlib.util
+
+    from lowbit.methods import registry
+
+    path = os.path.join(checkout, "lowbit", "methods", "gptq.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--baseline {checkout}: no lowbit/methods/gptq.py there (expected a lowbit checkout)")
+    spec = importlib.util.spec_from_file_location("lowbit_baseline_gptq", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod   # dataclasses look their module up there
+    register = registry.register
+    registry.register = lambda *a, **k: (lambda f: f)   # the baseline must not replace the registered "gptq"
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        registry.register = register
+    return mod
+
+
+def bench_baseline(args) -> list[dict]:
+    """lowbit's GPTQ vs the same function from an earlier checkout (``--baseline DIR``), on the same
+    saved problems, interleaved in one process: the before/after of a change to the core, with no
+    PyTorch in the loop. Also the share of packed code words that are identical."""
+    import jax
+
+    from lowbit.methods.gptq import quantize_weight
+
+    before = _gptq_module_from(args.baseline).quantize_weight
+    spec = _lowbit_spec(args.bits, args.group_size)
+    rows = []
+    for text in args.shapes:
+        r_, c_ = parse_shape(text)
+        W, H, _ = make_problem(r_, c_, os.path.join(args.out, f"problem_{r_}x{c_}.npz"))
+        fns = {"baseline": lambda: before(W, H, spec).q, "lowbit": lambda: quantize_weight(W, H, spec).q}
+        first, times, outs = {}, {k: [] for k in fns}, {}
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = jax.block_until_ready(fn())
+            first[k] = time.perf_counter() - t0
+        for _ in range(args.repeats):
+            for k, fn in fns.items():
+                time.sleep(0.5)
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn().data)
+                times[k].append(time.perf_counter() - t0)
+        row = dict(rows=r_, cols=c_, bits=args.bits, group_size=args.group_size,
+                   baseline_s=statistics.median(times["baseline"]), lowbit_s=statistics.median(times["lowbit"]),
+                   baseline_first_call_s=first["baseline"], lowbit_first_call_s=first["lowbit"])
+        row["speedup"] = row["baseline_s"] / row["lowbit_s"]
+        row["packed_words_equal"] = float(np.mean(np.asarray(outs["lowbit"].data) == np.asarray(outs["baseline"].data)))
+        rows.append(row)
+        print(f"{r_}x{c_}: baseline {row['baseline_s']:.3f}s | lowbit {row['lowbit_s']:.3f}s ({row['speedup']:.2f}x) | "
+              f"first calls {first['baseline']:.2f} / {first['lowbit']:.2f}s | packed words equal {row['packed_words_equal']:.4f}",
+              flush=True)
     return rows
 
 
@@ -575,6 +639,9 @@ def main(argv=None):
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="per layer: lowbit vs the GPTQ of another lowbit checkout DIR (e.g. a git worktree of "
+                         "an earlier commit), no PyTorch")
     ap.add_argument("--out", default="results/bench_gptq")
     # internal: one measurement in a fresh process
     ap.add_argument("--one", choices=["lowbit", "torch_ref", "torch"], help=argparse.SUPPRESS)
@@ -603,7 +670,7 @@ def main(argv=None):
     import torch
 
     os.makedirs(args.out, exist_ok=True)
-    rows = bench_model(args) if args.model else bench_layers(args)
+    rows = bench_model(args) if args.model else bench_baseline(args) if args.baseline else bench_layers(args)
     meta = dict(jax=jax.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                 cores=_threads(), torch_threads=torch.get_num_threads(), device=str(jax.devices()[0]),
                 load=os.getloadavg()[0],

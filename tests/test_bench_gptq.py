@@ -90,3 +90,14 @@ def test_bench_whole_model_pipelines_agree(tiny_experiment, tmp_path):
         a, b = lb[f"layers/0/{name}"], tq[f"layers/0/{name}"]
         assert np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-6)) > 0.98, name
     assert abs(row["ppl_rel_diff"]) < 0.02, row
+
+
+def test_baseline_mode_times_lowbit_against_another_checkout(tmp_path):
+    """``--baseline DIR``: this checkout as its own baseline gives the same packed codes."""
+    pytest.importorskip("torch")
+    bench = _load_bench()
+    ns = type("A", (), dict(baseline=ROOT, shapes=["48x256"], bits=4, group_size=128, repeats=1, out=str(tmp_path)))
+    (row,) = bench.bench_baseline(ns)
+    assert row["packed_words_equal"] == 1.0 and row["lowbit_s"] > 0 and row["baseline_s"] > 0
+    with pytest.raises(SystemExit, match="no lowbit/methods/gptq.py"):
+        bench._gptq_module_from(str(tmp_path))
