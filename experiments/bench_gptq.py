@@ -281,6 +281,20 @@ def one_call_memory(impl: str, problem: str, bits: int, group_size: int) -> dict
     return {**out, "peak_above_mib": _peak_rss_mib() - base}
 
 
+def _interleaved(fns: dict, args: tuple, repeats: int) -> tuple[dict, dict]:
+    """Time every ``fn(*args)`` ``repeats`` times, interleaved so machine noise hits every
+    implementation alike, each call after a 0.5 s pause (so the previous implementation's spinning
+    worker threads have gone to sleep). Returns ``(name -> seconds list, name -> last output)``."""
+    times, outs = {k: [] for k in fns}, {}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            outs[k] = fn(*args)
+            times[k].append(time.perf_counter() - t0)
+    return times, outs
+
+
 def bench_layers(args) -> list[dict]:
     import subprocess
 
@@ -293,19 +307,12 @@ def bench_layers(args) -> list[dict]:
         r_, c_ = parse_shape(text)
         problem = os.path.join(args.out, f"problem_{r_}x{c_}.npz")
         W, H, X = make_problem(r_, c_, problem)
-        times = {k: [] for k in impls}
         t0 = time.perf_counter()
         impls["lowbit"][0](W, H)
         first = time.perf_counter() - t0
         impls["torch_ref"][0](W[:64], H)   # warm-up (allocator, kernels)
         impls["torch"][0](W[:64], H)
-        outs = {}
-        for _ in range(args.repeats):  # interleaved, so machine noise hits every implementation alike
-            for k, (fn, _) in impls.items():
-                time.sleep(0.5)   # let the previous implementation's spinning worker threads go to sleep
-                t0 = time.perf_counter()
-                outs[k] = fn(W, H)
-                times[k].append(time.perf_counter() - t0)
+        times, outs = _interleaved({k: fn for k, (fn, _) in impls.items()}, (W, H), args.repeats)
         row = dict(rows=r_, cols=c_, bits=args.bits, group_size=args.group_size, lowbit_first_call_s=first)
         for k, ts in times.items():
             row.update({f"{k}_s": statistics.median(ts), f"{k}_min_s": min(ts), f"{k}_max_s": max(ts)})
@@ -366,18 +373,14 @@ def bench_baseline(args) -> list[dict]:
     for text in args.shapes:
         r_, c_ = parse_shape(text)
         W, H, _ = make_problem(r_, c_, os.path.join(args.out, f"problem_{r_}x{c_}.npz"))
-        fns = {"baseline": lambda: before(W, H, spec).q, "lowbit": lambda: quantize_weight(W, H, spec).q}
-        first, times, outs = {}, {k: [] for k in fns}, {}
+        fns = {name: (lambda W, H, f=f: jax.block_until_ready(f(W, H, spec).q))
+               for name, f in (("baseline", before), ("lowbit", quantize_weight))}
+        first = {}
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            outs[k] = jax.block_until_ready(fn())
+            fn(W, H)
             first[k] = time.perf_counter() - t0
-        for _ in range(args.repeats):
-            for k, fn in fns.items():
-                time.sleep(0.5)
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn().data)
-                times[k].append(time.perf_counter() - t0)
+        times, outs = _interleaved(fns, (W, H), args.repeats)
         row = dict(rows=r_, cols=c_, bits=args.bits, group_size=args.group_size,
                    baseline_s=statistics.median(times["baseline"]), lowbit_s=statistics.median(times["lowbit"]),
                    baseline_first_call_s=first["baseline"], lowbit_first_call_s=first["lowbit"])

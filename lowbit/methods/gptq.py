@@ -136,29 +136,15 @@ def _factor(H, damp, B: int, max_tries: int = 6):
     return R, Ub, d
 
 
-_TRI_LEAF = 256  # below this size a triangular inverse is one LAPACK trsm
-
-
-def _inverse_upper(R):
-    """Inverse of the upper-triangular ``R`` by recursion on 2x2 blocks,
-    ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`` (matrix products, 2/3 n^3 flops,
-    instead of one ``solve_triangular(R, I)``: n^3 flops in a trsm)."""
-    n = R.shape[0]
-    if n <= _TRI_LEAF:
-        return jax.scipy.linalg.solve_triangular(R, jnp.eye(n, dtype=R.dtype), lower=False)
-    h = (n // 2) // 128 * 128
-    Ai, Ci = _inverse_upper(R[:h, :h]), _inverse_upper(R[h:, h:])
-    return jnp.block([[Ai, -(Ai @ R[:h, h:]) @ Ci], [jnp.zeros((n - h, h), R.dtype), Ci]])
-
-
 @jax.jit
 def inverse_hessian_upper(H, damp: float | jax.Array = 0.01):
     """Upper Cholesky factor ``U`` of ``inv(H + d * mean(diag H) I)`` and the relative ``d`` used
     (``damp``, multiplied by 10 while the float32 factorisation is not finite). The GPTQ core does not
     form ``U``: it works with ``R = U^-1`` and ``U``'s diagonal blocks (see :func:`_segment`)."""
     H = jnp.asarray(H, jnp.float32)
-    R, _, d = _factor((H + H.T) / 2, damp, min(128, H.shape[0]))
-    return _inverse_upper(R)[:H.shape[0], :H.shape[0]], d
+    n = H.shape[0]
+    R, _, d = _factor((H + H.T) / 2, damp, min(128, n))
+    return jax.scipy.linalg.solve_triangular(R, jnp.eye(R.shape[0], dtype=R.dtype), lower=False)[:n, :n], d
 
 
 # ----------------------------------------------------------------------------- core
@@ -186,6 +172,12 @@ def _block_size(spec: QuantSpec, cols: int, blocksize: int, dynamic_groups: bool
         return min(blocksize, cols)
     g = resolve_group_size(spec, cols)
     return g * max(1, blocksize // g)  # a whole number of groups per block
+
+
+def _dynamic_groups(spec: QuantSpec, static_groups: bool) -> bool:
+    """Group parameters computed during the column loop (from the error-corrected weights), not up
+    front: every group-wise spec unless ``static_groups``."""
+    return not (spec.per_tensor or spec.group_size is None or static_groups)
 
 
 def _sub_block_size(B: int, g: int, dynamic: bool) -> int:
@@ -288,8 +280,8 @@ def _segment(A, Rs, done, s, Ub, n_valid, bits, col_group, fixed_scale_t, fixed_
     return done, codes, losses, S, Z
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "B", "act_order", "static_groups", "zero_dead"))
-def _prepare(W, H, damp, *, spec: QuantSpec, B: int, act_order: bool, static_groups: bool, zero_dead: bool):
+@functools.partial(jax.jit, static_argnames=("spec", "B", "act_order", "dynamic", "zero_dead"))
+def _prepare(W, H, damp, *, spec: QuantSpec, B: int, act_order: bool, dynamic: bool, zero_dead: bool):
     """Dead columns, fixed group parameters, act-order and the factorisation: returns the permuted,
     padded, transposed weights ``(cols_pad, rows)``, ``R`` with its diagonal blocks zeroed, their
     inverses ``Ub``, the permutation, the dampening used and the fixed group parameters (or ``None``)."""
@@ -302,7 +294,6 @@ def _prepare(W, H, damp, *, spec: QuantSpec, B: int, act_order: bool, static_gro
     H = H + jnp.diag(jnp.where(dead, 1.0 - diag, 0.0))
     if zero_dead:
         W = jnp.where(dead[None, :], 0.0, W)
-    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
     fixed = None if dynamic else group_params(W, spec)   # every group's parameters, original column order
     if act_order:
         perm = jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32)
@@ -326,12 +317,12 @@ def _gptq_impl(W, H, damp, group_bits=None, *, spec: QuantSpec, blocksize: int, 
     rows, cols = W.shape
     g = resolve_group_size(spec, cols)
     n_groups = -(-cols // g)  # the last group may be partial (spec.partial_groups)
-    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
+    dynamic = _dynamic_groups(spec, static_groups)
     B = _block_size(spec, cols, blocksize, dynamic)
     n_blocks = -(-cols // B)
     cols_pad = n_blocks * B
     Wt, Rs, Ub, perm, damp_used, fixed = _prepare(W, H, damp, spec=spec, B=B, act_order=act_order,
-                                                  static_groups=static_groups, zero_dead=zero_dead)
+                                                  dynamic=dynamic, zero_dead=zero_dead)
     if fixed is None:
         col_group = fixed_scale_t = fixed_zero_t = None
     else:
@@ -399,8 +390,7 @@ def _check_problem(W, H, spec: QuantSpec, blocksize, damp, static_groups: bool):
         raise ValueError("spec.format='onebit': GPTQ quantizes column by column with per-group parameters; "
                          "OneBit's two value vectors come from an SVD (use lowbit.quantize or the OneBit method)")
     resolve_group_size(spec, cols)
-    dynamic = not (spec.per_tensor or spec.group_size is None or static_groups)
-    if spec.double_quant and dynamic:
+    if spec.double_quant and _dynamic_groups(spec, static_groups):
         raise ValueError("spec.double_quant=True needs all scales up front: pass static_groups=True "
                          "(or use per-channel / per-tensor scales)")
     if not _is_int(blocksize) or blocksize <= 0:
