@@ -102,6 +102,24 @@ def test_segments_with_a_short_last_one_match_the_reference():
                                atol=2e-3 * float(np.abs(np.asarray(U)).max()))
 
 
+@pytest.mark.parametrize("spec,kw", [(QuantSpec(bits=3, group_size=16), {}),
+                                     (QuantSpec(bits=4, group_size=16), dict(act_order=True, static_groups=True)),
+                                     (QuantSpec(bits=4, group_size=None, per_tensor=True), {})])
+def test_row_chunks_give_the_unchunked_result(monkeypatch, spec, kw):
+    # 27 rows in chunks of at most 8: 4 chunks (7, 7, 7, 6 rows: the last one shorter), each through
+    # the segments; codes, scales and the losses (summed over the chunks) equal one pass of all rows
+    from lowbit.methods import gptq as gptq_mod
+
+    W, X, H = _problem(rows=27, cols=96, n=512)
+    whole = quantize_weight(W, H, spec, blocksize=16, **kw)
+    monkeypatch.setattr(gptq_mod, "_ROW_CHUNK", 8)
+    assert [b - a for a, b in gptq_mod._row_chunks(27)] == [7, 7, 7, 6]
+    chunked = quantize_weight(W, H, spec, blocksize=16, **kw)
+    assert np.mean(np.asarray(chunked.q.data) == np.asarray(whole.q.data)) > 0.99
+    np.testing.assert_allclose(np.asarray(dequantize(chunked.q)), np.asarray(dequantize(whole.q)), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(chunked.losses), np.asarray(whole.losses), rtol=1e-4, atol=1e-6)
+
+
 def test_blocksize_does_not_change_the_result():
     W, X, H = _problem(cols=320)  # 320 is not a multiple of 128: a padded last block
     outs = [np.asarray(dequantize(quantize_weight(W, H, QuantSpec(bits=4, group_size=64), blocksize=b).q))
