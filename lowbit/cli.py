@@ -549,14 +549,47 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="results root (default results/)")
     p.add_argument("--force", action="store_true", help="recompute runs that are up to date")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("devices and processes (lowbit.dist)")
+    g.add_argument("--mesh", default=None, metavar="AXIS=N[,AXIS=N]",
+                   help="device mesh, e.g. data=8 or data=4,model=2 (default: the config's mesh, else every device "
+                        "on data)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process job (jax.distributed.initialize): auto-detected on TPU VMs / SLURM, "
+                        "or given by --coordinator, --num-processes, --process-id")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (with --distributed)")
+    g.add_argument("--num-processes", type=positive_int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--init-timeout", type=positive_int, default=120, metavar="S",
+                   help="seconds to wait for every process to join (default 120)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lowbit import dist
     from lowbit.runner.config import load_config
     from lowbit.runner.experiment import experiment_dir, run_experiment
 
+    if (args.coordinator or args.num_processes or args.process_id is not None) and not args.distributed:
+        raise ValueError("--coordinator / --num-processes / --process-id: only with --distributed")
     cfg = load_config(args.config, variant=args.variant, overrides=args.overrides)
-    run_experiment(cfg, results_dir=args.results, force=args.force, progress=not args.no_progress)
+    if args.mesh is not None:
+        cfg = dataclasses.replace(cfg, mesh=dist.parse_mesh(args.mesh))
+    if args.distributed:
+        dist.initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+    try:
+        run_experiment(cfg, results_dir=args.results, force=args.force, progress=not args.no_progress)
+    except (RuntimeError, OSError) as e:
+        import jax
+
+        if jax.process_count() == 1:
+            raise
+        raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()} failed ({type(e).__name__}: "
+                           f"{str(e).strip()[:400]}); if another process died, rerun the same command on every "
+                           "process: finished rows are kept and each quantization resumes from the last layer "
+                           "that every process saved") from None
+    if not dist.is_primary():
+        return 0
     print(f"results in {experiment_dir(cfg, args.results)} (table: summary.md, plot: ppl_vs_bits.png)")
     return 0
 

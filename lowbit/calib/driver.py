@@ -26,6 +26,10 @@ at the end, with the final normalised hidden states as ``lm_head``'s inputs. A r
 (e.g. RTN) needs no forward passes at all; the driver then only runs one batch per block to report
 errors.
 
+On a mesh (:func:`lowbit.dist.use_mesh`) every batch of windows is split over its ``data`` axis
+(:func:`lowbit.dist.place_batch`): the block forwards run data-parallel and the statistics' sums
+over tokens become all-reduces; a method may spread its solves over the devices (GPTQ does).
+
 Per-weight report rows (``relative output error ||X (W - Q)^T|| / ||X W^T||`` on up to 2048
 token rows of the first calibration batch, bits per parameter, seconds of ``apply`` (timed here,
 shared equally by the weights of a group), plus the metrics ``apply`` returned, e.g. GPTQ's loss)
@@ -42,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import dist
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 from lowbit.core.quantizers import bits_per_param, dequantize
 from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, per_input,
@@ -111,7 +116,7 @@ def _describe(q) -> dict:
 
 
 def _batched(fn, X, batch_size):
-    return jnp.concatenate([fn(X[b:b + batch_size]) for b in range(0, X.shape[0], batch_size)])
+    return jnp.concatenate([fn(dist.place_batch(X[b:b + batch_size])) for b in range(0, X.shape[0], batch_size)])
 
 
 def layer_inputs(params, cfg, tokens, *, upto: int, batch_size: int = 8):
@@ -174,7 +179,7 @@ def _prepare_block(fam, cfg, i, layer, prefix, X, recipe, batch_size):
     parts: dict[str, list] = {p: [] for p in linears}
     outs = []
     for b in range(0, X.shape[0], batch_size):
-        y, captured = fam.block_jit(layer, X[b:b + batch_size], cfg, capture=True, **kw)
+        y, captured = fam.block_jit(layer, dist.place_batch(X[b:b + batch_size]), cfg, capture=True, **kw)
         outs.append(y)
         for p in linears:
             parts[p].append(captured[p])
@@ -310,7 +315,7 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
             first_inputs = None
             batches = range(0, X.shape[0], batch_size) if needs_data(state) else (0,)  # (0,): report only
             for b in batches:
-                xb = X[b:b + batch_size]
+                xb = dist.place_batch(X[b:b + batch_size])
                 _, captured = fam.block_jit(layer, xb, cfg, capture=True, capture_upto=last, **kw)
                 acts = {prefix + p: captured[p][:, skip_first:] for p in paths}
                 if token_cap is not None:
@@ -356,7 +361,7 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         if needs_data(state) and "lm_head" in full:
             h = fam.head_inputs(params, X, cfg)
             for b in range(0, h.shape[0], batch_size):
-                acts = {"lm_head": h[b:b + batch_size, skip_first:]}
+                acts = {"lm_head": dist.place_batch(h[b:b + batch_size, skip_first:])}
                 state, _ = recipe.update(state, acts if token_cap is None else _cap_tokens(acts, token_cap))
         new, _ = recipe.apply(full, state)
         for p in out_paths:

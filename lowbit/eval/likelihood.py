@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import dist
 from lowbit.models.protocol import family_of, hidden_layerwise
 from lowbit.progress import Bar
 
@@ -169,8 +170,8 @@ def perplexity(params, cfg, tokens, *, seqlen: int = DEFAULT_SEQLEN, batch_size:
     bar = Bar(math.ceil(n / batch_size), desc, progress)
     try:
         for s, k, b in _batches(windows, batch_size):
-            nll, hits = window_nll(params, jnp.asarray(b), cfg)
-            nll, hits = np.asarray(nll)[:k], np.asarray(hits)[:k]
+            nll, hits = window_nll(params, dist.place_batch(jnp.asarray(b)), cfg)   # data-parallel on a mesh
+            nll, hits = dist.to_host(nll)[:k], dist.to_host(hits)[:k]
             if np.isnan(nll).any():
                 raise ValueError(f"NaN loss in windows {s}..{s + k - 1}: the model produced NaN (or infinite) "
                                  "logits (diverged or broken weights); no perplexity to report")
@@ -232,8 +233,8 @@ def compare_logits(params_ref, params, cfg, tokens, *, cfg_other = None,
     bar = Bar(math.ceil(n / batch_size), "KL", progress)
     try:
         for s, k, b in _batches(windows, batch_size):
-            kl, agree = _compare(params_ref, params, jnp.asarray(b), cfg, cfg_other)
-            kl, agree = np.asarray(kl, np.float64)[:k], np.asarray(agree)[:k]
+            kl, agree = _compare(params_ref, params, dist.place_batch(jnp.asarray(b)), cfg, cfg_other)
+            kl, agree = dist.to_host(kl).astype(np.float64)[:k], dist.to_host(agree)[:k]
             kl_sum += float(kl.sum())
             agree_sum += int(agree.sum())
             kl_win += list(kl.mean(axis=1))

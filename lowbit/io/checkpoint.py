@@ -133,7 +133,10 @@ def _abstract(spec) -> Any:
         return {k: _abstract(s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:
         return {str(i): _abstract(s) for i, s in enumerate(spec["__list__"])}
-    return jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]))
+    # read onto this process's first device: the sharding saved with the arrays names the writer's
+    # device, which another process of a multi-process job (or another machine) does not have
+    return jax.ShapeDtypeStruct(tuple(spec["shape"]), jnp.dtype(spec["dtype"]),
+                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def _decode(plain, spec) -> Any:
@@ -256,6 +259,20 @@ def _check_extra_files(extra_files: dict | None) -> dict:
     return out
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer that reads and writes alone: a lowbit checkpoint is one process's files (in a
+    multi-process job process 0 writes the per-layer checkpoints and every process reads them alone;
+    orbax's default would synchronize every process on each save and restore)."""
+    me = jax.process_index()
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    # own barrier keys and synchronous directory creation: no signal through the job's key-value store
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                                   barrier_sync_key_prefix=f"lowbit-p{me}"),
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+
+
 def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None = None,
          kind: str | None = "checkpoint", overwrite: bool = False) -> str:
     """Atomically write ``tree`` (and JSON-able ``extra``, and ``extra_files`` = {relative name: str or
@@ -267,8 +284,10 @@ def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None
     path = os.path.abspath(path)
     files = _check_extra_files(extra_files)
     plain, spec = _encode(tree)
+    if jax.process_count() > 1:   # this process's copy, as numpy: orbax refuses one-device arrays there
+        plain = jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), plain)
     with atomic_directory(path, kind, overwrite=overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _checkpointer()
         ckptr.save(os.path.join(tmp, "arrays"), plain)
         ckptr.wait_until_finished()
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -340,7 +359,7 @@ def restore(path: str):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path}: manifest.json has a malformed tree ({_first_line(e)})") from None
     try:
-        plain = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), abstract)
+        plain = _checkpointer().restore(os.path.join(path, "arrays"), abstract)
     except MemoryError:
         raise
     except Exception as e:  # orbax / tensorstore: missing, truncated or undecodable files

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import dist
 from lowbit.core import transforms
 from lowbit.methods.registry import register
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
@@ -436,11 +437,18 @@ def quantize_weight(W, H, spec: QuantSpec, *, blocksize: int = 128, damp: float 
     Returns a :class:`GPTQResult` with the :class:`QuantizedTensor`, the per-column losses and the
     dampening used. See the module docstring for the algorithm and options.
     """
-    W, H = _check_problem(W, H, spec, blocksize, damp, static_groups)
-    res = _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
-                     static_groups=bool(static_groups), zero_dead=bool(zero_dead))
+    res = _dispatch(W, H, spec, blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups,
+                    zero_dead=zero_dead)
     check_scales(res.q, W, spec, "W")
     return res
+
+
+def _dispatch(W, H, spec: QuantSpec, *, blocksize, damp, act_order, static_groups, zero_dead) -> GPTQResult:
+    """:func:`quantize_weight` up to the result, not waiting for it (no check of its scales): several
+    weights on several devices then run at once (:func:`lowbit.dist.spread`)."""
+    W, H = _check_problem(W, H, spec, blocksize, damp, static_groups)
+    return _gptq_impl(W, H, jnp.float32(damp), spec=spec, blocksize=int(blocksize), act_order=bool(act_order),
+                      static_groups=bool(static_groups), zero_dead=bool(zero_dead))
 
 
 def quantize_weight_mixed(W, H, spec: QuantSpec, widths, *, blocksize: int = 128, damp: float = 0.01,
@@ -551,13 +559,26 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
 
     def apply(params, stats):
         out, metrics = {}, {}
-        for path, w in params.items():
-            stat = stats[path]
-            if not isinstance(stat.n, jax.core.Tracer) and float(stat.n) == 0:
+        for path in params:
+            n = stats[path].n
+            if not isinstance(n, jax.core.Tracer) and float(n) == 0:
                 raise ValueError(f"params[{path!r}]: no calibration activations reached this weight; "
                                  "GPTQ needs update() with its inputs first")
+        mesh = dist.current_mesh()
+        spread = (mesh is not None and len(mesh.local_devices) > 1 and len(params) > 1
+                  and not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, stats))))
+        pending = {}
+        if spread:   # the block's linears solved in parallel, one per device, then replicated
+            plain = {p: (w, stats[p].H) for p, w in params.items() if p not in widths}
+            pending = dist.spread(lambda w, H: _dispatch(w, H, spec, **kw), plain)   # errors name the path
+        for path, w in params.items():
+            stat = stats[path]
             try:
-                if path in widths:
+                if path in pending:
+                    res = pending[path]
+                    q, losses, damp_used = dist.replicate((res.q, res.losses, res.damp), mesh)
+                    check_scales(q, w, spec, "W")
+                elif path in widths:
                     q, losses, damp_used = quantize_weight_mixed(w, stat.H, spec, widths[path], blocksize=blocksize,
                                                                  damp=damp, zero_dead=zero_dead)
                 else:

@@ -256,8 +256,13 @@ class ExperimentCfg:
     finetune: FinetuneCfg = FinetuneCfg()
     distill: DistillCfg = DistillCfg()
     variant: str | None = None
+    mesh: dict | None = None   # {data: N, model: M} (lowbit.dist); None: every device on data. Changes no number.
 
     def __post_init__(self):
+        if self.mesh is not None:
+            from lowbit.dist import parse_mesh
+
+            parse_mesh(self.mesh)
         if not self.methods:
             raise ValueError("methods: expected at least one method (a table row)")
         names = [m.name for m in self.methods]

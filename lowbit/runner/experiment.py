@@ -41,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -48,6 +49,7 @@ import jax
 import numpy as np
 import yaml
 
+from lowbit import dist
 from lowbit import methods as method_registry
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
@@ -193,6 +195,7 @@ def _run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
             row["recipe"] = {"sha256": hashlib.sha256(f.read()).hexdigest()}
     d["methods"] = [row]
     d.pop("expect", None)
+    d.pop("mesh", None)   # where it runs changes no number (to float tolerance): a resume may change it
     return d
 
 
@@ -219,8 +222,8 @@ def _save_layer(pdir: str, i: int, layer, rows: list[dict]) -> None:
     crash_point("run.layer-committed")
 
 
-def _load_partial(pdir: str, params) -> tuple[dict, int, list[dict]]:
-    """Plug the finished layers saved in ``pdir`` into ``params``.
+def _load_partial(pdir: str, params, upto: int | None = None) -> tuple[dict, int, list[dict]]:
+    """Plug the finished layers saved in ``pdir`` into ``params`` (at most ``upto`` of them).
 
     Returns (params, first missing layer, their report rows). A layer that fails to load (damaged
     file, checksum mismatch, written by an older lowbit) is discarded with a warning together with
@@ -228,7 +231,8 @@ def _load_partial(pdir: str, params) -> tuple[dict, int, list[dict]]:
     """
     layers, rows = list(params["layers"]), []
     i = 0
-    while i < len(layers) and os.path.isdir(_layer_dir(pdir, i)):
+    last = len(layers) if upto is None else min(upto, len(layers))
+    while i < last and os.path.isdir(_layer_dir(pdir, i)):
         try:
             layer = checkpoint.restore(_layer_dir(pdir, i))
             layer_rows = checkpoint.read_extra(_layer_dir(pdir, i)).get("rows")
@@ -596,7 +600,7 @@ def _log(msg: str) -> None:
 
 
 def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: bool = False,
-                   progress: bool = True, stop_after_layer: int | None = None) -> dict:
+                   progress: bool = True, stop_after_layer: int | None = None, mesh=None) -> dict:
     """Run every method of ``cfg``; returns the experiment summary (see the module docstring).
 
     Holds ``<experiment dir>/.lock`` for the whole run (a second run on the same directory stops
@@ -604,11 +608,26 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     is writable, the evaluation and calibration texts exist; the sequence lengths and window counts
     are checked right after the model is loaded, before anything is written. ``stop_after_layer``
     (testing the resume path) raises ``KeyboardInterrupt`` after that layer has been checkpointed.
+
+    ``mesh`` (:func:`lowbit.dist.make_mesh`; default: ``cfg.mesh``, or every device on ``data``
+    when there are several): calibration, evaluation and training run data-parallel over it, the
+    linears split over its ``model`` axis. In a multi-process job (:func:`lowbit.dist.initialize`)
+    every process runs this same function; only process 0 writes ``results_dir``, the others keep
+    their per-layer checkpoints in a scratch directory (``$LOWBIT_WORKER_DIR``, default under the
+    system's temp directory) and all resume from the layer every process has finished.
     """
+    if mesh is None and (cfg.mesh is not None or jax.device_count() > 1):
+        mesh = dist.make_mesh(cfg.mesh)
+    primary_exp_dir = experiment_dir(cfg, results_dir)
+    if not dist.is_primary():
+        results_dir = os.path.join(os.environ.get("LOWBIT_WORKER_DIR", os.path.join(tempfile.gettempdir(),
+                                                                                   "lowbit-workers")),
+                                   f"p{jax.process_index()}")
     exp_dir = experiment_dir(cfg, results_dir)
-    with lock.hold(exp_dir, what="lowbit run"):
+    with lock.hold(exp_dir, what="lowbit run"), dist.use_mesh(mesh):
         _clean_stray_temps(exp_dir)
-        return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer)
+        return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer,
+                           primary_exp_dir=primary_exp_dir)
 
 
 def _up_to_date(mf: str, h: str) -> bool:
@@ -623,7 +642,7 @@ def _up_to_date(mf: str, h: str) -> bool:
 
 
 def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool,
-                stop_after_layer: int | None) -> dict:
+                stop_after_layer: int | None, primary_exp_dir: str | None = None) -> dict:
     from lowbit import data
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
@@ -636,6 +655,9 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             _log(f"{m.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
             continue
         pending.append((m, h))
+    if jax.process_count() > 1:   # every process runs the rows that any process still lacks
+        todo = dist.agree_any([any(m is p for p, _ in pending) for m in cfg.methods])
+        pending = [(m, config_hash(_run_config(cfg, m))) for m, t in zip(cfg.methods, todo) if t]
 
     env = environment_info()
     if pending:
@@ -648,6 +670,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         t0 = time.perf_counter()
         _log(f"loading model {cfg.model}")
         params, mcfg, tok = load_model(cfg.model)
+        if dist.current_mesh() is not None:   # linears by rows over `model`, the rest replicated
+            params = dist.shard_params(params, dist.current_mesh())
         if tok is None:
             raise ValueError(f"model {cfg.model}: has no tokenizer; lowbit run needs one to tokenize the data")
         ctx = getattr(mcfg, "max_position_embeddings", None)
@@ -707,15 +731,25 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         if recipe is None:
             qparams = params
         else:
-            pdir = _partial_dir(exp_dir, m, h)
-            if force:
+            # per-layer checkpoints: written by process 0 only, read by every process (from process
+            # 0's results directory: where no other process sees it, agree_min restarts the row)
+            pdir = _partial_dir(primary_exp_dir or exp_dir, m, h)
+            if force and dist.is_primary():
                 shutil.rmtree(pdir, ignore_errors=True)
             start_params, start, rows = _load_partial(pdir, params) if os.path.isdir(pdir) else (params, 0, [])
+            common = dist.agree_min(start) if jax.process_count() > 1 else start
+            if common < start:   # resume from the last layer that every process can read
+                start_params, start, rows = _load_partial(pdir, params, upto=common)
+            if start and dist.current_mesh() is not None:   # restored layers: back onto the mesh
+                start_params = dist.shard_params(start_params, dist.current_mesh())
             if start:
                 _log(f"{m.name}: resuming after layer {start - 1} from {pdir}")
 
             def on_layer(i, new_params, layer_rows, pdir=pdir):
-                _save_layer(pdir, i, new_params["layers"][i], layer_rows)
+                if dist.is_primary():
+                    _save_layer(pdir, i, new_params["layers"][i], layer_rows)
+                else:
+                    crash_point("run.layer-committed")
                 if stop_after_layer is not None and i >= stop_after_layer:
                     raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import dist
 from lowbit.faults import crash_point
 from lowbit.progress import Bar
 from lowbit.train.ckpt import TrainCheckpoints, tree_checksums
@@ -390,13 +391,16 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
             if [r["step"] for r in history] != list(range(1, start + 1)):
                 warnings.warn(f"{csv_path}: the metrics of steps 1..{start} are incomplete; the history of this "
                               "run starts where the file's rows do", RuntimeWarning, stacklevel=2)
+        # on a mesh (lowbit.dist.use_mesh) the state and frozen base are replicated and every
+        # batch is split over the data axis: the step runs data-parallel, its loss mean all-reduced
+        state, frozen = dist.replicate((state, frozen), dist.current_mesh())
         _write_atomic(os.path.join(run_dir, "config.json"),
                       (json.dumps({"config": config, "config_hash": config_hash, "resume_neutral":
                                    {k: getattr(cfg, k) for k in RESUME_NEUTRAL}}, indent=2, default=str)
                        + "\n").encode())
 
         def evaluate(trainable) -> float:
-            losses = [float(eval_fn(trainable, frozen, jnp.asarray(b), consts)[0])
+            losses = [float(eval_fn(trainable, frozen, dist.place_batch(jnp.asarray(b)), consts)[0])
                       for b in eval_data.in_order(cfg.eval_batches)]
             return float(np.mean(losses))
 
@@ -407,7 +411,8 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
 
         mem = None
         if start < cfg.steps:   # compile once, ahead of the loop, to read XLA's memory accounting
-            step_fn = step_fn.lower(state, frozen, jnp.asarray(data.batch(start * cfg.accum)), consts).compile()
+            step_fn = step_fn.lower(state, frozen, dist.place_batch(jnp.asarray(data.batch(start * cfg.accum))),
+                                    consts).compile()
             mem = step_memory(step_fn)
         t_start = time.perf_counter()
         last_saved = start if restored is not None else None
@@ -420,7 +425,7 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
                 losses = []
                 for k in range(cfg.accum):
                     micro = s * cfg.accum + k
-                    state, m = step_fn(state, frozen, jnp.asarray(data.batch(micro)), consts)
+                    state, m = step_fn(state, frozen, dist.place_batch(jnp.asarray(data.batch(micro))), consts)
                     loss = float(m["loss"])
                     if not math.isfinite(loss):
                         _write_metrics(csv_path, history)
