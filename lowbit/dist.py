@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -276,7 +277,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Join a multi-process job (:func:`jax.distributed.initialize`). With no arguments the cluster is
     auto-detected (TPU VMs, SLURM, ...); else ``coordinator`` (``host:port``, process 0 listens there),
     ``num_processes`` and ``process_id`` name this process. On CPU the collectives go through gloo.
-    A coordinator that cannot be reached within ``timeout_s`` raises a RuntimeError saying so."""
+    One line on stderr says where it is joining; a coordinator that cannot be reached within
+    ``timeout_s`` ends the process there (jax aborts it: ``DEADLINE_EXCEEDED`` on ``RegisterTask``),
+    other failures to join raise a RuntimeError naming the address."""
     if coordinator is not None:
         if not re.fullmatch(r"[\w.\-\[\]:]+:\d+", coordinator):
             raise ValueError(f"coordinator={coordinator!r}: expected HOST:PORT, e.g. 10.0.0.2:8476")
@@ -286,11 +289,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ValueError(f"process_id={process_id}: expected 0 <= process_id < num_processes={num_processes}")
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = coordinator or "the auto-detected coordinator"
+    sys.stderr.write(f"[lowbit] joining the job at {where} as process {process_id} of {num_processes} "
+                     f"(waiting up to {timeout_s} s for every process)\n")
+    sys.stderr.flush()
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s,
                                    heartbeat_timeout_seconds=max(10, timeout_s // 4))
     except Exception as e:   # noqa: BLE001 - jax raises XlaRuntimeError / RuntimeError variants
-        where = coordinator or "the auto-detected coordinator"
         raise RuntimeError(f"jax.distributed.initialize: could not join the job at {where} within {timeout_s} s "
                            f"as process {process_id} of {num_processes} ({type(e).__name__}: {str(e)[:300]})") from None
 

@@ -105,3 +105,16 @@ def test_two_processes_match_one_and_resume_after_a_killed_worker(tiny_experimen
         for d, ppl in evals.items():
             assert abs(got[name][d] / ppl - 1) < 1e-6, (name, d, got[name][d], ppl)
     assert sorted(os.listdir(res)) == ["tiny"]
+
+
+def test_an_unreachable_coordinator_ends_the_process_within_the_timeout(tiny_experiment, tmp_path):
+    _, config = tiny_experiment
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LOWBIT_CRASH_AT")}
+    p = _lowbit_run(config, tmp_path / "res", "--distributed", "--coordinator", f"127.0.0.1:{_free_port()}",
+                    "--num-processes", "2", "--process-id", "1", "--init-timeout", "5",
+                    env=dict(env, JAX_PLATFORMS="cpu"))
+    _, se = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "[lowbit] joining the job at 127.0.0.1:" in se and "as process 1 of 2" in se, se[-2000:]
+    assert "DEADLINE_EXCEEDED" in se, se[-2000:]
+    assert not os.path.exists(tmp_path / "res")
