@@ -586,8 +586,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()} failed ({type(e).__name__}: "
                            f"{str(e).strip()[:400]}); if another process died, rerun the same command on every "
-                           "process: finished rows are kept and each quantization resumes from the last layer "
-                           "that every process saved") from None
+                           "process: finished rows are kept and the interrupted quantization resumes from process 0's "
+                           "last saved layer where every process can read it") from None
     if not dist.is_primary():
         return 0
     print(f"results in {experiment_dir(cfg, args.results)} (table: summary.md, plot: ppl_vs_bits.png)")

@@ -612,9 +612,10 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     ``mesh`` (:func:`lowbit.dist.make_mesh`; default: ``cfg.mesh``, or every device on ``data``
     when there are several): calibration, evaluation and training run data-parallel over it, the
     linears split over its ``model`` axis. In a multi-process job (:func:`lowbit.dist.initialize`)
-    every process runs this same function; only process 0 writes ``results_dir``, the others keep
-    their per-layer checkpoints in a scratch directory (``$LOWBIT_WORKER_DIR``, default under the
-    system's temp directory) and all resume from the layer every process has finished.
+    every process runs this same function; only process 0 writes ``results_dir`` and the per-layer
+    checkpoints, the others write their copies of the finished rows to a scratch directory
+    (``$LOWBIT_WORKER_DIR``, default under the system's temp directory); a rerun resumes from process
+    0's last saved layer where every process can read it, else the interrupted row restarts.
     """
     if mesh is None and (cfg.mesh is not None or jax.device_count() > 1):
         mesh = dist.make_mesh(cfg.mesh)
