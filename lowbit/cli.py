@@ -546,7 +546,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default=None, help="a named variant of the config (e.g. smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted path, YAML value); repeatable")
-    p.add_argument("--results", default="results", help="results root (default results/)")
+    p.add_argument("--results", default="results",
+                   help="results root (default results/); a URL such as gs://bucket/path runs in a local stage "
+                        "($LOWBIT_STAGE_DIR) uploaded after every layer and row (fsspec; pip install gcsfs for gs://)")
     p.add_argument("--force", action="store_true", help="recompute runs that are up to date")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("devices and processes (lowbit.dist)")
@@ -590,7 +592,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                            "last saved layer where every process can read it") from None
     if not dist.is_primary():
         return 0
-    print(f"results in {experiment_dir(cfg, args.results)} (table: summary.md, plot: ppl_vs_bits.png)")
+    from lowbit.io.remote import is_remote
+
+    where = (f"{args.results.rstrip('/')}/{os.path.basename(experiment_dir(cfg, '.'))}" if is_remote(args.results)
+             else experiment_dir(cfg, args.results))
+    print(f"results in {where} (table: summary.md, plot: ppl_vs_bits.png)")
     return 0
 
 

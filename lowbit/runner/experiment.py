@@ -54,7 +54,7 @@ from lowbit import methods as method_registry
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.transforms import Transform, flatten, identity, partition
 from lowbit.faults import crash_point
-from lowbit.io import checkpoint
+from lowbit.io import checkpoint, remote
 from lowbit.runner import lock
 from lowbit.runner.config import (QUANT_HASH_DEFAULTS, CalibCfg, EvalCfg, ExperimentCfg, MethodCfg, config_hash,
                                   from_dict, to_dict)
@@ -619,16 +619,39 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     """
     if mesh is None and (cfg.mesh is not None or jax.device_count() > 1):
         mesh = dist.make_mesh(cfg.mesh)
+    worker_dir = os.path.join(os.environ.get("LOWBIT_WORKER_DIR", os.path.join(tempfile.gettempdir(),
+                                                                              "lowbit-workers")),
+                              f"p{jax.process_index()}")
+    mirror = None
+    if remote.is_remote(results_dir):   # run in a local stage, uploaded as it goes (lowbit.io.remote)
+        url = results_dir.rstrip("/")
+        stage = remote.default_stage(url)
+        if not dist.is_primary():   # a private copy to read process 0's per-layer checkpoints from
+            stage = os.path.join(worker_dir, "stage", os.path.basename(stage))
+        name = os.path.basename(experiment_dir(cfg, stage))
+        mirror = remote.Mirror(f"{url}/{name}", os.path.join(stage, name))
+        results_dir = stage
+        _log(f"results: {mirror.url} (staged in {mirror.stage})")
     primary_exp_dir = experiment_dir(cfg, results_dir)
     if not dist.is_primary():
-        results_dir = os.path.join(os.environ.get("LOWBIT_WORKER_DIR", os.path.join(tempfile.gettempdir(),
-                                                                                   "lowbit-workers")),
-                                   f"p{jax.process_index()}")
+        results_dir = worker_dir
     exp_dir = experiment_dir(cfg, results_dir)
+    sync = None
+    if mirror is not None and dist.is_primary():
+        def sync():
+            try:
+                mirror.push()
+            except Exception as e:
+                raise RuntimeError(f"uploading {mirror.stage} to {mirror.url} failed ({type(e).__name__}: {e}); "
+                                   "what is done is kept in the stage: rerun the same command to upload and go on") from e
     with lock.hold(exp_dir, what="lowbit run"), dist.use_mesh(mesh):
+        if mirror is not None:
+            got = mirror.pull()
+            if got:
+                _log(f"downloaded {len(got)} file(s) from {mirror.url}")
         _clean_stray_temps(exp_dir)
         return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer,
-                           primary_exp_dir=primary_exp_dir)
+                           primary_exp_dir=primary_exp_dir, sync=sync)
 
 
 def _up_to_date(mf: str, h: str) -> bool:
@@ -643,7 +666,7 @@ def _up_to_date(mf: str, h: str) -> bool:
 
 
 def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool,
-                stop_after_layer: int | None, primary_exp_dir: str | None = None) -> dict:
+                stop_after_layer: int | None, primary_exp_dir: str | None = None, sync=None) -> dict:
     from lowbit import data
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
@@ -749,6 +772,8 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             def on_layer(i, new_params, layer_rows, pdir=pdir):
                 if dist.is_primary():
                     _save_layer(pdir, i, new_params["layers"][i], layer_rows)
+                    if sync is not None:
+                        sync()
                 else:
                     crash_point("run.layer-committed")
                 if stop_after_layer is not None and i >= stop_after_layer:
@@ -827,8 +852,12 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
             shutil.rmtree(_partial_dir(exp_dir, m, h), ignore_errors=True)
         if m.finetune or m.distill:
             shutil.rmtree(_train_dir(exp_dir, m, h), ignore_errors=True)
+        if sync is not None:
+            sync()
 
     summary = write_summary(exp_dir, cfg)
+    if sync is not None:
+        sync()
     _print_table(summary)
     summary["expectations"] = check_expectations(cfg, summary)
     return summary
