@@ -636,14 +636,12 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     if not dist.is_primary():
         results_dir = worker_dir
     exp_dir = experiment_dir(cfg, results_dir)
-    sync = None
-    if mirror is not None and dist.is_primary():
-        def sync():
-            try:
-                mirror.push()
-            except Exception as e:
-                raise RuntimeError(f"uploading {mirror.stage} to {mirror.url} failed ({type(e).__name__}: {e}); "
-                                   "what is done is kept in the stage: rerun the same command to upload and go on") from e
+    def sync():
+        try:
+            mirror.push()
+        except Exception as e:
+            raise RuntimeError(f"uploading {mirror.stage} to {mirror.url} failed ({type(e).__name__}: {e}); "
+                               "what is done is kept in the stage: rerun the same command to upload and go on") from e
     with lock.hold(exp_dir, what="lowbit run"), dist.use_mesh(mesh):
         if mirror is not None:
             got = mirror.pull()
@@ -651,7 +649,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
                 _log(f"downloaded {len(got)} file(s) from {mirror.url}")
         _clean_stray_temps(exp_dir)
         return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer,
-                           primary_exp_dir=primary_exp_dir, sync=sync)
+                           primary_exp_dir=primary_exp_dir,
+                           sync=sync if mirror is not None and dist.is_primary() else None)
 
 
 def _up_to_date(mf: str, h: str) -> bool:
