@@ -255,17 +255,44 @@ def spread(fn: Callable, items: Mapping[str, tuple], devices: list | None = None
     """``{key: fn(*args)}`` with the items assigned round-robin to ``devices`` (default: this
     process's devices of the current mesh, or ``jax.local_devices()``): every ``fn`` is dispatched
     before any result is waited for, so independent solves (the linears of a block) run in parallel,
-    one per device. Results come back replicated over the current mesh (or on the default device)."""
+    one per device. Results come back replicated over the current mesh (or on the default device).
+
+    In a multi-process job the items are first dealt over the processes (item ``j`` to process
+    ``j % process_count``, then over its devices), every process solves only its own, and each
+    process's results reach every other by :func:`jax.experimental.multihost_utils.broadcast_one_to_all`
+    (a sum in which only the owner contributes: every process gets the owner's bits exactly). ``fn``
+    must then be traceable by :func:`jax.eval_shape` (the other processes build zeros of its output's
+    shapes); the results come back as host arrays, equal on every process."""
+    nproc, me = jax.process_count(), jax.process_index()
     if devices is None:
         devices = (sorted(_MESH.local_devices, key=lambda d: d.id) if _MESH is not None else jax.local_devices())
+    keys = list(items)
+    owner = {k: j % nproc for j, k in enumerate(keys)}
     out = {}
-    for j, (key, args) in enumerate(items.items()):
+    for j, key in enumerate(k for k in keys if owner[k] == me):
         dev = devices[j % len(devices)]
         try:   # under a one-device mesh: jit refuses inputs outside the context mesh's devices
             with jax.set_mesh(jax.make_mesh((1, 1), AXES, devices=[dev], axis_types=(jax.sharding.AxisType.Auto,) * 2)):
-                out[key] = fn(*jax.device_put(jax.tree.map(_local, args), dev))
+                out[key] = fn(*jax.device_put(jax.tree.map(_local, items[key]), dev))
         except ValueError as e:
             raise ValueError(f"params[{key!r}]: {e}") from None
+    if nproc == 1:
+        return out
+    from jax.experimental import multihost_utils
+
+    for p in range(nproc):   # every process takes part in each broadcast, in the same order
+        owned = [k for k in keys if owner[k] == p]
+        if not owned:
+            continue
+        if p == me:
+            tree = {k: out[k] for k in owned}
+        else:
+            shapes = {k: jax.eval_shape(fn, *jax.tree.map(_local, items[k])) for k in owned}
+            tree = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        dtypes = jax.tree.map(lambda x: np.dtype(x.dtype), tree)
+        got = multihost_utils.broadcast_one_to_all(tree, is_source=p == me)
+        # the sum may widen small integer dtypes; zeros added to the owner's values change no bit
+        out.update(jax.tree.map(lambda x, d: np.asarray(x).astype(d, copy=False), got, dtypes))
     return out
 
 

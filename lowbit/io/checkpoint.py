@@ -14,6 +14,11 @@ Layout of a checkpoint directory::
     DIR/<extra files>        caller's files (e.g. layers.csv), optional
     DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
 
+Arrays split over the processes of a multi-process job (e.g. linears sharded over a ``model`` axis
+that spans hosts) are saved collectively: every process calls :func:`save`, writes its own shards
+through orbax, and the manifest holds one sha256 per shard (``shards``) instead of one per array;
+:func:`restore` reads whole arrays and checks every shard.
+
 The directory is written under a temporary name and renamed into place, so a crash never leaves a
 half-written checkpoint and an existing checkpoint is only replaced by a complete one -- and only if
 :func:`lowbit.io.outputs.prepare_output_dir` allows it (lowbit never deletes files it did not write).
@@ -40,8 +45,8 @@ from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
 from lowbit.faults import crash_point
 from lowbit.io import outputs
 
-__all__ = ["save", "restore", "read_extra", "atomic_directory", "CheckpointError", "CheckpointNotFound",
-           "MANIFEST_VERSION"]
+__all__ = ["save", "restore", "read_extra", "atomic_directory", "is_collective", "local_copy",
+           "process_local_options", "CheckpointError", "CheckpointNotFound", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 2
 
@@ -99,6 +104,8 @@ def _encode(x) -> tuple[Any, Any]:
         return ({str(i): v[0] for i, v in enumerate(enc)},
                 {"__list__": [v[1] for v in enc], "tuple": isinstance(x, tuple)})
     a = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:   # split over processes: per-shard checksums
+        return a, {"shape": list(a.shape), "dtype": str(a.dtype), "shards": None}   # (filled by _shard_sums)
     return a, {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}  # on host, as saved
 
 
@@ -186,6 +193,12 @@ def _verify(path: str, plain, spec, where: tuple = ()) -> None:
         if list(a.shape) != list(spec["shape"]) or str(a.dtype) != spec["dtype"]:
             raise CheckpointError(f"checkpoint {path}: array {name!r} reads back as {a.dtype}{list(a.shape)}, "
                                   f"manifest.json says {spec['dtype']}{list(spec['shape'])}")
+        if isinstance(spec.get("shards"), list):   # written collectively: one sha256 per shard
+            for idx, want in spec["shards"]:
+                if _sha256(a[tuple(slice(lo, hi) for lo, hi in idx)]) != want:
+                    raise CheckpointError(f"checkpoint {path}: array {name!r}, shard {idx}, does not match its "
+                                          "sha256 in manifest.json (its bytes on disk changed: the checkpoint is damaged)")
+            return
         want = spec.get("sha256")
         if not isinstance(want, str):
             raise CheckpointError(f"checkpoint {path}: manifest.json has no sha256 for array {name!r}")
@@ -259,18 +272,39 @@ def _check_extra_files(extra_files: dict | None) -> dict:
     return out
 
 
-def _checkpointer() -> ocp.StandardCheckpointer:
-    """A checkpointer that reads and writes alone: a lowbit checkpoint is one process's files (in a
-    multi-process job process 0 writes the per-layer checkpoints and every process reads them alone;
-    orbax's default would synchronize every process on each save and restore)."""
+def process_local_options() -> dict:
+    """orbax options (for a checkpointer or a checkpoint manager) under which this process reads and
+    writes alone; ``{}`` in a one-process job. Own barrier keys and synchronous directory creation:
+    no signal through the job's key-value store (orbax's default would synchronize every process on
+    each save and restore, and let only process 0 write)."""
     me = jax.process_index()
     if jax.process_count() == 1:
-        return ocp.StandardCheckpointer()
-    # own barrier keys and synchronous directory creation: no signal through the job's key-value store
-    return ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                                                   barrier_sync_key_prefix=f"lowbit-p{me}"),
-        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+        return {}
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"lowbit-p{me}"),
+            "async_options": ocp.options.AsyncOptions(create_directories_asynchronously=False)}
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer that reads and writes alone: a lowbit checkpoint is one process's files (in a
+    multi-process job process 0 writes the per-layer checkpoints and every process reads them alone)."""
+    return ocp.StandardCheckpointer(**process_local_options())
+
+
+def local_copy(tree):
+    """In a multi-process job, each array replicated over processes as this process's copy (numpy);
+    an array split over processes is an error naming its position (``ValueError``)."""
+    if jax.process_count() == 1:
+        return tree
+
+    def one(kp, x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.sharding.is_fully_replicated:
+                raise ValueError(f"{jax.tree_util.keystr(kp)}: split over processes; this checkpoint holds "
+                                 "one process's copy of replicated arrays only")
+            return np.asarray(x.addressable_data(0))
+        return x
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None = None,
@@ -283,6 +317,8 @@ def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None
     (no marker, no check)."""
     path = os.path.abspath(path)
     files = _check_extra_files(extra_files)
+    if is_collective(tree):
+        return _save_collective(path, tree, extra, files, kind, overwrite)
     plain, spec = _encode(tree)
     if jax.process_count() > 1:   # this process's copy, as numpy: orbax refuses one-device arrays there
         plain = jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), plain)
@@ -290,20 +326,129 @@ def save(path: str, tree, extra: dict | None = None, *, extra_files: dict | None
         ckptr = _checkpointer()
         ckptr.save(os.path.join(tmp, "arrays"), plain)
         ckptr.wait_until_finished()
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"format": "lowbit-checkpoint", "version": MANIFEST_VERSION, "tree": spec}, f)
-        if extra is not None:
-            with open(os.path.join(tmp, "extra.json"), "w") as f:
-                json.dump(extra, f, indent=2, default=str)
-        for name, content in files.items():
-            fp = os.path.join(tmp, name)
-            os.makedirs(os.path.dirname(fp), exist_ok=True)
-            if isinstance(content, bytes):
-                with open(fp, "wb") as f:
-                    f.write(content)
-            else:
-                with open(fp, "w", newline="") as f:
-                    f.write(content)
+        _write_metadata(tmp, spec, extra, files)
+    return path
+
+
+def _write_metadata(tmp: str, spec, extra, files: dict) -> None:
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump({"format": "lowbit-checkpoint", "version": MANIFEST_VERSION, "tree": spec}, f)
+    if extra is not None:
+        with open(os.path.join(tmp, "extra.json"), "w") as f:
+            json.dump(extra, f, indent=2, default=str)
+    for name, content in files.items():
+        fp = os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(fp), exist_ok=True)
+        if isinstance(content, bytes):
+            with open(fp, "wb") as f:
+                f.write(content)
+        else:
+            with open(fp, "w", newline="") as f:
+                f.write(content)
+
+
+def is_collective(tree) -> bool:
+    """True when ``tree`` holds an array split over several processes (e.g. linears sharded over a
+    ``model`` axis that spans hosts): :func:`save` then writes it collectively, and every process of
+    the job must call it."""
+    return jax.process_count() > 1 and any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                                           for x in jax.tree.leaves(tree))
+
+
+def _shard_sums(plain, spec) -> None:
+    """Fill the ``shards`` entries of ``spec`` (arrays split over processes): every process hashes the
+    distinct shards it holds, the hashes are gathered (a collective: every process calls this with the
+    same tree), and each shard's index and sha256 go into the manifest."""
+    from jax.experimental import multihost_utils
+
+    todo = []   # (spec leaf, array, distinct shard indices) in one order on every process
+    def walk(p, s):
+        if "__qtensor__" in s:
+            for f, sub in s["fields"].items():
+                walk(p[f], sub)
+        elif "__dict__" in s:
+            for k, sub in s["__dict__"].items():
+                walk(p[k], sub)
+        elif "__list__" in s:
+            for i, sub in enumerate(s["__list__"]):
+                walk(p[str(i)], sub)
+        elif "shards" in s:
+            idx = {tuple(sl.indices(n)[:2] for sl, n in zip(ix, p.shape))
+                   for ix in p.sharding.devices_indices_map(p.shape).values()}
+            todo.append((s, p, sorted(idx)))
+    walk(plain, spec)
+    n = sum(len(ix) for _, _, ix in todo)
+    mine = np.zeros((n, 32), np.uint8)
+    k = 0
+    for _, a, idx in todo:
+        held = {tuple(sl.indices(dim)[:2] for sl, dim in zip(sh.index, a.shape)): sh for sh in a.addressable_shards}
+        for ix in idx:
+            if ix in held:
+                mine[k] = np.frombuffer(bytes.fromhex(_sha256(held[ix].data)), np.uint8)
+            k += 1
+    got = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, n, 32)
+    k = 0
+    for s, _, idx in todo:
+        s["shards"] = []
+        for ix in idx:
+            held = [row for row in got[:, k] if row.any()]
+            if not held:
+                raise CheckpointError(f"no process holds shard {list(ix)} of an array being saved")
+            s["shards"].append([[list(t) for t in ix], bytes(held[0]).hex()])
+            k += 1
+
+
+def _share_name(name: str | None) -> str:
+    """Process 0's ``name`` on every process ("" : process 0 failed before it had one)."""
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(4096, np.uint8)
+    if name is not None:
+        raw = name.encode()
+        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buf, is_source=jax.process_index() == 0), np.uint8)
+    return bytes(got).rstrip(b"\0").decode()
+
+
+def _save_collective(path: str, tree, extra, files: dict, kind, overwrite: bool) -> str:
+    """:func:`save` of a tree split over processes: process 0 prepares the temporary directory (as
+    :func:`atomic_directory`), every process writes its own shards into it through orbax (its default
+    multi-process checkpointer: process 0 finalizes after every process is done), the per-shard
+    checksums are gathered, process 0 writes the manifest and swaps the directory into place, and no
+    process returns before the swap. The directory must be one that every process reaches (a shared
+    filesystem; orbax also takes gs:// paths, which lowbit's atomic swap does not)."""
+    from jax.experimental import multihost_utils
+
+    plain, spec = _encode(tree)
+
+    def body(tmp: str) -> None:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "arrays"), plain)
+        ckptr.wait_until_finished()
+        _shard_sums(plain, spec)
+
+    if jax.process_index() == 0:
+        ctx = atomic_directory(path, kind, overwrite=overwrite)
+        try:
+            tmp = ctx.__enter__()
+        except BaseException:
+            _share_name(None)   # the others stop too, with the message below
+            raise
+        try:
+            _share_name(tmp)
+            body(tmp)
+            _write_metadata(tmp, spec, extra, files)
+        except BaseException:
+            if not ctx.__exit__(*sys.exc_info()):
+                raise
+        else:
+            ctx.__exit__(None, None, None)
+    else:
+        tmp = _share_name(None)
+        if not tmp:
+            raise CheckpointError(f"checkpoint {path}: process 0 could not prepare the directory; see its error")
+        body(tmp)
+    multihost_utils.sync_global_devices(f"lowbit-checkpoint-saved:{path}")
     return path
 
 

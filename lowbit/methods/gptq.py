@@ -565,10 +565,13 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
                 raise ValueError(f"params[{path!r}]: no calibration activations reached this weight; "
                                  "GPTQ needs update() with its inputs first")
         mesh = dist.current_mesh()
-        spread = (mesh is not None and len(mesh.local_devices) > 1 and len(params) > 1
-                  and not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((params, stats))))
+        leaves = jax.tree_util.tree_leaves((params, stats))
+        # (weights split over processes by `model` stay one global solve: XLA's, on the shards)
+        spread = (mesh is not None and (len(mesh.local_devices) > 1 or jax.process_count() > 1) and len(params) > 1
+                  and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+                  and all(getattr(x, "is_fully_addressable", True) or x.sharding.is_fully_replicated for x in leaves))
         pending = {}
-        if spread:   # the block's linears solved in parallel, one per device, then replicated
+        if spread:   # the block's linears solved in parallel, one per device (and process), then replicated
             plain = {p: (w, stats[p].H) for p, w in params.items() if p not in widths}
             pending = dist.spread(lambda w, H: _dispatch(w, H, spec, **kw), plain)   # errors name the path
         for path, w in params.items():

@@ -650,7 +650,8 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
         _clean_stray_temps(exp_dir)
         return _run_locked(cfg, exp_dir, force=force, progress=progress, stop_after_layer=stop_after_layer,
                            primary_exp_dir=primary_exp_dir,
-                           sync=sync if mirror is not None and dist.is_primary() else None)
+                           sync=sync if mirror is not None and dist.is_primary() else None,
+                           local_stage=mirror is not None)
 
 
 def _up_to_date(mf: str, h: str) -> bool:
@@ -665,7 +666,8 @@ def _up_to_date(mf: str, h: str) -> bool:
 
 
 def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool,
-                stop_after_layer: int | None, primary_exp_dir: str | None = None, sync=None) -> dict:
+                stop_after_layer: int | None, primary_exp_dir: str | None = None, sync=None,
+                local_stage: bool = False) -> dict:
     from lowbit import data
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.loaders import load_model, model_fingerprint
@@ -769,8 +771,11 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
                 _log(f"{m.name}: resuming after layer {start - 1} from {pdir}")
 
             def on_layer(i, new_params, layer_rows, pdir=pdir):
-                if dist.is_primary():
-                    _save_layer(pdir, i, new_params["layers"][i], layer_rows)
+                layer = new_params["layers"][i]
+                if checkpoint.is_collective(layer) and local_stage:   # linears split over processes
+                    layer = jax.tree.map(dist.to_host, layer)   # (each stage is one host's: gathered to each)
+                if dist.is_primary() or checkpoint.is_collective(layer):   # every process writes its shards
+                    _save_layer(pdir, i, layer, layer_rows)
                     if sync is not None:
                         sync()
                 else:

@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lowbit.core.transforms import path_str
+from lowbit.io.checkpoint import local_copy, process_local_options
 from lowbit.train.step import TrainState
 
 __all__ = ["TrainCheckpoints", "Restored", "ConfigMismatchError", "tree_checksums", "config_diff", "FORMAT"]
@@ -136,6 +137,9 @@ def _decode(plain: dict, like: TrainState) -> TrainState:
 
 
 def _abstract(tree):
+    if jax.process_count() > 1:   # read alone, onto this process's first device (the caller re-places it)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -165,8 +169,10 @@ class TrainCheckpoints:
             keep_opt = {"preservation_policy": policies.LatestN(n=keep)}
         else:                               # orbax before preservation policies
             keep_opt = {"max_to_keep": keep}
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True,
-                                               cleanup_tmp_directories=True, **keep_opt)
+        # in a multi-process job every process keeps its own copy of the (replicated) state, alone
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=jax.process_count() == 1,
+                                               cleanup_tmp_directories=True, **keep_opt,
+                                               **process_local_options())
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
     # -- queries
@@ -177,11 +183,23 @@ class TrainCheckpoints:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the checkpoints after ``step`` (a run restarting from an earlier step would otherwise
+        meet them again when it saves); returns their steps."""
+        gone = [s for s in self.steps() if s > step]
+        for s in gone:
+            self._mngr.delete(s)
+        return gone
+
     # -- save
     def save(self, step: int, state: TrainState, meta: dict) -> None:
         """Write ``state`` (and JSON-able ``meta``, to which the format, the step and the arrays'
-        checksums are added) as checkpoint ``step``; returns when it is on disk."""
-        plain = _encode(state)
+        checksums are added) as checkpoint ``step``; returns when it is on disk. In a multi-process
+        job only process 0 writes (its copy of the replicated state; orbax writes a checkpoint's
+        metadata from process 0 only, so the others' copies would be incomplete)."""
+        if jax.process_index() != 0:
+            return
+        plain = local_copy(_encode(state))
         meta = _json_safe({**meta, "format": FORMAT, "version": VERSION, "step": int(step),
                            "state_checksums": tree_checksums(plain)})
         self._mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(plain),
@@ -206,11 +224,12 @@ class TrainCheckpoints:
             raise ValueError(f"arrays do not match their checksums: {(bad or missing)[:4]}")
         return _decode(got, like)
 
-    def restore(self, like: TrainState, *, config: dict, frozen_checksums: dict[str, str] | None = None
-                ) -> Restored | None:
+    def restore(self, like: TrainState, *, config: dict, frozen_checksums: dict[str, str] | None = None,
+                max_step: int | None = None) -> Restored | None:
         """The newest readable checkpoint written with ``config`` (see the module docstring), as
-        ``Restored(step, state, meta)``; ``None`` when the directory holds no checkpoint."""
-        steps = self.steps()
+        ``Restored(step, state, meta)``; ``None`` when the directory holds no checkpoint (at or below
+        ``max_step``, when given: the processes of a job resume from a step every one of them has)."""
+        steps = [s for s in self.steps() if max_step is None or s <= max_step]
         if not steps:
             return None
         for i, step in enumerate(reversed(steps)):
