@@ -231,8 +231,11 @@ def _checkpoint_out_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import shutil
+
     from lowbit import methods
     from lowbit.io.outputs import prepare_output_dir
+    from lowbit.io.remote import Mirror, is_remote
     from lowbit.models.loaders import load_model, model_fingerprint, save_model
     from lowbit.runner.config import CalibCfg, MethodCfg, QuantCfg, from_dict, to_dict
     from lowbit.runner.experiment import calibration_data, model_size, quantize
@@ -259,6 +262,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = CalibCfg(data=args.calib, split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
                      batch_size=args.batch_size, true_sequential=not args.no_true_sequential,
                      skip_first=args.skip_first, token_cap=args.token_cap)
+    url, mirror = None, None
+    if is_remote(args.out):   # written into a local stage, then uploaded (lowbit.io.remote)
+        url, mirror = args.out, Mirror(args.out)
+        if mirror.remote_files() and not args.overwrite:
+            raise ValueError(f"--out {url}: already holds files; pass --overwrite to replace them")
+        args.out = mirror.stage
+        shutil.rmtree(mirror.stage, ignore_errors=True)
     prepare_output_dir(args.out, "checkpoint", args.overwrite)  # before loading anything
     if calib.source == "corpus":  # a wrong calibration path or split fails before the model load
         from lowbit import data
@@ -279,6 +289,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           "size": model_size(qparams), "env": environment_info()}}
     files = {"layers.csv": layers_csv(rows)} if rows else {}  # inside the atomic write, listed in the marker
     save_model(args.out, qparams, cfg, tok, extra=extra, extra_files=files, overwrite=args.overwrite)
+    if mirror is not None:
+        mirror.push()
+        args.out = url
     size = extra["quantize"]["size"]
     what = f"recipe {args.recipe}" if recipe is not None else f"w{args.bits}g{args.group_size or 'channel'}"
     print(f"quantized {args.model} with {args.method} {what} in {seconds:.1f} s "

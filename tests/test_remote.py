@@ -105,3 +105,27 @@ def test_a_run_into_a_url_resumes_on_another_machine(tiny_experiment, bucket, tm
     fs, r = fsspec.core.url_to_fs(url + "/tiny-small/gptq-w3g32/metrics.json")
     with fs.open(r) as f:
         assert json.load(f)["eval"] == _metrics(stage_b, "gptq-w3g32")["eval"]
+
+
+def test_quantize_into_a_url_and_evaluate_from_it_on_another_machine(tiny_experiment, bucket, tmp_path, monkeypatch,
+                                                                     capsys):
+    """``lowbit quantize --out URL`` uploads the checkpoint; ``lowbit eval --model URL`` on a machine
+    with an empty stage downloads and evaluates it, with the numbers of the local checkpoint."""
+    from lowbit.cli import main
+
+    root, _ = tiny_experiment
+    corpus = str(root / "corpus.txt")
+    args = ["quantize", "--model", str(root / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--calib", corpus, "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+    monkeypatch.setenv("LOWBIT_STAGE_DIR", str(tmp_path / "a"))
+    assert main(args + ["--out", bucket + "/q"]) == 0
+    assert "q/manifest.json" in [f"q/{p}" for p in _remote_files(bucket + "/q")]
+    assert main(args + ["--out", bucket + "/q"]) != 0
+    assert "already holds files; pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "local")]) == 0
+    monkeypatch.setenv("LOWBIT_STAGE_DIR", str(tmp_path / "b"))
+    ev = ["eval", "--data", corpus, "--seqlen", "32", "--max-windows", "2", "--no-progress"]
+    assert main(ev + ["--model", bucket + "/q", "--out", str(tmp_path / "remote.json")]) == 0
+    assert main(ev + ["--model", str(tmp_path / "local"), "--out", str(tmp_path / "local.json")]) == 0
+    got, want = (json.load(open(tmp_path / f))["ppl"] for f in ("remote.json", "local.json"))
+    assert got == want

@@ -80,7 +80,7 @@ class Mirror:
     def _remote(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
 
-    def _remote_files(self) -> dict[str, int]:
+    def remote_files(self) -> dict[str, int]:
         """``{relative path: size}`` of every remote file under the URL."""
         try:
             found = self.fs.find(self.root, detail=True)
@@ -113,7 +113,7 @@ class Mirror:
         os.makedirs(self.stage, exist_ok=True)
         local = self._local_files()
         got = []
-        for rel, size in sorted(self._remote_files().items(), key=lambda kv: (_commit_rank(kv[0]), kv[0])):
+        for rel, size in sorted(self.remote_files().items(), key=lambda kv: (_commit_rank(kv[0]), kv[0])):
             if rel in local and local[rel][0] == size:
                 continue
             dest = os.path.join(self.stage, *rel.split("/"))
@@ -135,7 +135,7 @@ class Mirror:
             target = self._remote(rel)
             self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
             self.fs.put_file(os.path.join(self.stage, *rel.split("/")), target)
-        gone = sorted(set(self._remote_files()) - set(local), key=lambda r: (-_commit_rank(r), r))
+        gone = sorted(set(self.remote_files()) - set(local), key=lambda r: (-_commit_rank(r), r))
         for rel in gone:   # commit files first: a reader never sees a commit file without its directory
             self.fs.rm_file(self._remote(rel))
         self._sent = local

@@ -514,6 +514,13 @@ def resolve_model(name_or_path: str) -> tuple[str, str]:
         from lowbit.io import assets
 
         return "gguf", assets.gemma3_270m_gguf()
+    from lowbit.io import remote
+
+    if remote.is_remote(name_or_path):   # a checkpoint or model directory in a bucket: its local copy
+        mirror = remote.Mirror(name_or_path)
+        if not mirror.pull() and not os.listdir(mirror.stage):
+            raise FileNotFoundError(f"{name_or_path}: nothing there")
+        name_or_path = mirror.stage
     p = os.path.expanduser(name_or_path)
     if os.path.isfile(p):
         if p.endswith(".gguf"):
