@@ -47,13 +47,14 @@ def check_hessian():
     np.testing.assert_allclose(np.asarray(stat.H), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-def _gptq_model(mesh):
+def _gptq_model(mesh, method="gptq"):
     from lowbit import QuantSpec
     from lowbit.calib.driver import default_recipe, quantize_model
+    from lowbit.methods.awq import awq
     from lowbit.methods.gptq import gptq
 
     params = llama.init_params(jax.random.key(0), CFG)
-    recipe = default_recipe(gptq(QuantSpec(bits=3, group_size=32)))
+    recipe = default_recipe((gptq if method == "gptq" else awq)(QuantSpec(bits=3, group_size=32)))
     with dist.use_mesh(mesh):
         p = dist.shard_params(params, mesh) if mesh is not None else params
         q, rows = quantize_model(p, CFG, recipe, _tokens(16), batch_size=8, progress=False)
@@ -83,6 +84,20 @@ def check_gptq():
     e8 = np.array([r["rel_out_err"] for r in rows8])
     np.testing.assert_allclose(e8, e1, rtol=1e-3)
     print(f"packed words identical: {same}/{total}")
+
+
+def check_awq():
+    # AWQ's scale and clip searches over a block's inputs split over data=8 (XLA reduces the losses
+    # across devices): the same model as one device, to the float rounding of those sums
+    from lowbit.eval.likelihood import perplexity
+
+    _, q1, _ = _gptq_model(None, "awq")
+    _, q8, _ = _gptq_model(dist.make_mesh("data=8"), "awq")
+    windows = _tokens(8, seed=5)
+    p1 = perplexity(q1, CFG, windows, seqlen=32, batch_size=8, progress=False)["ppl"]
+    p8 = perplexity(jax.tree.map(np.asarray, q8), CFG, windows, seqlen=32, batch_size=8, progress=False)["ppl"]
+    assert abs(p8 / p1 - 1) < 1e-3, (p1, p8)
+    print(f"awq perplexity: one device {p1:.4f}, data=8 {p8:.4f}")
 
 
 def check_perplexity():
