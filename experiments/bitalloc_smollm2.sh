@@ -23,6 +23,11 @@
 #
 # learns the allocation with cross-entropy on Brown vs on Austen calibration windows (16 x 256 each;
 # GPTQ candidate weights calibrated on the same windows).
+#
+#   bash experiments/bitalloc_smollm2.sh hard               # learned-kl-gptq-hard-w3
+#
+# the straight-through hard-sample variant (Gumbel samples forward, soft gradients) of
+# learned-kl-gptq-w3, same budget, candidates and cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=configs/recipes/bitalloc
@@ -32,6 +37,11 @@ mkdir -p "$OUT" "$RUNS"
 common=(--bits 2,3,4,8 --cost kl --calib brown --nsamples 16 --seqlen 256 --batch-size 4 --no-progress)
 for sg in "${@:-3:128 2:64 4:128}"; do
   for x in $sg; do
+    if [ "$x" = hard ]; then
+      lowbit allocate --kind learned --candidates gptq --hard --group-size 128 --budget-like 3 --steps "$STEPS" \
+          --run-dir "$RUNS/learned-kl-gptq-hard-w3" "${common[@]}" --out "$OUT/learned-kl-gptq-hard-w3.yaml"
+      continue
+    fi
     if [ "$x" = task ]; then
       for corpus in brown austen; do
         lowbit allocate --kind learned --candidates gptq --group-size 128 --budget-like 3 --steps "$STEPS" \
