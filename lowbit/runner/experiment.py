@@ -616,6 +616,10 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     checkpoints, the others write their copies of the finished rows to a scratch directory
     (``$LOWBIT_WORKER_DIR``, default under the system's temp directory); a rerun resumes from process
     0's last saved layer where every process can read it, else the interrupted row restarts.
+
+    ``results_dir`` may be a URL (``gs://bucket/path``, any fsspec URL): the run then works in a local
+    stage that is downloaded first and uploaded after every committed layer, row and summary
+    (:mod:`lowbit.io.remote`).
     """
     if mesh is None and (cfg.mesh is not None or jax.device_count() > 1):
         mesh = dist.make_mesh(cfg.mesh)
@@ -636,6 +640,7 @@ def run_experiment(cfg: ExperimentCfg, *, results_dir: str = "results", force: b
     if not dist.is_primary():
         results_dir = worker_dir
     exp_dir = experiment_dir(cfg, results_dir)
+
     def sync():
         try:
             mirror.push()
