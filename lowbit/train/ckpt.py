@@ -137,9 +137,6 @@ def _decode(plain: dict, like: TrainState) -> TrainState:
 
 
 def _abstract(tree):
-    if jax.process_count() > 1:   # read alone, onto this process's first device (the caller re-places it)
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -169,7 +166,7 @@ class TrainCheckpoints:
             keep_opt = {"preservation_policy": policies.LatestN(n=keep)}
         else:                               # orbax before preservation policies
             keep_opt = {"max_to_keep": keep}
-        # in a multi-process job every process keeps its own copy of the (replicated) state, alone
+        # in a multi-process job process 0 writes alone (see save)
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=jax.process_count() == 1,
                                                cleanup_tmp_directories=True, **keep_opt,
                                                **process_local_options())
@@ -224,12 +221,11 @@ class TrainCheckpoints:
             raise ValueError(f"arrays do not match their checksums: {(bad or missing)[:4]}")
         return _decode(got, like)
 
-    def restore(self, like: TrainState, *, config: dict, frozen_checksums: dict[str, str] | None = None,
-                max_step: int | None = None) -> Restored | None:
+    def restore(self, like: TrainState, *, config: dict, frozen_checksums: dict[str, str] | None = None
+                ) -> Restored | None:
         """The newest readable checkpoint written with ``config`` (see the module docstring), as
-        ``Restored(step, state, meta)``; ``None`` when the directory holds no checkpoint (at or below
-        ``max_step``, when given: the processes of a job resume from a step every one of them has)."""
-        steps = [s for s in self.steps() if max_step is None or s <= max_step]
+        ``Restored(step, state, meta)``; ``None`` when the directory holds no checkpoint."""
+        steps = self.steps()
         if not steps:
             return None
         for i, step in enumerate(reversed(steps)):

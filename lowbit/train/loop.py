@@ -379,14 +379,13 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
     with TrainCheckpoints(os.path.join(run_dir, "checkpoints"), keep=cfg.keep,
                           quarantine=os.path.join(run_dir, "checkpoints-corrupt")) as ckpts:
         fresh = init_state(part, params, opt, rng0)
-        # several processes: only process 0 writes checkpoints (TrainCheckpoints.save), so a job resumes
-        # only from a step every process holds; today that means it restarts the training
-        cap = dist.agree_min(ckpts.latest_step() or 0) if jax.process_count() > 1 else None
-        if cap is not None and ckpts.discard_after(cap):
-            warnings.warn(f"{ckpts.directory}: not every process holds the checkpoints after step {cap}; "
-                          f"deleted them and resuming from step {cap}", RuntimeWarning, stacklevel=2)
-        restored = None if cap == 0 else ckpts.restore(fresh, config=config, frozen_checksums=frozen_sums,
-                                                       max_step=cap)
+        if jax.process_count() > 1:   # only process 0 writes checkpoints (TrainCheckpoints.save), so no step
+            restored = None           # is held by every process: a multi-process job restarts its training
+            if ckpts.discard_after(0):
+                warnings.warn(f"{ckpts.directory}: not every process holds the checkpoints after step 0; "
+                              "deleted them and resuming from step 0", RuntimeWarning, stacklevel=2)
+        else:
+            restored = ckpts.restore(fresh, config=config, frozen_checksums=frozen_sums)
         if restored is None:
             start, state, history, elapsed0 = 0, fresh, [], 0.0
         else:
