@@ -376,6 +376,9 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (learned)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--hard", action="store_true", help="straight-through Gumbel samples instead of the soft mix")
+    p.add_argument("--fill-batches", type=int, default=4, metavar="N",
+                   help="learned: spend the bytes the discretization leaves unused on the upgrades the cost's gradient "
+                        "(on N calibration batches) ranks best per byte; 0 leaves them unused")
     p.add_argument("--candidates", choices=["rtn", "gptq"], default="rtn",
                    help="learned: candidate weights by round to nearest (default) or GPTQ at each width (one "
                         "calibration pass per width on the same windows)")
@@ -419,7 +422,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         "budget_bytes": uniform_bytes(params, QuantSpec(bits=args.budget_like, group_size=group, partial_groups=True))}
     recipe, info = allocate_model(params, cfg, windows, kind=args.kind, candidates=cands, cost=args.cost,
                                   batch_size=args.batch_size, method=args.method, progress=not args.no_progress,
-                                  cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed),
+                                  cfg=learned.AllocCfg(steps=args.steps, lr=args.lr, hard=args.hard, seed=args.seed,
+                                                       fill_batches=args.fill_batches),
                                   run_dir=args.run_dir, block=args.block, candidate_weights=args.candidates,
                                   samples=args.samples, **budget)
     info["calib"] = {k: v for k, v in record.items() if k != "tokens"}

@@ -36,8 +36,10 @@ def _toy(seed=0):
 
 def test_the_sensitive_layer_gets_more_bits_and_the_budget_holds():
     params, cost, xs = _toy()
-    res = learned.allocate(params, cost, CANDS, xs, budget_bits=5.75, cfg=learned.AllocCfg(steps=60, lr=0.2),
-                           progress=False)
+    # (fill_batches=0: the trained preferences alone; here they leave 384 bytes that the fill, below,
+    # spends on b's 3 -> 4 bit upgrade, the only one that fits: then both are at 4 bits)
+    res = learned.allocate(params, cost, CANDS, xs, budget_bits=5.75,
+                           cfg=learned.AllocCfg(steps=60, lr=0.2, fill_batches=0), progress=False)
     bits = {u: CANDS[k].bits for u, k in res.choice.items()}
     assert bits["layers/0/a_proj"] > bits["layers/0/b_proj"], bits
     assert res.nbytes <= res.budget
@@ -357,3 +359,43 @@ def test_baseline_sensitivities_are_measured_once_per_run_dir(tiny_experiment, t
     for bad in (dict(kind="learned", samples=2), dict(kind="higgs", samples=0)):
         with pytest.raises(ValueError, match="samples"):
             allocate_model(params, cfg, windows, budget_bits=6.0, **{**kw, **bad})
+
+
+def test_fill_by_gradient_spends_unused_bytes_on_the_best_upgrades_per_byte():
+    table = np.array([[10, 20, 40], [10, 20, 40], [10, 20, 40]])
+    # d cost / d p: unit 0 gains 5 from its 20-byte upgrade, unit 1 gains 1, unit 2 gains 9 from 40 bytes
+    grad = np.array([[0.0, -5.0, -6.0], [0.0, -1.0, -1.5], [0.0, -0.5, -9.0]])
+    choice, n = learned.fill_by_gradient(np.zeros(3, np.int64), table, 30 + 10 + 30, grad)
+    # 40 bytes free: unit 0's 10-byte upgrade (0.5 / byte) first, then unit 2's 30-byte one (0.3 / byte)
+    assert list(choice) == [1, 0, 2] and n == 2
+    assert table[np.arange(3), choice].sum() <= 70
+    # no upgrade that would raise the cost, and none that does not fit
+    choice, n = learned.fill_by_gradient(np.zeros(3, np.int64), table, 35, -grad)
+    assert list(choice) == [0, 0, 0] and n == 0
+    with pytest.raises(ValueError, match="grad"):
+        learned.fill_by_gradient(np.zeros(3, np.int64), table, 35, grad[:2])
+
+
+def test_the_unused_bytes_are_filled_and_lower_the_cost():
+    """A budget the trained preferences leave partly unused: the fill upgrades units into it, the
+    budget still holds and the filled allocation's true cost is lower than the unfilled one's."""
+    params, cost, xs = _toy()
+    units = learned.linear_units(params)
+    lo, hi = learned.budget_range(learned.candidate_tables(params, units, CANDS)[1])
+    kw = dict(budget_bytes=lo + (hi - lo) // 2, progress=False)
+    plain = learned.allocate(params, cost, CANDS, xs, cfg=learned.AllocCfg(steps=30, lr=0.2, fill_batches=0), **kw)
+    full = learned.allocate(params, cost, CANDS, xs, cfg=learned.AllocCfg(steps=30, lr=0.2), **kw)
+    assert plain.filled == 0 and full.nbytes <= full.budget
+    # the setup: the trained preferences alone leave room for an upgrade (a: 4 bits, b: 3 bits here)
+    assert learned.fill_room(np.array([plain.choice[u] for u in units]), plain.bytes_table, plain.budget)
+    assert full.filled >= 1 and full.nbytes > plain.nbytes
+
+    def true_cost(res):
+        from lowbit.core.quantizers import dequantize, quantize
+        from lowbit.core.transforms import flatten, unflatten
+
+        flat = flatten(params)
+        q = {u: dequantize(quantize(flat[u], CANDS[res.choice[u]])) for u in units}
+        return float(np.mean([float(cost(unflatten(params, {**flat, **q}), x)) for x in xs]))
+
+    assert true_cost(full) < true_cost(plain)

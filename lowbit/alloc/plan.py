@@ -146,7 +146,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
         res = learned.allocate(params, l_cost, candidates, l_batches, cfg=cfg, method=method, progress=progress,
                                run_dir=run_dir, block=block, candidate_weights=cw, **budget)
         recipe, info = res.recipe, {"nbytes": res.nbytes, "budget": res.budget, "history": res.history,
-                                    "choice": res.choice}
+                                    "choice": res.choice, "filled": res.filled}
     else:
         fn = baselines.hawq_allocate if kind == "hawq" else baselines.higgs_allocate
         name = "traces" if kind == "hawq" else "alphas"
