@@ -411,9 +411,16 @@ def _plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) 
                 kind, spec = (m.group(1), m.group(2)) if m else (r["name"], r["name"])
                 by_kind.setdefault(kind, []).append((r["linear_bits_per_param"], r["ppl"][ds], spec))
         labelled = set()
-        for kind, pts in sorted(by_kind.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        # a recipe run at several sizes is a curve (solid, a colour of its own); a recipe at one size
+        # only is a point (grey-scale marker shapes, so that the curves keep the colours)
+        curves = sorted(k for k, pts in by_kind.items() if len(pts) > 1)
+        points = sorted(k for k, pts in by_kind.items() if len(pts) == 1)
+        for kind in curves + points:
+            pts = sorted(by_kind[kind])
+            style = dict(marker="o") if kind in curves else dict(
+                marker="xs^vD<>ph*"[points.index(kind) % 10], ls="none", color=str(0.1 + 0.5 * points.index(kind) /
+                                                                            max(len(points), 1)))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=kind, **style)
             for x, y, spec in pts:
                 if spec not in labelled:  # the bit/group setting, once per x position
                     labelled.add(spec)
