@@ -267,11 +267,11 @@ def fill_by_gradient(choice: np.ndarray, table: np.ndarray, budget: int, grad: n
     Why only upgrades, and why not the learned logits: the logits were trained to the argmax, so
     once ``tau`` is small every other candidate looks worse than it and the knapsack's own fill stops
     (``-log p`` gains <= 0) with up to ~5% of the budget unused (cross-entropy and w2g64 runs). For a
-    cost that is about quadratic in the weight error ``e`` (KL from the float model:
-    ``~ e'He / 2``), the first-order decrease of an upgrade from ``e`` to a much smaller ``e'`` is
-    ``~ e'He`` against ``e'He / 2`` exactly, a factor shared by every upgrade, so the ranking holds;
-    for a downgrade the first order misses the new error's ``e''He'' / 2`` and calls it free, hence
-    no downgrades here (the repair under the budget is the knapsack's)."""
+    cost about quadratic in the weight error ``e`` (KL from the float model: ``~ e^T H e / 2``), an
+    upgrade from ``e`` to a much smaller error has a first-order decrease of ``~ e^T H e`` against
+    the exact ``e^T H e / 2``: a factor shared by every upgrade, so the ranking holds. A downgrade to
+    a larger error ``f`` misses ``f^T H f / 2`` to first order and looks free, hence no downgrades
+    here (the repair under the budget is the knapsack's)."""
     choice = np.asarray(choice, np.int64).copy()
     table, grad = np.asarray(table, np.int64), np.asarray(grad, np.float64)
     if grad.shape != table.shape:
