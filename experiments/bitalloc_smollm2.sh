@@ -24,10 +24,10 @@
 # learns the allocation with cross-entropy on Brown vs on Austen calibration windows (16 x 256 each;
 # GPTQ candidate weights calibrated on the same windows).
 #
-#   bash experiments/bitalloc_smollm2.sh hard               # learned-kl-gptq-hard-w3
+#   bash experiments/bitalloc_smollm2.sh hard               # learned-kl-gptq-hard-{w3,w2g64,w4}
 #
 # the straight-through hard-sample variant (Gumbel samples forward, soft gradients) of
-# learned-kl-gptq-w3, same budget, candidates and cost.
+# learned-kl-gptq-*, same budgets, candidates and cost, at the bytes of w3g128, w2g64 and w4g128.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=configs/recipes/bitalloc
@@ -35,11 +35,19 @@ RUNS=${RUNS:-.alloc-runs}
 STEPS=${STEPS:-60}
 mkdir -p "$OUT" "$RUNS"
 common=(--bits 2,3,4,8 --cost kl --calib brown --nsamples 16 --seqlen 256 --batch-size 4 --no-progress)
+# FILL=0: no gradient fill of the bytes a learned discretization leaves unused (the learned recipes
+# allocated before the fill existed: every one whose .json has no "filled")
+[ "${FILL:-1}" = 1 ] || common+=(--fill-batches 0)
 for sg in "${@:-3:128 2:64 4:128}"; do
   for x in $sg; do
     if [ "$x" = hard ]; then
-      lowbit allocate --kind learned --candidates gptq --hard --group-size 128 --budget-like 3 --steps "$STEPS" \
-          --run-dir "$RUNS/learned-kl-gptq-hard-w3" "${common[@]}" --out "$OUT/learned-kl-gptq-hard-w3.yaml"
+      for name in w3 w2g64 w4; do
+        s=${name:1:1}; g=128; bits=2,3,4,8
+        [ "$name" != w2g64 ] || { g=64; bits=1,2,3,4,8; }
+        lowbit allocate --kind learned --candidates gptq --hard --group-size $g --budget-like $s --steps "$STEPS" \
+            --run-dir "$RUNS/learned-kl-gptq-hard-$name" "${common[@]}" --bits $bits \
+            --out "$OUT/learned-kl-gptq-hard-$name.yaml"
+      done
       continue
     fi
     if [ "$x" = task ]; then
