@@ -266,7 +266,7 @@ def fill_by_gradient(choice: np.ndarray, table: np.ndarray, budget: int, grad: n
 
     Why only upgrades, and why not the learned logits: the logits were trained to the argmax, so
     once ``tau`` is small every other candidate looks worse than it and the knapsack's own fill stops
-    (``-log p`` gains <= 0) with up to ~5% of the budget unused (cross-entropy and w2g64 runs). For a
+    (``-log p`` gains <= 0) with up to ~5% of the budget unused (w2g64 and w4g128 runs). For a
     cost about quadratic in the weight error ``e`` (KL from the float model: ``~ e^T H e / 2``), an
     upgrade from ``e`` to a much smaller error has a first-order decrease of ``~ e^T H e`` against
     the exact ``e^T H e / 2``: a factor shared by every upgrade, so the ranking holds. A downgrade to
