@@ -86,17 +86,27 @@ def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int 
         k = int(back[u, c])
         choice[u] = k
         c -= int(w[u, k])
-    rows = np.arange(u_n)
-    total = int(table[rows, choice].sum())
+    return greedy_upgrades(choice, costs, table, budget)[0]
+
+
+def greedy_upgrades(choice: np.ndarray, costs: np.ndarray, table: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
+    """Spend the bytes ``choice`` leaves under ``budget``: while an upgrade (more bytes) that lowers
+    ``sum_u costs[u, k_u]`` fits, take the one with the largest cost decrease per extra byte.
+    Returns the new choice and the number of upgrades taken."""
+    choice = np.asarray(choice, np.int64).copy()
+    rows = np.arange(len(table))
+    left = int(budget) - int(table[rows, choice].sum())
+    n = 0
     while True:
         extra = table - table[rows, choice][:, None]
         gain = costs[rows, choice][:, None] - costs            # > 0: the upgrade lowers the cost
-        ok = (extra > 0) & (extra <= int(budget) - total) & (gain > 0)
+        ok = (extra > 0) & (extra <= left) & (gain > 0)
         if not ok.any():
-            return choice
+            return choice, n
         u, k = np.unravel_index(np.argmax(np.where(ok, gain / np.maximum(extra, 1), -np.inf)), ok.shape)
-        total += int(extra[u, k])
+        left -= int(extra[u, k])
         choice[u] = k
+        n += 1
 
 
 def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, *, samples: int = 8,

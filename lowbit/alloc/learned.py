@@ -272,23 +272,12 @@ def fill_by_gradient(choice: np.ndarray, table: np.ndarray, budget: int, grad: n
     the exact ``e^T H e / 2``: a factor shared by every upgrade, so the ranking holds. A downgrade to
     a larger error ``f`` misses ``f^T H f / 2`` to first order and looks free, hence no downgrades
     here (the repair under the budget is the knapsack's)."""
-    choice = np.asarray(choice, np.int64).copy()
+    from lowbit.alloc.baselines import greedy_upgrades
+
     table, grad = np.asarray(table, np.int64), np.asarray(grad, np.float64)
     if grad.shape != table.shape:
         raise ValueError(f"grad {grad.shape}: expected the table's (units, candidates) shape {table.shape}")
-    rows = np.arange(len(table))
-    left = int(budget) - int(table[rows, choice].sum())
-    n = 0
-    while True:
-        extra = table - table[rows, choice][:, None]
-        gain = grad[rows, choice][:, None] - grad
-        ok = (extra > 0) & (extra <= left) & (gain > 0)
-        if not ok.any():
-            return choice, n
-        u, k = np.unravel_index(np.argmax(np.where(ok, gain / np.maximum(extra, 1), -np.inf)), ok.shape)
-        left -= int(extra[u, k])
-        choice[u] = k
-        n += 1
+    return greedy_upgrades(choice, grad, table, budget)   # the knapsack's fill, with the gradient as the costs
 
 
 def kl_cost(model_cfg, teacher_params, *, remat: bool = True) -> Callable:
