@@ -105,6 +105,9 @@ def test_bad_inputs_are_named():
         learned.allocate(params, lambda p, x: jnp.float32(jnp.nan), CANDS, xs, budget_bits=4.0, progress=False)
     with pytest.raises(ValueError, match="not paths of params"):
         learned.allocate(params, cost, CANDS, xs, budget_bits=4.0, units=["layers/0/c_proj"], progress=False)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="fill_batches"):
+            learned.AllocCfg(fill_batches=bad)
 
 
 def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
