@@ -109,8 +109,19 @@ def test_two_processes_match_one_and_resume_after_a_killed_worker(tiny_experimen
     assert set(got) == set(ref)
     for name, evals in ref.items():
         for d, ppl in evals.items():
-            assert abs(got[name][d] / ppl - 1) < 1e-6, (name, d, got[name][d], ppl)
+            assert abs(got[name][d] / ppl - 1) < _layout_rtol(name), (name, d, got[name][d], ppl)
     assert sorted(os.listdir(res)) == ["tiny"]
+
+
+# How far a row may move when the same mesh is laid over two processes instead of one process's two
+# devices. fp and RTN rows are the same arithmetic in any layout (they matched to 1e-8 wherever
+# measured). GPTQ's rounding decisions follow H to the last bit, and the compiled programs of a
+# one-device process and a two-device process need not sum X^T X in the same float order on every
+# CPU: the tiny 3-bit model's GPTQ row moved by 0.43% on an AVX-512 EPYC (model=2) and by 0 here, a
+# 2-way split of X^T X by ~1% (tests/dist_checks.py), so the promise is the README's "same numbers
+# up to GPTQ's float-order noise", checked at 3%.
+def _layout_rtol(row: str) -> float:
+    return 0.03 if row.startswith("gptq") else 1e-5
 
 
 def test_a_qlora_row_trains_across_two_processes_and_restarts_after_a_killed_worker(tiny_experiment, tmp_path):
