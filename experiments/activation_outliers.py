@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from lowbit import data
-    from lowbit.runner.records import environment_info
+    from lowbit.io.records import environment_info
     from lowbit.models.loaders import load_model
     from lowbit.io.checkpoint import atomic_directory
 

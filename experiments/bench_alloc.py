@@ -36,21 +36,21 @@ import time
 def _child(args) -> dict:
     import numpy as np
 
-    from lowbit.alloc import learned
+    from lowbit.alloc import learned, problem
     from lowbit.alloc.plan import uniform_bytes
     from lowbit.core.qtensor import QuantSpec
     from lowbit.core.transforms import flatten
     from lowbit.data import calibration_windows, corpus_text
     from lowbit.models.loaders import load_model
-    from lowbit.runner.records import peak_rss_mb
+    from lowbit.io.records import peak_rss_mb
 
     params, cfg, tok = load_model(args.model)
     stream = tok.encode(corpus_text(args.data, "calib"))
     windows = np.asarray(calibration_windows(stream, args.nsamples, args.seqlen, seed=0)[0], np.int32)
     batches = [windows[i:i + args.batch] for i in range(0, len(windows), args.batch)]
     widths = tuple(int(b) for b in args.child_bits.split(","))
-    cands = learned.int_candidates(widths, args.group_size)
-    units = learned.linear_units(params)
+    cands = problem.int_candidates(widths, args.group_size)
+    units = problem.linear_units(params)
     n = sum(int(np.prod(flatten(params)[u].shape)) for u in units)
     budget = uniform_bytes(params, QuantSpec(bits=3, group_size=args.group_size, partial_groups=True), units)
     t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         os.remove(tmp)
         print(f"[bench_alloc] {rows[-1]}", flush=True)
 
-    from lowbit.runner.records import environment_info, write_json
+    from lowbit.io.records import environment_info, write_json
 
     meta = {"argv": sys.argv[1:], "environment": environment_info(),
             "what": "learned allocation: setup, step time and peak RSS by model size and candidate count"}

@@ -3,7 +3,7 @@
 **Per layer** (``--shapes``): the same saved ``(W, H)`` through three implementations in one process,
 interleaved repetition by repetition so machine noise hits all alike:
 
-- ``lowbit``: :func:`lowbit.methods.gptq.quantize_weight`, timed up to the packed QuantizedTensor;
+- ``lowbit``: :func:`lowbit.methods.gptq_core.quantize_weight`, timed up to the packed QuantizedTensor;
 - ``torch_ref``: the IST-DASLab reference's ``fasterquant`` structure (gptq.py / quant.py of
   IST-DASLab/gptq, rewritten here): a quantizer object whose ``find_params`` runs at every group
   start on ``W``, per-column ``quantize`` of a ``(rows, 1)`` column, the losses kept, Python loops
@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 
-from lowbit.runner.records import proc_status_mib, reset_peak_rss
+from lowbit.io.records import proc_status_mib, reset_peak_rss
 
 
 def torch_gptq(W, H, bits: int, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
@@ -338,15 +338,18 @@ def bench_layers(args) -> list[dict]:
 
 
 def _gptq_module_from(checkout: str):
-    """``lowbit/methods/gptq.py`` of another lowbit checkout (e.g. ``git worktree add /tmp/before REV``),
-    loaded as a separate module next to this one (its own helpers from this checkout's lowbit)."""
+    """The GPTQ core of another lowbit checkout (e.g. ``git worktree add /tmp/before REV``):
+    ``lowbit/methods/gptq_core.py``, or ``gptq.py`` in checkouts from before the core had a module of its
+    own; loaded as a separate module next to this one (its own helpers from this checkout's lowbit)."""
     import importlib.util
 
     from lowbit.methods import registry
 
-    path = os.path.join(checkout, "lowbit", "methods", "gptq.py")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--baseline {checkout}: no lowbit/methods/gptq.py there (expected a lowbit checkout)")
+    paths = [os.path.join(checkout, "lowbit", "methods", f) for f in ("gptq_core.py", "gptq.py")]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise SystemExit(f"--baseline {checkout}: no lowbit/methods/gptq_core.py or gptq.py there (expected a lowbit "
+                         "checkout)")
     spec = importlib.util.spec_from_file_location("lowbit_baseline_gptq", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod   # dataclasses look their module up there
@@ -408,8 +411,8 @@ def _prepare_model(args) -> dict:
     from lowbit.eval.likelihood import make_windows
     from lowbit.io.export import _hf_name, hf_config
     from lowbit.models.loaders import load_model
-    from lowbit.runner.config import CalibCfg
-    from lowbit.runner.experiment import calibration_data
+    from lowbit.pipeline import CalibCfg
+    from lowbit.pipeline import calibration_data
 
     params, cfg, tok = load_model(args.model)
     calib = CalibCfg(data=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)

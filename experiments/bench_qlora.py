@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from lowbit.runner.records import proc_status_mib, reset_peak_rss
+from lowbit.io.records import proc_status_mib, reset_peak_rss
 
 BASES = ("fp", "nf4", "fp4", "int4")
 

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lowbit.alloc import learned
+from lowbit.alloc import learned, problem
 from lowbit.core.qtensor import QuantSpec
 
-CANDS = learned.int_candidates(bits=(2, 3, 4, 8), group_size=None)
+CANDS = problem.int_candidates(bits=(2, 3, 4, 8), group_size=None)
 
 
 def _toy(seed=0):
@@ -54,7 +54,7 @@ def test_discretize_never_exceeds_the_budget():
     for _ in range(100):
         u, k = rng.integers(1, 5), rng.integers(1, 4)
         table = np.sort(rng.integers(10, 1000, (u, k)), axis=1)
-        lo, hi = learned.budget_range(table)
+        lo, hi = problem.budget_range(table)
         budget = int(rng.integers(lo, hi + 1))
         theta = rng.standard_normal((u, k))
         choice = learned.discretize(theta, table, budget)
@@ -70,7 +70,7 @@ def test_discretize_never_exceeds_the_budget():
 
 def test_the_multiplier_rises_while_the_budget_is_violated():
     params, cost, xs = _toy()
-    lo, hi = learned.budget_range(learned.candidate_tables(params, learned.linear_units(params), CANDS)[1])
+    lo, hi = problem.budget_range(problem.candidate_tables(params, problem.linear_units(params), CANDS)[1])
     res = learned.allocate(params, cost, CANDS, xs, budget_bytes=lo + (hi - lo) // 10,
                            cfg=learned.AllocCfg(steps=12, lr=0.05), progress=False)
     h = res.history
@@ -117,7 +117,7 @@ def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
                             num_kv_heads=2, max_position_embeddings=32)
     params = llama.init_params(jax.random.key(0), cfg)
     toks = [np.random.default_rng(i).integers(0, 64, (2, 16)).astype(np.int32) for i in range(2)]
-    cands = learned.int_candidates(bits=(2, 4), group_size=16) + [None]
+    cands = problem.int_candidates(bits=(2, 4), group_size=16) + [None]
     res = learned.allocate(params, learned.kl_cost(cfg, params, remat=False), cands, toks, budget_bits=4.5,
                            cfg=learned.AllocCfg(steps=4), progress=False)
     res.recipe.check(params)
@@ -128,17 +128,17 @@ def test_allocates_a_tiny_llama_with_the_kl_cost_and_16_bit_candidate():
 
 def test_a_budget_with_no_room_to_choose_warns():
     params = {"a_proj": jnp.ones((4, 32)), "b_proj": jnp.ones((4, 32))}
-    cands = learned.int_candidates(bits=(2, 4), group_size=16)
-    _, table = learned.candidate_tables(params, ["a_proj", "b_proj"], cands)
-    lo, _ = learned.budget_range(table)
+    cands = problem.int_candidates(bits=(2, 4), group_size=16)
+    _, table = problem.candidate_tables(params, ["a_proj", "b_proj"], cands)
+    lo, _ = problem.budget_range(table)
     with pytest.warns(UserWarning, match="allocation is forced"):
-        assert learned._resolve_budget(table, 256, None, lo) == lo
+        assert problem.resolve_budget(table, 256, None, lo) == lo
     step = int((table[:, 1] - table[:, 0]).min())
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert learned._resolve_budget(table, 256, None, lo + step) == lo + step
+        assert problem.resolve_budget(table, 256, None, lo + step) == lo + step
 
 
 def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
@@ -156,7 +156,7 @@ def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
         assert float(learned.kl_cost_cached(cfg, remat=False)(student, b)) == pytest.approx(want, rel=1e-5)
         assert float(learned.kl_cost_cached(cfg)(teacher, b)) == pytest.approx(0.0, abs=1e-5)
     # the allocation itself runs on (tokens, teacher logits) batches and learns the same thing
-    cands = learned.int_candidates(bits=(2, 4), group_size=16)
+    cands = problem.int_candidates(bits=(2, 4), group_size=16)
     kw = dict(budget_bits=4.5, cfg=learned.AllocCfg(steps=4), progress=False)
     a = learned.allocate(teacher, learned.kl_cost(cfg, teacher, remat=False), cands, toks, **kw)
     b = learned.allocate(teacher, learned.kl_cost_cached(cfg, remat=False), cands, cached, **kw)
@@ -170,21 +170,20 @@ def test_kl_cost_with_cached_teacher_logits_equals_kl_cost():
 def test_knapsack_is_optimal_and_within_budget():
     import itertools
 
-    from lowbit.alloc import baselines
 
     rng = np.random.default_rng(3)
     for _ in range(40):
         u, k = rng.integers(1, 5), rng.integers(1, 4)
         table = rng.integers(1, 30, (u, k)) * 8
         costs = rng.random((u, k))
-        lo, hi = learned.budget_range(table)
+        lo, hi = problem.budget_range(table)
         budget = int(rng.integers(lo, hi + 1))
-        choice = baselines.knapsack(costs, table, budget, resolution=10**6)   # exact at this resolution
+        choice = problem.knapsack(costs, table, budget, resolution=10**6)   # exact at this resolution
         assert table[np.arange(u), choice].sum() <= budget
         best = min(sum(costs[i, c[i]] for i in range(u)) for c in itertools.product(range(k), repeat=u)
                    if sum(table[i, c[i]] for i in range(u)) <= budget)
         assert costs[np.arange(u), choice].sum() == pytest.approx(best)
-        coarse = baselines.knapsack(costs, table, budget, resolution=7)    # rounding up never overshoots
+        coarse = problem.knapsack(costs, table, budget, resolution=7)    # rounding up never overshoots
         left = budget - table[np.arange(u), coarse].sum()
         assert left >= 0
         # ... and what the rounding left unused is filled: no upgrade that lowers the cost still fits
@@ -282,7 +281,7 @@ def test_column_blocks_give_the_sensitive_columns_more_bits_and_quantize_mixed()
     def cost(p, x):
         return sum(jnp.mean((x @ p["layers"][0][k].T - x @ ref[k].T) ** 2) for k in ("a_proj", "b_proj"))
 
-    cands = learned.int_candidates(bits=(2, 3, 4, 8), group_size=32)
+    cands = problem.int_candidates(bits=(2, 3, 4, 8), group_size=32)
     res = learned.allocate(params, cost, cands, xs, budget_bits=4.0, block=128,
                            cfg=learned.AllocCfg(steps=60, lr=0.2), progress=False)
     for path in ("layers/0/a_proj", "layers/0/b_proj"):
@@ -301,8 +300,8 @@ def test_column_blocks_give_the_sensitive_columns_more_bits_and_quantize_mixed()
 
 def test_column_blocks_need_int_candidates_of_one_group_size():
     params, cost, xs = _toy()
-    for cands, block in ((learned.int_candidates((2, 4), 16) + [None], 32), (learned.int_candidates((2, 4), 16), 24),
-                         (learned.int_candidates((2,), 16) + learned.int_candidates((4,), 32), 32)):
+    for cands, block in ((problem.int_candidates((2, 4), 16) + [None], 32), (problem.int_candidates((2, 4), 16), 24),
+                         (problem.int_candidates((2,), 16) + problem.int_candidates((4,), 32), 32)):
         with pytest.raises(ValueError, match="column-block units need"):
             learned.allocate(params, cost, cands, xs, budget_bits=3.0, block=block, progress=False)
     with pytest.raises(ValueError, match="block=0"):
@@ -321,20 +320,20 @@ def test_gptq_candidates_are_the_gptq_models_weights(tiny_experiment):
 
     root, _ = tiny_experiment
     params, cfg, _ = load_model(str(root / "model"))
-    units = learned.linear_units(params)
+    units = problem.linear_units(params)
     rng = np.random.default_rng(0)
     windows = rng.integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
-    cands = learned.int_candidates((2, 4), 32) + [None]
+    cands = problem.int_candidates((2, 4), 32) + [None]
     cw = gptq_candidates(params, cfg, windows, cands, units, progress=False)
     q4, _ = quantize_model(params, cfg, Recipe({u: cands[1] for u in units}).transform(), windows,
                            true_sequential=False, progress=False)
     u = units[3]
     np.testing.assert_array_equal(cw[u][1], np.asarray(dequantize(flatten(q4)[u])))
     np.testing.assert_array_equal(cw[u][2], np.asarray(flatten(params)[u], np.float32))
-    qw, _ = learned.candidate_tables(params, units, cands, cw)
+    qw, _ = problem.candidate_tables(params, units, cands, cw)
     np.testing.assert_array_equal(np.asarray(qw[u]), cw[u])
     with pytest.raises(ValueError, match=r"candidate weights\[.*expected a \(3, "):
-        learned.candidate_tables(params, units, cands, {v: w[:2] for v, w in cw.items()})
+        problem.candidate_tables(params, units, cands, {v: w[:2] for v, w in cw.items()})
 
 
 def test_baseline_sensitivities_are_measured_once_per_run_dir(tiny_experiment, tmp_path, monkeypatch):
@@ -347,7 +346,7 @@ def test_baseline_sensitivities_are_measured_once_per_run_dir(tiny_experiment, t
     root, _ = tiny_experiment
     params, cfg, _ = load_model(str(root / "model"))
     windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
-    cands = learned.int_candidates((2, 4, 8), 32)
+    cands = problem.int_candidates((2, 4, 8), 32)
     kw = dict(kind="higgs", candidates=cands, batch_size=2, progress=False, run_dir=str(tmp_path))
     r_a, _ = allocate_model(params, cfg, windows, budget_bits=4.5, **kw)
     fresh, _ = allocate_model(params, cfg, windows, budget_bits=6.0, **{**kw, "run_dir": None})
@@ -383,8 +382,8 @@ def test_the_unused_bytes_are_filled_and_lower_the_cost():
     """A budget the trained preferences leave partly unused: the fill upgrades units into it, the
     budget still holds and the filled allocation's true cost is lower than the unfilled one's."""
     params, cost, xs = _toy()
-    units = learned.linear_units(params)
-    lo, hi = learned.budget_range(learned.candidate_tables(params, units, CANDS)[1])
+    units = problem.linear_units(params)
+    lo, hi = problem.budget_range(problem.candidate_tables(params, units, CANDS)[1])
     kw = dict(budget_bytes=lo + (hi - lo) // 2, progress=False)
     plain = learned.allocate(params, cost, CANDS, xs, cfg=learned.AllocCfg(steps=30, lr=0.2, fill_batches=0), **kw)
     full = learned.allocate(params, cost, CANDS, xs, cfg=learned.AllocCfg(steps=30, lr=0.2), **kw)

@@ -43,12 +43,14 @@ def _flip(path, offset):
         f.write(bytes([b[0] ^ 0x5A]))
 
 
-def test_manifest_version_2_has_a_checksum_per_array(tmp_path):
+def test_manifest_has_a_checksum_per_array_and_names_node_kinds(tmp_path):
     p = checkpoint.save(str(tmp_path / "ck"), {"a": jnp.ones(3), "q": quantize(jnp.ones((8, 32)), QuantSpec(bits=4, group_size=32))})
     m = json.load(open(os.path.join(p, "manifest.json")))
-    assert m["version"] == 2
+    assert m["version"] == 3
     assert len(m["tree"]["__dict__"]["a"]["sha256"]) == 64
-    assert all("sha256" in s for s in m["tree"]["__dict__"]["q"]["fields"].values())
+    q = m["tree"]["__dict__"]["q"]
+    assert q["__node__"] == "qtensor" and q["meta"]["bits"] == 4
+    assert all("sha256" in s for s in q["__dict__"].values())
 
 
 def test_flipped_byte_in_raw_chunk_names_the_array(tmp_path):

@@ -115,7 +115,7 @@ def test_cli_quantize_eval_export(setup, tmp_path, capsys):
 
 
 def test_expectations_are_checked_row_by_row(setup, capsys):
-    from lowbit.runner.experiment import check_expectations
+    from lowbit.runner.summary import check_expectations
 
     root, path = setup
     cfg = load_config(str(path), overrides=["expect={tolerance: 0.05, rows: {fp: {corpus: 10.0}, "
@@ -134,6 +134,6 @@ def test_expectations_are_checked_row_by_row(setup, capsys):
 
 def test_delta_column_signs():
     """The "Δ vs fp" column writes a row better than fp as -0.59, not +-0.59."""
-    from lowbit.runner.experiment import _signed
+    from lowbit.runner.summary import _signed
 
     assert (_signed(-0.59), _signed(10.6), _signed(0.0), _signed(-1234.5)) == ("-0.59", "+10.60", "+0.00", "-1.23e+03")

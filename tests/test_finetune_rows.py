@@ -12,7 +12,7 @@ import yaml
 
 from lowbit.runner import paper
 from lowbit.runner.config import load_config
-from lowbit.runner.experiment import _run_config, experiment_dir, run_experiment
+from lowbit.runner.experiment import experiment_dir, run_config, run_experiment
 from lowbit.runner.config import config_hash
 
 
@@ -71,7 +71,7 @@ def test_finetune_rows_train_adapters_and_improve_the_eval_loss(ft_cfg, tmp_path
     # rows that do not fine-tune do not depend on the finetune block (their results stay up to date)
     other = load_config(str(ft_cfg), overrides=["finetune.steps=7"])
     for m0, m1 in zip(cfg.methods, other.methods):
-        same = config_hash(_run_config(cfg, m0)) == config_hash(_run_config(other, m1))
+        same = config_hash(run_config(cfg, m0)) == config_hash(run_config(other, m1))
         assert same == (not m0.finetune)
 
 

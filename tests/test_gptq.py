@@ -108,7 +108,7 @@ def test_segments_with_a_short_last_one_match_the_reference():
 def test_row_chunks_give_the_unchunked_result(monkeypatch, spec, kw):
     # 27 rows in chunks of at most 8: 4 chunks (7, 7, 7, 6 rows: the last one shorter), each through
     # the segments; codes, scales and the losses (summed over the chunks) equal one pass of all rows
-    from lowbit.methods import gptq as gptq_mod
+    from lowbit.methods import gptq_core as gptq_mod
 
     W, X, H = _problem(rows=27, cols=96, n=512)
     whole = quantize_weight(W, H, spec, blocksize=16, **kw)

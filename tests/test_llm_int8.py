@@ -277,7 +277,8 @@ def test_bad_input():
 
 def test_runner_row_end_to_end(tiny_experiment, tmp_path):
     from lowbit.runner.config import load_config
-    from lowbit.runner.experiment import build_recipe, experiment_dir, run_experiment
+    from lowbit.pipeline import build_recipe
+    from lowbit.runner.experiment import experiment_dir, run_experiment
 
     root, path = tiny_experiment
     conf = yaml.safe_load(path.read_text())

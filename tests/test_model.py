@@ -606,9 +606,9 @@ def test_hf_dir_errors(tmp_path):
 
 def test_hub_name_fails_fast_offline(monkeypatch):
     pytest.importorskip("huggingface_hub")
-    from lowbit.models import loaders
+    from lowbit.models import loaders, resolve
 
-    monkeypatch.setattr(loaders, "_hub_reachable", lambda endpoint, timeout=5.0: "probe refused (test)")
+    monkeypatch.setattr(resolve, "_hub_reachable", lambda endpoint, timeout=5.0: "probe refused (test)")
     t = time.perf_counter()
     with pytest.raises(RuntimeError, match="Offline options: 'smollm2-135m'"):
         loaders.load_model("HuggingFaceTB/SmolLM2-135M-not-cached")

@@ -304,7 +304,7 @@ def test_distill_rows_train_pack_and_record_a_perplexity_curve(onebit_cfg, tmp_p
 def test_distill_config_errors_are_clear(onebit_cfg):
     from lowbit.runner.config import load_config
 
-    with pytest.raises(ValueError, match="distillation trains OneBit weights"):
+    with pytest.raises(ValueError, match="has no training stage of its own"):
         load_config(str(onebit_cfg), overrides=["methods.0.distill=true"])
     with pytest.raises(ValueError, match="distill.steps"):
         load_config(str(onebit_cfg), overrides=["distill.steps=0"])

@@ -9,7 +9,7 @@
   returns a :class:`Recipe`.
 * :mod:`.baselines` -- the same problem by proxies and search: HAWQ-style (Hutchinson Hessian
   traces x quantization error, knapsack), HIGGS-style (per-layer noise sensitivity x relative
-  error, dynamic programming), uniform; :func:`~lowbit.alloc.baselines.knapsack` is the exact
+  error, dynamic programming), uniform; :func:`~lowbit.alloc.problem.knapsack` is the exact
   multiple-choice knapsack both use.
 """
 

@@ -28,85 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.alloc.learned import _as_batch, _check_candidates, _resolve_budget, candidate_tables, linear_units
+from lowbit.alloc.problem import as_batch, candidate_tables, check_candidates, knapsack, linear_units, resolve_budget
 from lowbit.alloc.recipe import Recipe
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten, unflatten
 from lowbit.progress import Bar
 
-__all__ = ["knapsack", "hutchinson_traces", "noise_sensitivities", "hawq_allocate", "higgs_allocate",
+__all__ = ["hutchinson_traces", "noise_sensitivities", "hawq_allocate", "higgs_allocate",
            "uniform_recipe"]
-
-
-def knapsack(costs: np.ndarray, table: np.ndarray, budget: int, resolution: int = 16384) -> np.ndarray:
-    """Multiple-choice knapsack: one candidate per unit (``(U,)`` indices) minimising
-    ``sum_u costs[u, k_u]`` subject to ``sum_u table[u, k_u] <= budget``, by dynamic programming
-    over the budget in ``resolution`` steps (each item's bytes rounded *up* to a step, so the
-    result never exceeds the budget; exact when the bytes are multiples of the step). When the
-    rounding leaves no feasible allocation (a budget within a few steps of the smallest one), the
-    resolution is refined (x4) until one fits. The bytes the rounding left unused are then filled
-    greedily with exact bytes: the upgrade with the largest cost decrease per extra byte, while one
-    fits (with 210 units the rounding alone left ~2% of a 42 MB budget unused at 4096 steps)."""
-    costs, table = np.asarray(costs, np.float64), np.asarray(table, np.int64)
-    if costs.shape != table.shape:
-        raise ValueError(f"costs {costs.shape} and table {table.shape}: expected the same (units, candidates) shape")
-    if not np.all(np.isfinite(costs)):
-        raise ValueError("costs: contain NaN or inf")
-    if int(table.min(axis=1).sum()) > int(budget):
-        raise ValueError(f"budget={budget} bytes: below the smallest allocation ({int(table.min(axis=1).sum())})")
-    u_n, _ = table.shape
-    while True:
-        step = max(1, -(-int(budget) // int(resolution)))
-        w = -(-table // step)                       # bytes in steps, rounded up
-        cap = int(budget) // step
-        if int(w.min(axis=1).sum()) <= cap:
-            break
-        if cap > 1 << 24:
-            raise ValueError(f"budget={budget} bytes: too close to the smallest allocation for the DP's resolution")
-        resolution *= 4
-    inf = np.inf
-    best = np.full(cap + 1, inf)
-    best[0] = 0.0
-    back = np.zeros((u_n, cap + 1), np.int64)
-    for u in range(u_n):
-        new = np.full(cap + 1, inf)
-        arg = np.zeros(cap + 1, np.int64)
-        for k in range(table.shape[1]):
-            wk = int(w[u, k])
-            if wk > cap:
-                continue
-            cand = np.full(cap + 1, inf)
-            cand[wk:] = best[: cap + 1 - wk] + costs[u, k]
-            better = cand < new
-            new[better], arg[better] = cand[better], k
-        best, back[u] = new, arg
-    c = int(np.argmin(best))
-    choice = np.zeros(u_n, np.int64)
-    for u in range(u_n - 1, -1, -1):
-        k = int(back[u, c])
-        choice[u] = k
-        c -= int(w[u, k])
-    return greedy_upgrades(choice, costs, table, budget)[0]
-
-
-def greedy_upgrades(choice: np.ndarray, costs: np.ndarray, table: np.ndarray, budget: int) -> tuple[np.ndarray, int]:
-    """Spend the bytes ``choice`` leaves under ``budget``: while an upgrade (more bytes) that lowers
-    ``sum_u costs[u, k_u]`` fits, take the one with the largest cost decrease per extra byte.
-    Returns the new choice and the number of upgrades taken."""
-    choice = np.asarray(choice, np.int64).copy()
-    rows = np.arange(len(table))
-    left = int(budget) - int(table[rows, choice].sum())
-    n = 0
-    while True:
-        extra = table - table[rows, choice][:, None]
-        gain = costs[rows, choice][:, None] - costs            # > 0: the upgrade lowers the cost
-        ok = (extra > 0) & (extra <= left) & (gain > 0)
-        if not ok.any():
-            return choice, n
-        u, k = np.unravel_index(np.argmax(np.where(ok, gain / np.maximum(extra, 1), -np.inf)), ok.shape)
-        left -= int(extra[u, k])
-        choice[u] = k
-        n += 1
 
 
 def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, *, samples: int = 8,
@@ -134,7 +63,7 @@ def hutchinson_traces(params, cost_fn: Callable, units: Sequence[str], batches, 
         for s in range(samples):
             ks = jax.random.split(jax.random.fold_in(key, s), len(units))
             v = {u: jax.random.rademacher(k, ws[u].shape, jnp.float32) for u, k in zip(units, ks)}
-            est.append(np.asarray(hvp_quad(ws, v, _as_batch(batches[s % len(batches)]), base)))
+            est.append(np.asarray(hvp_quad(ws, v, as_batch(batches[s % len(batches)]), base)))
             bar.advance()
     return np.mean(est, axis=0)
 
@@ -145,7 +74,7 @@ def noise_sensitivities(params, cost_fn: Callable, units: Sequence[str], batches
     ``u`` alone gets Gaussian noise of relative power ``rel_noise`` (``||N||^2 = rel_noise *
     ||W||^2``), divided by ``rel_noise``, averaged over ``draws`` noise draws."""
     flat = flatten(params)
-    batches = [_as_batch(b) for b in batches]
+    batches = [as_batch(b) for b in batches]
     cost_j = jax.jit(lambda p, b: cost_fn(p, b))
     clean = float(np.mean([float(cost_j(params, b)) for b in batches]))
     key = jax.random.key(seed)
@@ -181,11 +110,11 @@ def _check_sensitivities(v, units, name: str) -> np.ndarray:
 
 
 def _setup(params, candidates, units, budget_bits, budget_bytes):
-    cands = _check_candidates(candidates)
+    cands = check_candidates(candidates)
     units = list(linear_units(params) if units is None else units)
     qw, table = candidate_tables(params, units, cands)
     n_params = sum(int(np.prod(qw[u].shape[1:])) for u in units)
-    return cands, units, qw, table, _resolve_budget(table, n_params, budget_bits, budget_bytes)
+    return cands, units, qw, table, resolve_budget(table, n_params, budget_bits, budget_bytes)
 
 
 def hawq_allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], batches, *,

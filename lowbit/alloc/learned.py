@@ -3,8 +3,8 @@ task cost under a size budget (the idea of picoLLM Compression; issue "learned b
 
 ::
 
-    from lowbit.alloc import learned
-    cands = learned.int_candidates(bits=(2, 3, 4, 8), group_size=128) + [None]   # None: keep 16 bit
+    from lowbit.alloc import learned, problem
+    cands = problem.int_candidates(bits=(2, 3, 4, 8), group_size=128) + [None]   # None: keep 16 bit
     cost = learned.kl_cost(model_cfg, params)              # KL(float model || relaxed model)
     res = learned.allocate(params, cost, cands, windows, budget_bits=3.25, cfg=learned.AllocCfg(steps=200))
     save_recipe(res.recipe, "alloc.yaml")                  # lowbit quantize --recipe alloc.yaml
@@ -61,14 +61,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowbit.alloc.recipe import MixedSpec, Recipe, spec_bytes
+from lowbit.alloc.problem import (as_batch, candidate_tables, check_candidates, greedy_upgrades, knapsack, linear_units,
+                                   resolve_budget)
+from lowbit.alloc.recipe import Recipe
+from lowbit.core.sizes import MixedSpec, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten, unflatten
 from lowbit.progress import Bar
 
-__all__ = ["AllocCfg", "AllocResult", "allocate", "discretize", "candidate_tables", "int_candidates", "kl_cost",
-           "kl_cost_cached", "teacher_batches", "batches_digest", "ce_cost", "linear_units", "budget_range",
-           "fill_by_gradient"]
+__all__ = ["AllocCfg", "AllocResult", "allocate", "discretize", "kl_cost", "kl_cost_cached", "teacher_batches",
+           "batches_digest", "ce_cost", "fill_by_gradient"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,44 +116,6 @@ class AllocResult(NamedTuple):
     filled: int = 0                # units upgraded into the bytes the discretization left (fill_by_gradient)
 
 
-def int_candidates(bits: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8), group_size: int | None = 128,
-                   symmetric: bool = False) -> list:
-    """Group-wise int candidates (asymmetric zero-point by default, partial last groups allowed)."""
-    return [QuantSpec(bits=b, group_size=group_size, symmetric=symmetric and b >= 2, partial_groups=True)
-            for b in bits]
-
-
-def linear_units(params, pattern: str = r"_proj$") -> list[str]:
-    """The paths of the 2-D weights whose path matches ``pattern`` (default: every block linear)."""
-    import re
-
-    rx = re.compile(pattern)
-    return [p for p, v in flatten(params).items() if rx.search(p) and getattr(v, "ndim", 0) == 2]
-
-
-def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpec | None],
-                     weights: dict | None = None):
-    """``(qweights, bytes)``: per unit the stacked dequantized candidates ``(K, out, in)`` float32
-    and the exact bytes table ``(U, K)``. The candidates are round to nearest (``None`` keeps the
-    weight) unless ``weights`` gives them: ``{unit: (K, out, in)}`` (e.g. :func:`lowbit.alloc.plan.gptq_candidates`)."""
-    from lowbit.core.quantizers import dequantize, quantize
-
-    flat = flatten(params)
-    q, table = {}, np.zeros((len(units), len(candidates)), np.int64)
-    for i, u in enumerate(units):
-        w = jnp.asarray(flat[u], jnp.float32)
-        if weights is None:
-            q[u] = jnp.stack([w if s is None else dequantize(quantize(w, s)) for s in candidates])
-        else:
-            if u not in weights or tuple(weights[u].shape) != (len(candidates), *w.shape):
-                raise ValueError(f"candidate weights[{u!r}]: expected a ({len(candidates)}, {w.shape[0]}, "
-                                 f"{w.shape[1]}) stack (one per candidate), got "
-                                 f"{None if u not in weights else tuple(weights[u].shape)}")
-            q[u] = jnp.asarray(weights[u], jnp.float32)
-        table[i] = [spec_bytes(s, w.shape) for s in candidates]
-    return q, table
-
-
 def _check_block(block, cands) -> int | None:
     """``block`` (columns per unit) checked against the candidates: group-wise int specs of one
     group size that divides it, no 16-bit candidate."""
@@ -185,52 +149,9 @@ def block_table(shape: tuple[int, int], candidates: Sequence[QuantSpec], block: 
     return np.asarray(out, np.int64)
 
 
-def budget_range(bytes_table: np.ndarray) -> tuple[int, int]:
-    """The smallest and largest total bytes any allocation over these candidates can have."""
-    return int(bytes_table.min(axis=1).sum()), int(bytes_table.max(axis=1).sum())
-
-
-def _check_candidates(candidates) -> list:
-    cands = list(candidates)
-    if not cands:
-        raise ValueError("candidates: empty; expected at least one QuantSpec (or None for 16 bit)")
-    bad = [c for c in cands if c is not None and not isinstance(c, QuantSpec)]
-    if bad:
-        raise ValueError(f"candidates: {bad[:3]} are not QuantSpecs (or None for 16 bit)")
-    if len(set(cands)) != len(cands):
-        raise ValueError("candidates: contains duplicates")
-    return cands
-
-
-def _resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes) -> int:
-    if (budget_bits is None) == (budget_bytes is None):
-        raise ValueError("budget: give exactly one of budget_bits (mean bits per parameter) or budget_bytes")
-    lo, hi = budget_range(table)
-    if budget_bits is not None:
-        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not math.isfinite(budget_bits):
-            raise ValueError(f"budget_bits={budget_bits!r}: expected a finite number")
-        budget = int(math.floor(budget_bits * n_params / 8))
-        what = f"budget_bits={budget_bits}"
-    else:
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
-            raise ValueError(f"budget_bytes={budget_bytes!r}: expected an int")
-        budget, what = int(budget_bytes), f"budget_bytes={budget_bytes}"
-    if not lo <= budget <= hi:
-        raise ValueError(f"{what}: outside the feasible range of these candidates: {lo}..{hi} bytes "
-                         f"({8 * lo / n_params:.4f}..{8 * hi / n_params:.4f} bits per parameter)")
-    srt = np.sort(table, axis=1)
-    if table.shape[1] < 2 or budget < lo + int((srt[:, 1] - srt[:, 0]).min()):   # not one upgrade fits
-        import warnings
-
-        warnings.warn(f"{what}: no unit can afford more than its cheapest candidate ({lo} bytes for all), so the "
-                      "allocation is forced; offer a cheaper candidate (e.g. fewer bits) to leave room to choose",
-                      stacklevel=3)
-    return budget
-
-
 def discretize(theta: np.ndarray, table: np.ndarray, budget: int, tau: float = 1.0) -> np.ndarray:
     """One candidate per unit (``(U,)`` indices) whose total bytes never exceed ``budget``: the
-    multiple-choice knapsack (:func:`lowbit.alloc.baselines.knapsack`) over the learned
+    multiple-choice knapsack (:func:`lowbit.alloc.problem.knapsack`) over the learned
     preferences, each candidate costing ``-log softmax(theta / tau)``. Where the argmax of every
     unit fits, that is the argmax.
 
@@ -238,8 +159,6 @@ def discretize(theta: np.ndarray, table: np.ndarray, budget: int, tau: float = 1
     unit's width where giving up a little elsewhere keeps it; and a first-order ``d cost / d p``
     estimate at the argmax point, near which the cost's gradient is ~0, so every downgrade looked
     free.)"""
-    from lowbit.alloc.baselines import knapsack
-
     theta, table = np.asarray(theta, np.float64), np.asarray(table, np.int64)
     z = theta / float(tau)
     logp = z - z.max(axis=1, keepdims=True)
@@ -272,8 +191,6 @@ def fill_by_gradient(choice: np.ndarray, table: np.ndarray, budget: int, grad: n
     the exact ``e^T H e / 2``: a factor shared by every upgrade, so the ranking holds. A downgrade to
     a larger error ``f`` misses ``f^T H f / 2`` to first order and looks free, hence no downgrades
     here (the repair under the budget is the knapsack's)."""
-    from lowbit.alloc.baselines import greedy_upgrades
-
     table, grad = np.asarray(table, np.int64), np.asarray(grad, np.float64)
     if grad.shape != table.shape:
         raise ValueError(f"grad {grad.shape}: expected the table's (units, candidates) shape {table.shape}")
@@ -340,10 +257,6 @@ def ce_cost(model_cfg, *, remat: bool = True) -> Callable:
     return cost
 
 
-def _as_batch(b):
-    return jax.tree.map(jnp.asarray, b)
-
-
 def _probs(theta, tau, key, hard: bool):
     soft = jax.nn.softmax(theta / tau, axis=-1)
     if not hard:
@@ -370,7 +283,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     same arguments resumes from the newest checkpoint, bit for bit (the step's randomness is
     ``fold_in(seed, step)``); other arguments are refused naming the fields. ``stop_after`` (tests):
     raise ``KeyboardInterrupt`` after that step has been saved."""
-    cands = _check_candidates(candidates)
+    cands = check_candidates(candidates)
     units = list(linear_units(params) if units is None else units)
     if not units:
         raise ValueError("units: no weight matrices to allocate (none matches)")
@@ -390,7 +303,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     if block is not None:
         table = np.concatenate([block_table(shapes[u], cands, block) for u in units])
     n_params = sum(int(np.prod(flat[u].shape)) for u in units)
-    budget = _resolve_budget(table, n_params, budget_bits, budget_bytes)
+    budget = resolve_budget(table, n_params, budget_bits, budget_bytes)
     rel = jnp.asarray(table / budget, jnp.float32)
 
     base = {p: v for p, v in flat.items() if p not in qw}   # the weights that are not allocated
@@ -417,14 +330,14 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     # the cost must be a scalar: checked on shapes before anything runs
     theta0 = jnp.zeros((len(table), len(cands)), jnp.float32)
     out = jax.eval_shape(lambda t, b: lagrangian(t, 0.0, 1.0, b, jax.random.key(0), qw, base, 1.0)[1][0], theta0,
-                         _as_batch(batches[0]))
+                         as_batch(batches[0]))
     if out.shape != ():
         raise ValueError(f"cost_fn: returned shape {out.shape}; expected a scalar (one number per batch)")
     # the cost is measured in units of its value at the start (the uniform mix), so that the
     # multiplier's scale (cost per budget fraction) does not depend on the cost's units
     p0 = jax.nn.softmax(theta0, axis=-1)
     cost_jit = jax.jit(cost_of)
-    scale = float(np.mean([float(cost_jit(p0, _as_batch(b), qw, base)) for b in batches[:4]]))
+    scale = float(np.mean([float(cost_jit(p0, as_batch(b), qw, base)) for b in batches[:4]]))
     if not math.isfinite(scale):
         raise FloatingPointError(f"cost_fn: returned {scale} for the uniform candidate mix; the cost must be finite")
     scale = max(abs(scale), 1e-12)
@@ -467,7 +380,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
                 history = [h for h in json.load(f) if h["step"] < start]
 
         def save(s_done: int) -> None:
-            from lowbit.runner.records import write_json
+            from lowbit.io.records import write_json
 
             ckpts.save(s_done, TrainState({"theta": theta, "lam": lam}, opt_state, key), {"config": config})
             write_json(hist_path, history)
@@ -478,7 +391,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
             tau = cfg.tau(s)
             lam_before = float(lam)
             theta, opt_state, lam, cost, e_rel = step(theta, opt_state, lam, jnp.float32(tau),
-                                                      _as_batch(batches[s % len(batches)]),
+                                                      as_batch(batches[s % len(batches)]),
                                                       jax.random.fold_in(key, s), qw, base)
             cost = float(cost)
             if not math.isfinite(cost):
@@ -513,7 +426,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
         key_ = tuple(int(c) for c in choice)
         if key_ not in gradients:
             p1 = jax.nn.one_hot(jnp.asarray(choice), len(cands), dtype=jnp.float32)
-            gradients[key_] = np.mean([np.asarray(grad_p(p1, _as_batch(b), qw, base), np.float64)
+            gradients[key_] = np.mean([np.asarray(grad_p(p1, as_batch(b), qw, base), np.float64)
                                        for b in batches[:cfg.fill_batches]], axis=0)
         return gradients[key_]
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lowbit.alloc import baselines, learned
+from lowbit.alloc import baselines, learned, problem
 from lowbit.alloc.recipe import Recipe, code_bits, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
@@ -28,7 +28,7 @@ KINDS = ("learned", "hawq", "higgs")
 def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -> int:
     """Exact bytes of every unit at ``spec`` (the size of the uniform model, as a budget)."""
     flat = flatten(params)
-    units = learned.linear_units(params) if units is None else units
+    units = problem.linear_units(params) if units is None else units
     return sum(spec_bytes(spec, tuple(flat[u].shape)) for u in units)
 
 
@@ -78,7 +78,7 @@ class _SensitivityCache:
         return np.asarray(d["values"], np.float64) if d.get("key") == self.key else None
 
     def save(self, values) -> None:
-        from lowbit.runner.records import write_json
+        from lowbit.io.records import write_json
 
         write_json(self.path, {"key": self.key, "values": [float(v) for v in values]})
 
@@ -140,7 +140,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     if kind == "learned":
         cw = None
         if candidate_weights == "gptq":
-            cw = gptq_candidates(params, model_cfg, windows, candidates, learned.linear_units(params),
+            cw = gptq_candidates(params, model_cfg, windows, candidates, problem.linear_units(params),
                                  batch_size=batch_size, progress=progress)
         l_cost, l_batches = _cached_teacher(cost, cost_fn, batches, params, model_cfg, windows)
         res = learned.allocate(params, l_cost, candidates, l_batches, cfg=cfg, method=method, progress=progress,
@@ -150,7 +150,7 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     else:
         fn = baselines.hawq_allocate if kind == "hawq" else baselines.higgs_allocate
         name = "traces" if kind == "hawq" else "alphas"
-        cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, learned.linear_units(params), samples)
+        cache = _sensitivity_cache(run_dir, kind, cost, cfg.seed, batches, problem.linear_units(params), samples)
         known = cache.load() if cache else None
         fn_cost, fn_batches = (cost_fn, batches) if known is not None else \
             _cached_teacher(cost, cost_fn, batches, params, model_cfg, windows)

@@ -14,8 +14,9 @@ mixed-precision plan alike::
       layers/3/mlp/up_proj: {bits: [2, 4, 3, 3, 8], group_size: 128}   # a width per column group
 
 A list of ``bits`` gives each group of ``group_size`` input columns its own width (a
-:class:`MixedSpec`, stored as a :class:`lowbit.core.mixed.MixedWidthWeight`; methods ``gptq`` --
-error feedback across groups of different widths -- and ``rtn``).
+:class:`MixedSpec`, stored as a :class:`lowbit.core.mixed.MixedWidthWeight`; methods with a
+``mixed`` hook in the registry: ``gptq`` -- error feedback across groups of different widths -- and
+``rtn``).
 
 Linears the recipe does not list stay as they are (dense). A path the model does not have is an
 error naming it (with the model's linear paths), so a recipe made for one model cannot silently
@@ -27,66 +28,26 @@ as :func:`lowbit.core.quantizers.bits_per_param`; a ``dense`` entry costs 2 byte
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import yaml
 
+from lowbit import methods
+from lowbit.core.config import QuantCfg, from_dict, to_dict
+from lowbit.core.mixed import check_widths
 from lowbit.core.qtensor import QuantSpec
+from lowbit.core.sizes import DENSE_BYTES, MixedSpec, code_bits, spec_bytes
 from lowbit.core.transforms import Transform, flatten, identity, partition
+from lowbit.io.records import write_text
 
-__all__ = ["Recipe", "MixedSpec", "load_recipe", "save_recipe", "spec_bytes", "DENSE", "RECIPE_FORMAT",
-           "RECIPE_VERSION"]
+__all__ = ["Recipe", "MixedSpec", "load_recipe", "save_recipe", "spec_bytes", "code_bits", "DENSE", "DENSE_BYTES",
+           "RECIPE_FORMAT", "RECIPE_VERSION"]
 
 RECIPE_FORMAT, RECIPE_VERSION = "lowbit-recipe", 1
 #: a weights entry that keeps the linear in 16 bit
 DENSE = "dense"
-#: bytes per weight of a dense entry (16-bit storage)
-DENSE_BYTES = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedSpec:
-    """A width per column group: ``spec`` (group-wise int; its ``bits`` is ``max(widths)``) with
-    ``widths[g]`` bits for group ``g``."""
-    spec: QuantSpec
-    widths: tuple[int, ...]
-
-
-#: the methods that can quantize a MixedSpec entry
-MIXED_METHODS = ("gptq", "rtn")
-
-
-def spec_bytes(spec: QuantSpec | MixedSpec | None, shape: tuple[int, int]) -> int:
-    """Exact bytes that :func:`lowbit.quantize` stores for a ``shape`` matrix with ``spec`` (every
-    array of the QuantizedTensor, nested double-quantization scales included; computed from shapes
-    only, nothing is quantized). ``None`` (dense): 2 bytes per weight; a :class:`MixedSpec`: the
-    bytes of its :class:`~lowbit.core.mixed.MixedWidthWeight`."""
-    rows, cols = (int(d) for d in shape)
-    if spec is None:
-        return DENSE_BYTES * rows * cols
-    if isinstance(spec, MixedSpec):
-        from lowbit.core.mixed import mixed_bytes
-
-        return mixed_bytes(spec.spec, (rows, cols), spec.widths)
-    from lowbit.core.quantizers import quantize
-
-    out = jax.eval_shape(lambda w: quantize(w, spec), jax.ShapeDtypeStruct((rows, cols), jnp.float32))
-    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(out)))
-
-
-def code_bits(spec: QuantSpec | MixedSpec | None) -> float:
-    """The code width of an entry: 16 for dense, the mean over the groups for a :class:`MixedSpec`."""
-    if spec is None:
-        return 16.0
-    if isinstance(spec, MixedSpec):
-        return float(np.mean(spec.widths))
-    return float(spec.bits)
 
 
 def _spec_of(entry, where: str) -> QuantSpec | MixedSpec | None:
@@ -95,22 +56,15 @@ def _spec_of(entry, where: str) -> QuantSpec | MixedSpec | None:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected '{DENSE}' or a mapping of quant fields (bits, group_size, ...), "
                          f"got {entry!r}")
-    from lowbit.runner.config import QuantCfg, from_dict
-
     if isinstance(entry.get("bits"), list):   # a width per column group
         widths = entry["bits"]
         if not widths or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 8 for b in widths):
             raise ValueError(f"{where}.bits: expected a non-empty list of widths in 1..8 (one per column group), "
                              f"got {widths!r}")
         spec = _spec_of({**entry, "bits": max(widths)}, where)
-        from lowbit.core.mixed import check_widths
-
         check_widths(widths, spec, name=f"{where}.bits")
         return MixedSpec(spec, tuple(widths))
-    q = from_dict(QuantCfg, entry, where)
-    return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, format=q.format, clip=q.clip,
-                     double_quant=q.double_quant, partial_groups=q.partial_groups, dq_map=q.dq_map,
-                     scale_dtype=q.scale_dtype)
+    return from_dict(QuantCfg, entry, where).spec()
 
 
 def _entry_of(spec: QuantSpec | MixedSpec | None):
@@ -118,9 +72,7 @@ def _entry_of(spec: QuantSpec | MixedSpec | None):
         return DENSE
     if isinstance(spec, MixedSpec):
         return {**_entry_of(spec.spec), "bits": list(spec.widths)}
-    from lowbit.runner.config import QuantCfg
-
-    d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(QuantCfg)}
+    d = dataclasses.asdict(QuantCfg.of(spec))
     defaults = QuantCfg()
     return {k: v for k, v in d.items() if k in ("bits", "group_size") or v != getattr(defaults, k)}
 
@@ -135,12 +87,10 @@ class Recipe:
     options: Any = None
 
     def __post_init__(self):
-        from lowbit import methods
-
         m = methods.get(self.method)
         if not m.quantizes:
             raise ValueError(f"recipe method={self.method!r}: does not quantize; expected one of "
-                             f"{[n for n, mm in methods.METHODS.items() if mm.quantizes]}")
+                             f"{methods.with_names(lambda mm: mm.quantizes)}")
         if self.options is None:
             object.__setattr__(self, "options", m.options())
         elif not isinstance(self.options, m.options):
@@ -152,13 +102,14 @@ class Recipe:
                 raise ValueError(f"recipe weights: path {p!r} is not a non-empty string")
             if s is not None and not isinstance(s, (QuantSpec, MixedSpec)):
                 raise ValueError(f"recipe weights[{p!r}]: expected a QuantSpec, MixedSpec or None (dense), got {s!r}")
-            if isinstance(s, MixedSpec) and self.method not in MIXED_METHODS:
-                raise ValueError(f"recipe weights[{p!r}]: a width per column group needs method "
-                                 f"{' or '.join(MIXED_METHODS)}, not {self.method!r}")
-        if any(isinstance(s, MixedSpec) for s in self.weights.values()) and (
-                getattr(self.options, "act_order", False) or getattr(self.options, "static_groups", False)):
-            raise ValueError("recipe: widths per column group need act_order: false and static_groups: false "
-                             "(the groups are the original column blocks the widths name)")
+        mixed = [p for p, s in self.weights.items() if isinstance(s, MixedSpec)]
+        if mixed:
+            if m.mixed is None:
+                have = methods.with_names(lambda mm: mm.mixed is not None)
+                raise ValueError(f"recipe weights[{mixed[0]!r}]: a width per column group needs method "
+                                 f"{' or '.join(have)}, not {self.method!r}")
+            s = self.weights[mixed[0]]
+            m.mixed(s.spec, self.options, {mixed[0]: s.widths})   # the method's own checks of its options
 
     def check(self, params) -> dict[str, tuple[int, int]]:
         """The shapes of the recipe's linears in ``params``; a ValueError naming every path the
@@ -172,8 +123,6 @@ class Recipe:
                              f"(not 2-D weights of this model); the model's matrices are: {shown}")
         for p, s in self.weights.items():
             if isinstance(s, MixedSpec):
-                from lowbit.core.mixed import check_widths
-
                 check_widths(s.widths, s.spec, linears[p][1], f"recipe weights[{p!r}].bits")
         return {p: linears[p] for p in self.weights}
 
@@ -189,8 +138,6 @@ class Recipe:
         """The recipe as one Transform: the method with each listed spec on exactly its paths (paths
         sharing a spec share one transform, so shared inputs are reduced once), everything else
         passed through."""
-        from lowbit import methods
-
         groups: dict[QuantSpec, list[str]] = {}
         mixed: dict[QuantSpec, dict[str, tuple]] = {}
         for p, s in self.weights.items():
@@ -199,21 +146,11 @@ class Recipe:
             elif s is not None:
                 groups.setdefault(s, []).append(p)
         rules = [(_exact(ps), methods.build(self.method, s, self.options)) for s, ps in groups.items()]
-        for s, widths in mixed.items():
-            if self.method == "gptq":
-                from lowbit.methods.gptq import gptq
-
-                t = gptq(s, **dataclasses.asdict(self.options), widths=widths)
-            else:
-                from lowbit.methods.rtn import rtn
-
-                t = rtn(s, widths=widths)
-            rules.append((_exact(widths), t))
+        rules += [(_exact(widths), methods.build(self.method, s, self.options, widths=widths))
+                  for s, widths in mixed.items()]
         return partition(rules + [(".*", identity())])
 
     def to_dict(self) -> dict:
-        from lowbit.runner.config import to_dict
-
         d = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION, "method": self.method}
         opts = to_dict(self.options)
         if opts:
@@ -223,9 +160,6 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "recipe") -> "Recipe":
-        from lowbit import methods
-        from lowbit.runner.config import from_dict
-
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a mapping (format: {RECIPE_FORMAT}), got {type(d).__name__}")
         if d.get("format") != RECIPE_FORMAT or d.get("version") != RECIPE_VERSION:
@@ -262,8 +196,6 @@ def load_recipe(path: str) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: str, comment: str = "") -> str:
     """Write ``recipe`` to ``path`` atomically (YAML; ``comment`` lines on top); returns ``path``."""
-    from lowbit.runner.records import write_text
-
     head = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
     write_text(path, head + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return path

@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import dist
-from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
-from lowbit.core.quantizers import bits_per_param, dequantize
+from lowbit.core.nodes import is_node
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.core.quantizers import dequantize
 from lowbit.core.transforms import (Context, Transform, flatten, identity, needs_data, partition, per_input,
                                     set_path, unflatten)
 from lowbit.models.protocol import FAMILIES, family_of
@@ -80,16 +81,16 @@ def _rel_err_linear(x, w, q):
 
 def _rel_out_err(x, w, q) -> float:
     """``||X (W - Q)^T|| / ||X W^T||`` on (at most :data:`REPORT_ROWS` evenly spaced rows of) ``x``;
-    for a method's weight node (LLM.int8(), OneBit) ``||X W^T - linear(X, Q)|| / ||X W^T||`` (the
-    whole layer: LLM.int8()'s activation quantization and outlier decomposition, OneBit's output
+    for a method's weight node (LLM.int8(), OneBit, mixed widths) ``||X W^T - linear(X, Q)|| / ||X W^T||``
+    (the whole layer: LLM.int8()'s activation quantization and outlier decomposition, OneBit's output
     LayerNorm, included)."""
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] > REPORT_ROWS:
         x = x[:: -(-x.shape[0] // REPORT_ROWS)]
-    if isinstance(q, QuantizedMatrix):
-        return float(_rel_err_linear(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), q))
-    wq = dequantize(q) if isinstance(q, QuantizedTensor) else q
-    return float(_rel_err(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(wq, jnp.float32)))
+    if isinstance(q, QuantizedTensor) or not is_node(q):
+        wq = dequantize(q) if isinstance(q, QuantizedTensor) else q
+        return float(_rel_err(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(wq, jnp.float32)))
+    return float(_rel_err_linear(x.astype(jnp.float32), jnp.asarray(w, jnp.float32), q))
 
 
 @jax.jit
@@ -107,10 +108,7 @@ def _cap_tokens(acts: dict, cap: float) -> dict:
 
 
 def _describe(q) -> dict:
-    if isinstance(q, QuantizedTensor):
-        return dict(format=q.format, bits=q.bits, group_size=q.group_size, act_order=q.perm is not None,
-                    bits_per_param=bits_per_param(q))
-    if isinstance(q, QuantizedMatrix):   # a method's weight node (LLM.int8(), OneBit)
+    if is_node(q):   # QuantizedTensor, a method's weight node (LLM.int8(), OneBit, mixed widths)
         return q.describe()
     return dict(format="dense", bits=16, group_size=0, act_order=False, bits_per_param=16.0)
 
@@ -237,9 +235,10 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         *float* block's outputs.
 
     A recipe with a ``prepare`` stage (AWQ) gets every block rewritten in float before its groups
-    are calibrated (:func:`_prepare_block`); when no later member collects statistics (AWQ + RTN,
-    the llm-awq reference) the next block's inputs are the float block's outputs, as in the
-    reference; when one does (AWQ + GPTQ) they are the quantized block's outputs, GPTQ's convention.
+    are calibrated (:func:`_prepare_block`). A recipe that asks for ``float_inputs`` (AWQ does: the
+    llm-awq reference) and in which nothing collects statistics (AWQ + RTN) feeds the next block the
+    float block's outputs, as in the reference; otherwise (AWQ + GPTQ) the next block's inputs are
+    the quantized block's outputs, GPTQ's convention.
       on_layer: called as ``on_layer(i, new_params, rows_of_layer_i)`` after each layer (checkpointing).
     Returns:
       ``(new_params, rows)``: the same structure with leaves replaced, and per-weight report rows.
@@ -273,7 +272,7 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         for i in range(start_layer, n_layers)) and not needs_data(
         jax.eval_shape(recipe.init, {p: params[p] for p in fam.outside if p in params}))
     prepares = recipe.prepare is not None
-    float_inputs = prepares and data_free   # the next block sees the float block's outputs (AWQ + RTN)
+    float_inputs = recipe.float_inputs and data_free   # the next block sees the float block's outputs (AWQ + RTN)
     if prepares and fam.module_fn is None:
         raise ValueError(f"recipe: its prepare stage (AWQ) needs the model family {fam.name!r} to declare "
                          "module_fn and scale_groups (lowbit.models.protocol); it does not")

@@ -12,7 +12,8 @@ block of input columns its own width) and of GPTQ with a per-group width vector
 
 so every stored array is an ordinary packed QuantizedTensor (codes, scales, zeros at the part's
 width) and the bytes are those of the parts; the widths are static metadata like a
-QuantizedTensor's ``bits``. ``x @ W^T`` is the sum over parts of ``linear(x[..., cols_k], part_k)``.
+QuantizedTensor's ``bits``. ``x @ W^T`` is the sum over parts of ``linear(x[..., cols_k], part_k)``
+(:func:`lowbit.ops.linear`, registered there for this node).
 
 :func:`quantize_mixed` is the round-to-nearest form (the candidates of a column-block allocation);
 :func:`assemble` packs codes / scales / zeros computed elsewhere (GPTQ).
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit.core.nodes import register_node
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 
 __all__ = ["MixedWidthWeight", "quantize_mixed", "assemble", "check_widths", "mixed_bytes"]
@@ -97,15 +99,6 @@ class MixedWidthWeight(QuantizedMatrix):
             w = w.at[:, self.columns(b)].set(dequantize(part, jnp.float32))
         return w.astype(dtype)
 
-    def matmul(self, x):
-        from lowbit.ops import linear
-
-        y = None
-        for b, part in zip(self.part_widths, self.parts):
-            yb = linear(jnp.take(x, self.columns(b), axis=-1), part).astype(jnp.float32)
-            y = yb if y is None else y + yb
-        return y.astype(x.dtype)
-
     def bits_per_param(self) -> float:
         total = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize * 8 for a in jax.tree_util.tree_leaves(self.parts))
         return total / (self.shape[0] * self.shape[1])
@@ -141,6 +134,7 @@ class MixedWidthWeight(QuantizedMatrix):
 
 
 jax.tree_util.register_dataclass(MixedWidthWeight, data_fields=["parts"], meta_fields=["shape", "group_size", "widths"])
+register_node("mixed", MixedWidthWeight)
 
 
 def assemble(codes, scales, zeros, spec: QuantSpec, widths: Sequence[int]) -> MixedWidthWeight:
@@ -177,9 +171,9 @@ def quantize_mixed(w, spec: QuantSpec, widths: Sequence[int]) -> MixedWidthWeigh
 
 def mixed_bytes(spec: QuantSpec, shape: tuple[int, int], widths: Sequence[int]) -> int:
     """Exact bytes of :func:`quantize_mixed` / GPTQ's mixed result for ``shape`` at ``widths``."""
-    from lowbit.alloc.recipe import spec_bytes
+    from lowbit.core.quantizers import quantized_bytes
 
     rows, cols = shape
     widths = check_widths(widths, spec, cols)
-    return sum(spec_bytes(dataclasses.replace(spec, bits=b, partial_groups=True),
-                          (rows, len(_columns(cols, spec.group_size, widths, b)))) for b in sorted(set(widths)))
+    return sum(quantized_bytes(dataclasses.replace(spec, bits=b, partial_groups=True),
+                               (rows, len(_columns(cols, spec.group_size, widths, b)))) for b in sorted(set(widths)))

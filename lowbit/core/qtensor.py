@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.core import numerics
+from lowbit.core.checks import is_arraylike, is_int, is_real
+from lowbit.core.nodes import register_node
 
 __all__ = ["QuantSpec", "QuantizedTensor", "MatrixLike", "QuantizedMatrix", "FORMATS", "DQ_MAPS"]
 
@@ -46,17 +48,9 @@ DQ_MAPS = ("linear", "dynamic")  # QuantSpec.dq_map: the grid of the double-quan
 _TABLE_FORMATS = ("nf4", "fp4", "codebook")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
 def _check_int(name: str, v, lo: int, hi: int | None = None) -> None:
     """``v`` must be an int (not a bool) in ``lo..hi``."""
-    if _is_int(v) and lo <= v and (hi is None or v <= hi):
+    if is_int(v) and lo <= v and (hi is None or v <= hi):
         return
     if hi is None:
         want = "a positive int" if lo == 1 else f"an int >= {lo}"
@@ -124,7 +118,7 @@ class QuantSpec:
         _check_int("bits", self.bits, 1, 8)
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
-        if self.group_size is not None and not (_is_int(self.group_size) and self.group_size > 0):
+        if self.group_size is not None and not (is_int(self.group_size) and self.group_size > 0):
             raise ValueError(f"group_size={self.group_size!r}: expected a positive int or None (per output channel)")
         for name in ("per_tensor", "symmetric", "partial_groups", "clip", "double_quant"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -137,10 +131,10 @@ class QuantSpec:
             raise ValueError(f"dq_bits={self.dq_bits}: dq_map='dynamic' is bitsandbytes' 8-bit dynamic map "
                              "(use dq_bits=8, or dq_map='linear' for other widths)")
         _check_int("clip_grid", self.clip_grid, 1)
-        if not (_is_real(self.clip_maxshrink) and 0.0 < self.clip_maxshrink < 1.0):
+        if not (is_real(self.clip_maxshrink) and 0.0 < self.clip_maxshrink < 1.0):
             raise ValueError(f"clip_maxshrink={self.clip_maxshrink!r}: expected a number in (0, 1) "
                              "(the smallest range factor the clipping search tries)")
-        if not (_is_real(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+        if not (is_real(self.clip_norm) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm={self.clip_norm!r}: expected a finite number > 0 (the error norm's exponent)")
         if self.format in ("nf4", "fp4") and self.bits != 4:
             raise ValueError(f"bits={self.bits}: format {self.format!r} is a 4-bit format")
@@ -148,7 +142,7 @@ class QuantSpec:
             if self.levels is None:
                 raise ValueError("levels: format 'codebook' needs a tuple of levels")
             if not (isinstance(self.levels, tuple)
-                    and all(_is_real(v) and math.isfinite(v) for v in self.levels)):
+                    and all(is_real(v) and math.isfinite(v) for v in self.levels)):
                 raise ValueError(f"levels={self.levels!r}: expected a tuple of finite numbers")
             if numerics.codebook_bits(self.levels) > self.bits:
                 raise ValueError(f"bits={self.bits}: {len(self.levels)} levels need {numerics.codebook_bits(self.levels)} bits")
@@ -198,21 +192,17 @@ class MatrixLike:
 
 
 class QuantizedMatrix(MatrixLike):
-    """Base of the weight types that replace a matrix by a method-specific node stored and passed
+    """Base of the weight nodes that replace a matrix by a method-specific node stored and passed
     around whole (LLM.int8()'s ``Int8Weight``, OneBit's ``OneBitWeight``, the mixed-width
-    ``MixedWidthWeight``): one leaf for
-    :func:`lowbit.core.transforms.flatten`, a quantized linear for model-size accounting, computed
-    by :func:`lowbit.ops.linear` through their ``matmul(x)`` (``x @ W^T``), reported by the
-    calibration driver through ``describe()`` and ``bits_per_param()``, saved by
-    :mod:`lowbit.io.checkpoint` through ``ckpt_fields()`` / ``from_ckpt()``."""
-
-    def matmul(self, x):  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    ``MixedWidthWeight``): a quantized linear for model-size accounting. Like every weight node
+    (:mod:`lowbit.core.nodes`) a subclass registers its kind (``register_node``: checkpoint fields
+    through ``ckpt_fields()`` / ``from_ckpt()``) and its matmul (:func:`lowbit.ops.register_matmul`),
+    and gives the calibration report's fields through ``describe()``."""
 
     def describe(self) -> dict:  # pragma: no cover
         raise NotImplementedError
 
-    # checkpoint protocol (lowbit.io.checkpoint): the node as named children (arrays, QuantizedTensors,
+    # checkpoint protocol (lowbit.core.nodes): the node as named children (arrays, QuantizedTensors,
     # None for absent ones) and JSON metadata, and back
     def ckpt_fields(self) -> tuple[dict, dict]:  # pragma: no cover
         raise NotImplementedError
@@ -248,7 +238,7 @@ class QuantizedTensor(MatrixLike):
         # dequantization. JAX also builds QuantizedTensors from placeholders (``None``, ``object()``,
         # vmap axis specs, ...) in tree_unflatten: without an array-like leaf nothing is checked.
         # A batch axis in front of every leaf (vmap / scan / stacked layers) is allowed.
-        if not any(_is_arraylike(x) for x in self._own_leaves()):
+        if not any(is_arraylike(x) for x in self._own_leaves()):
             return
         self._check_meta()
         rows, cols = self.shape
@@ -264,7 +254,7 @@ class QuantizedTensor(MatrixLike):
                 raise ValueError(f"scales: expected an array or a (nested QuantizedTensor, offset) pair, "
                                  f"got a tuple of {len(self.scales)}")
             nested, offset = self.scales
-            if isinstance(nested, QuantizedTensor) and _is_arraylike(nested.data):
+            if isinstance(nested, QuantizedTensor) and is_arraylike(nested.data):
                 n_nested = nested.shape[0] * nested.shape[1]
                 if n_nested < rows_s * groups:
                     raise ValueError(f"scales: the double-quantized scale table holds {n_nested} values, "
@@ -288,7 +278,7 @@ class QuantizedTensor(MatrixLike):
             raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
         _check_int("bits", self.bits, 1, 8)
         if not (isinstance(self.shape, tuple) and len(self.shape) == 2
-                and all(_is_int(d) and d > 0 for d in self.shape)):
+                and all(is_int(d) and d > 0 for d in self.shape)):
             raise ValueError(f"shape={self.shape!r}: expected (rows, cols), two positive ints")
         _check_int("group_size", self.group_size, 1)
         if not isinstance(self.per_tensor, (bool, np.bool_)):
@@ -315,6 +305,31 @@ class QuantizedTensor(MatrixLike):
     def T(self):
         raise TypeError("QuantizedTensor has no transpose; use lowbit.ops.linear or dequantize() first")
 
+    def bits_per_param(self) -> float:
+        """Stored bits (codes, scales, zeros, value vectors, permutation, nested scales) per weight."""
+        total = sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
+                    for leaf in jax.tree_util.tree_leaves(self))
+        return total / (self.shape[0] * self.shape[1])
+
+    def describe(self) -> dict:
+        """The calibration report's fields of this weight."""
+        return dict(format=self.format, bits=self.bits, group_size=self.group_size, act_order=self.perm is not None,
+                    bits_per_param=self.bits_per_param())
+
+    def ckpt_fields(self) -> tuple[dict, dict]:
+        """The node protocol (:mod:`lowbit.core.nodes`): its arrays, and its static metadata."""
+        return ({f: getattr(self, f) for f in _QT_ARRAYS},
+                {"shape": list(self.shape), "bits": self.bits, "group_size": self.group_size, "format": self.format,
+                 "levels": None if self.levels is None else list(self.levels), "per_tensor": self.per_tensor})
+
+    @classmethod
+    def from_ckpt(cls, fields: dict, meta: dict) -> "QuantizedTensor":
+        levels = meta["levels"]
+        return cls(**fields, shape=tuple(int(d) for d in meta["shape"]), bits=int(meta["bits"]),
+                   group_size=int(meta["group_size"]), format=str(meta["format"]),
+                   levels=None if levels is None else tuple(float(v) for v in levels),
+                   per_tensor=bool(meta["per_tensor"]))
+
     def __repr__(self):
         extra = " perm" if self.perm is not None else ""
         extra += " col_scale" if self.col_scale is not None else ""
@@ -327,14 +342,10 @@ class QuantizedTensor(MatrixLike):
                 f"group_size={self.group_size}{dq}{extra})")
 
 
-def _is_arraylike(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-
-
 def _check_leaf(name: str, leaf, tail: tuple, kind: str, batch: list, why: str) -> None:
     """``leaf`` (when array-like) must end in ``tail`` with a dtype of ``kind``; the axes in front
     (a vmap / scan batch) must be the same for every leaf (``batch`` holds the first leaf's)."""
-    if not _is_arraylike(leaf):
+    if not is_arraylike(leaf):
         return
     shape = tuple(leaf.shape)
     k = len(shape) - len(tail)
@@ -353,8 +364,11 @@ def _check_leaf(name: str, leaf, tail: tuple, kind: str, batch: list, why: str) 
         raise ValueError(f"{name}: dtype {dt}, expected {want}")
 
 
+_QT_ARRAYS = ("data", "scales", "zeros", "col_scale", "perm")
+
 jax.tree_util.register_dataclass(
     QuantizedTensor,
-    data_fields=["data", "scales", "zeros", "col_scale", "perm"],
+    data_fields=list(_QT_ARRAYS),
     meta_fields=["shape", "bits", "group_size", "format", "levels", "per_tensor"],
 )
+register_node("qtensor", QuantizedTensor)

@@ -375,9 +375,14 @@ def qlinear(x, q: QuantizedTensor):
 
 def bits_per_param(q: QuantizedTensor) -> float:
     """Stored bits (codes, scales, zeros, value vectors, permutation, nested scales) per weight."""
-    total = sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
-                for leaf in jax.tree_util.tree_leaves(q))
-    return total / (q.shape[0] * q.shape[1])
+    return q.bits_per_param()
+
+
+def quantized_bytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    """Exact bytes :func:`quantize` stores for a ``shape`` matrix with ``spec`` (every array of the
+    result, nested double-quantization scales included), from shapes only: nothing is quantized."""
+    out = jax.eval_shape(lambda w: quantize(w, spec), jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.float32))
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(out)))
 
 
 # ----------------------------------------------------------------------------- STE fake quantization

@@ -29,6 +29,12 @@ like ``"layers/3/self_attn/q_proj"``, see :func:`flatten`)::
   calibrates on the rewritten block (GPTQ's Hessian is built from ``x / s``, because the norm was
   divided by ``s``).
 
+* ``float_inputs``: the layer-sequential driver normally calibrates block ``i + 1`` on the outputs
+  of the *quantized* block ``i`` (GPTQ's convention); a transform that asks for ``float_inputs``
+  (AWQ followed by round-to-nearest, the llm-awq reference) gets the *float* block's outputs
+  instead, as long as no member of the recipe collects statistics. ``chain`` / ``partition`` ask
+  when any member does.
+
 ``chain`` runs transforms one after the other (each calibrated on what the previous ones hand on);
 ``partition`` routes each leaf to the first rule whose regex matches its path (``re.search``),
 leaving unmatched leaves untouched::
@@ -50,7 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 
-from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
+from lowbit.core.nodes import is_opaque
 
 __all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten", "get_path", "set_path",
            "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics", "per_input"]
@@ -95,6 +101,9 @@ class Transform(NamedTuple):
     requires: frozenset = frozenset()
     #: ``prepare(block, inputs, context) -> (block, metrics)`` or None (see the module docstring)
     prepare: Callable | None = None
+    #: the layer-sequential driver feeds the next block the *float* block's outputs (see the module
+    #: docstring), when no member collects statistics
+    float_inputs: bool = False
 
 
 def path_str(keypath) -> str:
@@ -109,20 +118,16 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
-def _is_leaf(x) -> bool:
-    # QuantizedMatrix: a method's weight node (LLM.int8()'s Int8Weight, OneBit's OneBitWeight)
-    return isinstance(x, (QuantizedTensor, QuantizedMatrix))
-
-
 def flatten(tree) -> dict[str, Any]:
-    """Nested params -> ``{path: leaf}`` (QuantizedTensors and QuantizedMatrix nodes count as leaves)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    """Nested params -> ``{path: leaf}`` (opaque weight nodes count as leaves: QuantizedTensors,
+    method nodes, ...; a LoRA adapter is walked into, :mod:`lowbit.core.nodes`)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_opaque)
     return {path_str(kp): v for kp, v in leaves}
 
 
 def unflatten(like, flat: Mapping[str, Any]):
     """Put ``flat`` leaves back into the structure of ``like`` (leaves may change type)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_opaque)
     missing = [path_str(kp) for kp, _ in leaves if path_str(kp) not in flat]
     if missing:
         raise ValueError(f"flat: missing paths {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -211,7 +216,7 @@ def chain(*transforms: Transform) -> Transform:
         return block, metrics
 
     return Transform(init, update, apply, frozenset().union(*(t.requires for t in transforms)),
-                     prepare if preparers else None)
+                     prepare if preparers else None, any(t.float_inputs for t in transforms))
 
 
 def partition(rules: Sequence[tuple[str, Transform]]) -> Transform:
@@ -265,7 +270,8 @@ def partition(rules: Sequence[tuple[str, Transform]]) -> Transform:
         return block, metrics
 
     return Transform(init, update, apply, frozenset().union(*(t.requires for _, t in compiled)),
-                     prepare if any(t.prepare is not None for _, t in compiled) else None)
+                     prepare if any(t.prepare is not None for _, t in compiled) else None,
+                     any(t.float_inputs for _, t in compiled))
 
 
 def calibrate(transform: Transform, params: Params, activations: Iterable[Params], context: Context | None = None):

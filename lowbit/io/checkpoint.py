@@ -1,15 +1,15 @@
-"""Atomic save/restore of parameter trees that hold :class:`QuantizedTensor` leaves (orbax).
+"""Atomic save/restore of parameter trees that hold weight nodes (QuantizedTensors, ...; orbax).
 
 Layout of a checkpoint directory::
 
     DIR/manifest.json        structure: nested dicts/lists, array shapes/dtypes and sha256 checksums,
-                             QuantizedTensor metadata (version 2; version 1 had no checksums), the
-                             static fields of LoRA adapters (``__lora__``) and of method weight
-                             nodes (``__qmatrix__``: class and ``ckpt_fields()`` metadata of a
-                             QuantizedMatrix: Int8Weight, OneBitWeight, MixedWidthWeight; the older
-                             ``__llm_int8__`` / ``__onebit__`` entries are still read)
-    DIR/arrays/              orbax StandardCheckpointer of the same tree with QuantizedTensors (and
-                             LoraWeight / QuantizedMatrix nodes) as dicts
+                             and every weight node as its registered kind and static metadata
+                             (``{"__node__": "qtensor" | "mixed" | "int8" | "onebit" | "lora" | ...,
+                             "meta": ..., "__dict__": children}``, :mod:`lowbit.core.nodes`; version 3.
+                             Version 2 manifests, with per-kind entries and class paths, and version 1,
+                             without checksums, are still read; a file never makes lowbit import anything)
+    DIR/arrays/              orbax StandardCheckpointer of the same tree with every weight node as a dict
+                             of its children
     DIR/extra.json           caller's metadata (model config, recipe, ...), optional
     DIR/<extra files>        caller's files (e.g. layers.csv), optional
     DIR/.lowbit-output.json  every file above (:mod:`lowbit.io.outputs`)
@@ -41,17 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor
+from lowbit.core import nodes
 from lowbit.faults import crash_point
 from lowbit.io import outputs
 
 __all__ = ["save", "restore", "read_extra", "atomic_directory", "is_collective", "local_copy",
            "process_local_options", "CheckpointError", "CheckpointNotFound", "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 2
+#: 3: weight nodes as {"__node__": registered kind, "meta", "__dict__"}; 2 (still read): per-kind entries
+#: and class paths; 1 (still read): no checksums
+MANIFEST_VERSION = 3
 
-_QT_META = ("shape", "bits", "group_size", "format", "levels", "per_tensor")
-_QT_ARRAYS = ("data", "scales", "zeros", "col_scale", "perm")
 _RESERVED = ("manifest.json", "extra.json", "arrays", outputs.MARKER)
 
 
@@ -70,32 +70,14 @@ def _sha256(a) -> str:
 
 def _encode(x) -> tuple[Any, Any]:
     """-> (plain tree of arrays for orbax, JSON structure)."""
-    if isinstance(x, QuantizedTensor):
-        arrays, fields = {}, {}
-        for f in _QT_ARRAYS:
-            v = getattr(x, f)
-            if v is None:
-                continue
-            arrays[f], fields[f] = _encode(v)
-        meta = {k: getattr(x, k) for k in _QT_META}
-        return arrays, {"__qtensor__": meta, "fields": fields}
-    lora = sys.modules.get("lowbit.train.lora")  # no LoraWeight exists before that module is loaded
-    if lora is not None and isinstance(x, lora.LoraWeight):
-        # a LoRA adapter (lowbit.train.lora.LoraWeight): its base (dense or QuantizedTensor) and a / b
-        # as a dict of arrays, the static scale / rank / dropout as metadata; the per-step dropout key
-        # is transient and never saved. The "__dict__" entry lets _verify walk it like a dict.
-        enc = {f: _encode(getattr(x, f)) for f in ("base", "a", "b")}
-        meta = {"scale": float(x.scale), "rank": int(x.rank), "dropout": float(x.dropout)}
-        return {k: v[0] for k, v in enc.items()}, {"__lora__": meta, "__dict__": {k: v[1] for k, v in enc.items()}}
-    if isinstance(x, QuantizedMatrix):
-        # a method's weight node (LLM.int8()'s Int8Weight, OneBit's OneBitWeight, MixedWidthWeight, ...):
-        # its named children as a dict, its class and static metadata in "__qmatrix__" ("__dict__":
-        # _verify walks it like a dict); absent (None) children are not stored
-        fields, meta = x.ckpt_fields()
+    kind = nodes.kind_of(x)
+    if kind is not None:
+        # a weight node (lowbit.core.nodes): its named children as a dict (absent ones not stored), its
+        # registered kind and static metadata; "__dict__" lets the walkers treat it like a dict
+        fields, meta = kind.fields(x)
         enc = {k: _encode(v) for k, v in fields.items() if v is not None}
-        kind = f"{type(x).__module__}:{type(x).__qualname__}"
         return ({k: v[0] for k, v in enc.items()},
-                {"__qmatrix__": {"type": kind, "meta": meta}, "__dict__": {k: v[1] for k, v in enc.items()}})
+                {"__node__": kind.name, "meta": meta, "__dict__": {k: v[1] for k, v in enc.items()}})
     if isinstance(x, dict):
         enc = {str(k): _encode(v) for k, v in x.items()}
         return {k: v[0] for k, v in enc.items()}, {"__dict__": {k: v[1] for k, v in enc.items()}}
@@ -109,35 +91,40 @@ def _encode(x) -> tuple[Any, Any]:
     return a, {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}  # on host, as saved
 
 
-#: manifest keys of method weight nodes written before the generic "__qmatrix__" entry (still read)
-_LEGACY_QMATRIX = {"__llm_int8__": "lowbit.methods.llm_int8:Int8Weight",
-                   "__onebit__": "lowbit.methods.onebit:OneBitWeight"}
+# Manifests written before the node registry (version 2) name nodes by entry key or by class path; they
+# map onto registered kinds here, by a fixed table: nothing a file names is ever imported.
+_LEGACY_CLASSES = {"lowbit.methods.llm_int8:Int8Weight": "int8", "lowbit.methods.onebit:OneBitWeight": "onebit",
+                   "lowbit.core.mixed:MixedWidthWeight": "mixed"}
+_LEGACY_KEYS = {"__qtensor__": "qtensor", "__lora__": "lora", "__llm_int8__": "int8", "__onebit__": "onebit"}
 
 
-def _qmatrix_class(kind: str):
-    """The QuantizedMatrix subclass named ``module:qualname`` in a manifest (lowbit's own modules only:
-    a manifest never makes lowbit import anything else)."""
-    import importlib
+def _node_entry(spec) -> tuple[str, dict] | None:
+    """(kind name, meta) of a manifest entry that is a weight node, else None."""
+    if "__node__" in spec:
+        return spec["__node__"], spec.get("meta") or {}
+    if "__qmatrix__" in spec:   # version 2: {"type": "module:qualname", "meta": ...}
+        kind = spec["__qmatrix__"]["type"]
+        if kind not in _LEGACY_CLASSES:
+            raise CheckpointError(f"manifest.json: weight node type {kind!r} is not a lowbit weight node "
+                                  f"(known: {sorted(_LEGACY_CLASSES)})")
+        return _LEGACY_CLASSES[kind], spec["__qmatrix__"]["meta"]
+    for key, name in _LEGACY_KEYS.items():
+        if key in spec:
+            return name, spec[key]
+    return None
 
-    mod, _, name = str(kind).partition(":")
-    if not (mod == "lowbit" or mod.startswith("lowbit.")) or not name:
-        raise CheckpointError(f"manifest.json: weight node type {kind!r} is not a lowbit QuantizedMatrix")
-    try:
-        cls = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError):
-        raise CheckpointError(f"manifest.json: weight node type {kind!r} does not exist in this lowbit") from None
-    if not (isinstance(cls, type) and issubclass(cls, QuantizedMatrix)):
-        raise CheckpointError(f"manifest.json: weight node type {kind!r} is not a lowbit QuantizedMatrix")
-    return cls
+
+def _children(spec) -> dict | None:
+    """The child entries of a dict-like manifest entry (a dict, or a weight node), else None."""
+    if "__qtensor__" in spec:   # version 2 QuantizedTensors keep their arrays under "fields"
+        return spec["fields"]
+    return spec.get("__dict__")
 
 
 def _abstract(spec) -> Any:
-    if "__qtensor__" in spec:
-        return {f: _abstract(s) for f, s in spec["fields"].items()}
-    if "__lora__" in spec or "__qmatrix__" in spec or any(k in spec for k in _LEGACY_QMATRIX):
-        return {f: _abstract(s) for f, s in spec["__dict__"].items()}
-    if "__dict__" in spec:
-        return {k: _abstract(s) for k, s in spec["__dict__"].items()}
+    kids = _children(spec)
+    if kids is not None:
+        return {k: _abstract(s) for k, s in kids.items()}
     if "__list__" in spec:
         return {str(i): _abstract(s) for i, s in enumerate(spec["__list__"])}
     # read onto this process's first device: the sharding saved with the arrays names the writer's
@@ -147,25 +134,14 @@ def _abstract(spec) -> Any:
 
 
 def _decode(plain, spec) -> Any:
-    if "__qtensor__" in spec:
-        meta = dict(spec["__qtensor__"])
-        meta["shape"] = tuple(meta["shape"])
-        meta["levels"] = None if meta["levels"] is None else tuple(meta["levels"])
-        fields = {f: _decode(plain[f], s) for f, s in spec["fields"].items()}
-        return QuantizedTensor(**fields, **meta)
-    if "__lora__" in spec:
-        from lowbit.train.lora import LoraWeight
-
-        meta = spec["__lora__"]
-        fields = {f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}
-        return LoraWeight(**fields, scale=float(meta["scale"]), rank=int(meta["rank"]),
-                          dropout=float(meta["dropout"]))
-    legacy = next((k for k in _LEGACY_QMATRIX if k in spec), None)
-    if "__qmatrix__" in spec or legacy:
-        kind, meta = ((spec["__qmatrix__"]["type"], spec["__qmatrix__"]["meta"]) if legacy is None
-                      else (_LEGACY_QMATRIX[legacy], spec[legacy]))
-        cls = _qmatrix_class(kind)
-        return cls.from_ckpt({f: _decode(plain[f], s) for f, s in spec["__dict__"].items()}, meta)
+    node = _node_entry(spec)
+    if node is not None:
+        name, meta = node
+        try:
+            kind = nodes.get_kind(name, "manifest.json: weight node kind")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        return kind.build({f: _decode(plain[f], s) for f, s in _children(spec).items()}, meta)
     if "__dict__" in spec:
         return {k: _decode(plain[k], s) for k, s in spec["__dict__"].items()}
     if "__list__" in spec:
@@ -174,15 +150,11 @@ def _decode(plain, spec) -> Any:
     return plain
 
 
-
-
 def _verify(path: str, plain, spec, where: tuple = ()) -> None:
     """Every array read back must match its manifest shape, dtype and sha256."""
-    if "__qtensor__" in spec:
-        for f, s in spec["fields"].items():
-            _verify(path, plain[f], s, where + (f,))
-    elif "__dict__" in spec:
-        for k, s in spec["__dict__"].items():
+    kids = _children(spec)
+    if kids is not None:
+        for k, s in kids.items():
             _verify(path, plain[k], s, where + (k,))
     elif "__list__" in spec:
         for i, s in enumerate(spec["__list__"]):
@@ -363,11 +335,9 @@ def _shard_sums(plain, spec) -> None:
 
     todo = []   # (spec leaf, array, distinct shard indices) in one order on every process
     def walk(p, s):
-        if "__qtensor__" in s:
-            for f, sub in s["fields"].items():
-                walk(p[f], sub)
-        elif "__dict__" in s:
-            for k, sub in s["__dict__"].items():
+        kids = _children(s)
+        if kids is not None:
+            for k, sub in kids.items():
                 walk(p[k], sub)
         elif "__list__" in s:
             for i, sub in enumerate(s["__list__"]):
@@ -485,9 +455,9 @@ def _manifest(path: str) -> dict:
     if not isinstance(m, dict) or m.get("format") != "lowbit-checkpoint":
         got = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise CheckpointError(f"{mf}: expected format 'lowbit-checkpoint', got {got!r}")
-    if m.get("version") not in (1, MANIFEST_VERSION):
+    if m.get("version") not in (1, 2, MANIFEST_VERSION):
         raise CheckpointError(f"checkpoint {path}: manifest.json version {m.get('version')!r} is not supported "
-                              f"(expected 1 or {MANIFEST_VERSION}; written by a newer lowbit?)")
+                              f"(expected 1 to {MANIFEST_VERSION}; written by a newer lowbit?)")
     if not isinstance(m.get("tree"), dict):
         raise CheckpointError(f"checkpoint {path}: manifest.json has no 'tree'")
     return m

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import ops
+from lowbit.core.checks import float_matrix
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import fake_quant, grouped, resolve_group_size
 from lowbit.core.transforms import Context, Transform, chain, get_path, set_path, unflatten
@@ -278,10 +279,9 @@ def awq(spec: QuantSpec, opts: AWQOptions = AWQOptions()) -> Transform:
         pre = context.prefix
         owned = set(inputs)
         for p in sorted(owned):
-            w = block.get(p)
-            if w is None or isinstance(w, QuantizedTensor) or getattr(w, "ndim", 0) != 2:
-                raise ValueError(f"params[{p!r}]: AWQ needs a float (out, in) matrix, got "
-                                 f"{type(w).__name__} {getattr(w, 'shape', None)}")
+            if p not in block:
+                raise ValueError(f"params[{p!r}]: not in the block AWQ is handed")
+            float_matrix(p, block[p], "AWQ")
         grouped_paths = {pre + lin for _, lins, _ in context.scale_groups for lin in lins}
         orphans = sorted(owned - grouped_paths)
         if orphans:
@@ -337,4 +337,6 @@ def awq(spec: QuantSpec, opts: AWQOptions = AWQOptions()) -> Transform:
                 metrics.setdefault(p, {})["awq_clip"] = ratio
         return block, metrics
 
-    return Transform(init=lambda params: (), apply=lambda params, state: ({}, {}), prepare=prepare)
+    # the llm-awq reference calibrates every block of the float model: when nothing after the scaling
+    # collects statistics (AWQ + RTN), the next block sees the float block's outputs
+    return Transform(init=lambda params: (), apply=lambda params, state: ({}, {}), prepare=prepare, float_inputs=True)

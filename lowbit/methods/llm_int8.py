@@ -89,10 +89,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import ops
 from lowbit.core import transforms
-from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
+from lowbit.core.nodes import register_node
+from lowbit.core.qtensor import QuantizedMatrix, QuantSpec
 from lowbit.core.quantizers import check_matrix
 from lowbit.methods.registry import register
+from lowbit.core.checks import float_matrix, is_arraylike, is_real
 
 __all__ = ["Int8Weight", "LLMInt8Options", "OutlierStat", "DEFAULT_THRESHOLD", "QMAX", "MM_DEQUANT",
            "quantize_weight", "quantize_rows", "outlier_columns", "int8_matmul", "with_threshold", "llm_int8"]
@@ -105,21 +108,13 @@ QMAX = 127
 MM_DEQUANT = 1.0 / (QMAX * QMAX)
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
 def check_threshold(threshold, name: str = "threshold") -> float:
     """``threshold`` as a float, or a ValueError unless it is a finite real ``>= 0``."""
-    if not (_is_real(threshold) and math.isfinite(threshold) and threshold >= 0):
+    if not (is_real(threshold) and math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"{name}={threshold!r}: expected a finite outlier threshold >= 0 (|x| >= threshold "
                          f"marks an outlier feature; 0 disables the decomposition; the paper uses "
                          f"{DEFAULT_THRESHOLD})")
     return float(threshold)
-
-
-def _is_arraylike(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
 
 
 # ----------------------------------------------------------------------------- the weight type
@@ -143,7 +138,7 @@ class Int8Weight(QuantizedMatrix):
         check_threshold(self.threshold, "Int8Weight.threshold")
         # JAX rebuilds nodes from placeholders in tree_unflatten (None, object(), vmap specs): only
         # check when the children are arrays.
-        if not (_is_arraylike(self.codes) and _is_arraylike(self.absmax)):
+        if not (is_arraylike(self.codes) and is_arraylike(self.absmax)):
             return
         if self.codes.ndim != 2 or self.codes.dtype != jnp.int8:
             raise ValueError(f"Int8Weight: codes must be a 2-D (out, in) int8 array, got "
@@ -173,10 +168,6 @@ class Int8Weight(QuantizedMatrix):
         """The dense ``(out, in)`` matrix ``codes * absmax / 127`` (bitsandbytes' ``int8_vectorwise_dequant``)."""
         return _dequantize(self.codes, self.absmax).astype(dtype)
 
-    def matmul(self, x):
-        """``linear(x, self)``: :func:`int8_matmul`."""
-        return int8_matmul(x, self)
-
     def bits_per_param(self) -> float:
         """8-bit codes plus one float32 absmax per output row."""
         out, inp = self.shape
@@ -199,6 +190,7 @@ class Int8Weight(QuantizedMatrix):
 
 
 jax.tree_util.register_dataclass(Int8Weight, data_fields=["codes", "absmax"], meta_fields=["threshold"])
+register_node("int8", Int8Weight)
 
 
 def _dequantize(codes, absmax):
@@ -293,6 +285,9 @@ def _int8_matmul(x, w: Int8Weight):
     return y.reshape(*lead, w.shape[0]).astype(x.dtype)
 
 
+ops.register_matmul(Int8Weight, int8_matmul)
+
+
 def with_threshold(tree, threshold: float):
     """``tree`` with every :class:`Int8Weight` switched to ``threshold`` (codes and scales shared):
     evaluate one quantized model at several thresholds without re-quantizing."""
@@ -354,7 +349,9 @@ def check_spec(spec: QuantSpec | None) -> None:
 
 
 @register("llm_int8", options=LLMInt8Options,
-          help="LLM.int8(): int8 weights, outlier features in float at matmul time (Dettmers et al. 2022)")
+          help="LLM.int8(): int8 weights, outlier features in float at matmul time (Dettmers et al. 2022)",
+          # one absmax per output row whatever quant.group_size says
+          report=lambda spec: {"bits": spec.bits, "group_size": None})
 def _llm_int8_method(spec: QuantSpec | None, opts: LLMInt8Options) -> transforms.Transform:
     check_spec(spec)
     return llm_int8(opts.threshold)
@@ -374,9 +371,7 @@ def llm_int8(threshold: float = DEFAULT_THRESHOLD) -> transforms.Transform:
     def init(params):
         stats = {}
         for path, w in params.items():
-            if isinstance(w, (QuantizedTensor, Int8Weight)) or getattr(w, "ndim", 0) != 2:
-                raise ValueError(f"params[{path!r}]: llm_int8 quantizes float 2-D (out, in) matrices, got "
-                                 f"{_describe(w)}; exclude it with partition()")
+            float_matrix(path, w, "llm_int8")
             stats[path] = OutlierStat(jnp.zeros((w.shape[1],), jnp.float32), jnp.float32(0), jnp.float32(0))
         return stats
 
@@ -410,8 +405,3 @@ def llm_int8(threshold: float = DEFAULT_THRESHOLD) -> transforms.Transform:
         return out, metrics
 
     return transforms.Transform(init, update, apply)
-
-
-def _describe(w) -> str:
-    shape = getattr(w, "shape", None)
-    return f"{type(w).__name__} of shape {tuple(shape)}" if shape is not None else type(w).__name__

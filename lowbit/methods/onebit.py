@@ -78,9 +78,9 @@ through the OneBit Pallas kernel where the device allows it (``kernels/onebit_ma
 
 **The method** ``onebit`` (``{method: onebit, quant: {bits: 1, format: onebit, group_size: null},
 onebit: {svid: nmf}}``) turns every selected linear into a training-form :class:`OneBitWeight`
-(data-free, like RTN); ``lowbit run`` rows with ``distill: true`` then train it
-(:mod:`lowbit.runner.experiment`, the experiment's ``distill:`` block), and every row packs it
-before evaluation.
+(data-free, like RTN); ``lowbit run`` rows with ``distill: true`` then train it (its ``training``
+hook in the registry: trainable leaves, optimizer, loss; the experiment's ``distill:`` block), and
+its ``finalize`` hook packs it before every evaluation.
 """
 
 from __future__ import annotations
@@ -93,10 +93,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import ops
 from lowbit.core import transforms
+from lowbit.core.nodes import register_node
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import bits_per_param as _qt_bits_per_param, check_matrix
-from lowbit.methods.registry import register
+from lowbit.methods.registry import Training, register
+from lowbit.core.checks import float_matrix, is_arraylike
 
 __all__ = ["OneBitWeight", "OneBitOptions", "sign_ste", "svid", "svid_nmf", "svid_svd", "init_weight",
            "pack", "round_vectors", "onebit_linear", "onebit_kd_loss", "onebit_optim", "trainable_regex",
@@ -227,10 +230,6 @@ def svid(w, method: str = "nmf", **kw):
 # ----------------------------------------------------------------------------- the weight type
 
 
-def _is_arraylike(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-
-
 @dataclasses.dataclass(frozen=True)
 class OneBitWeight(QuantizedMatrix):
     """A OneBit linear weight ``(out, in)`` (see the module docstring). A pytree:
@@ -256,7 +255,7 @@ class OneBitWeight(QuantizedMatrix):
                 raise ValueError("OneBitWeight: a packed weight is a format-'onebit' QuantizedTensor with "
                                  f"a = b = None, got format {self.w.format!r}")
             return
-        if not (_is_arraylike(self.w) and _is_arraylike(self.a) and _is_arraylike(self.b)):
+        if not (is_arraylike(self.w) and is_arraylike(self.a) and is_arraylike(self.b)):
             return  # pytree placeholders (tree_unflatten, vmap specs)
         if self.w.ndim != 2 or self.a.shape != (self.w.shape[0],) or self.b.shape != (self.w.shape[1],):
             raise ValueError(f"OneBitWeight: latent {tuple(self.w.shape)}, a {tuple(self.a.shape)}, b "
@@ -277,9 +276,6 @@ class OneBitWeight(QuantizedMatrix):
     @property
     def T(self):
         raise TypeError("OneBitWeight has no transpose; use lowbit.ops.linear")
-
-    def matmul(self, x):
-        return onebit_linear(x, self)
 
     def ckpt_fields(self) -> tuple[dict, dict]:
         return {"w": self.w, "a": self.a, "b": self.b}, {"norm": bool(self.norm), "eps": float(self.eps)}
@@ -318,6 +314,7 @@ class OneBitWeight(QuantizedMatrix):
 
 
 jax.tree_util.register_dataclass(OneBitWeight, data_fields=["w", "a", "b"], meta_fields=["norm", "eps"])
+register_node("onebit", OneBitWeight)
 
 
 def _layer_norm(y, eps: float):
@@ -339,14 +336,15 @@ def onebit_linear(x, w: OneBitWeight):
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x: last axis {x.shape[-1]} does not match in_features {w.shape[1]} of {w!r}")
     if w.packed:
-        from lowbit.ops import linear
-
-        y = linear(x, w.w)
+        y = ops.linear(x, w.w)
     else:
         s = sign_ste(w.w.astype(jnp.float32))
         weff = s * w.a.astype(jnp.float32)[:, None] * w.b.astype(jnp.float32)[None, :]
         y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), weff).astype(x.dtype)
     return _layer_norm(y, w.eps) if w.norm else y
+
+
+ops.register_matmul(OneBitWeight, onebit_linear)
 
 
 def init_weight(w, *, svid_method: str = "nmf", latent_init: float = LATENT_INIT, norm: bool = True,
@@ -475,7 +473,11 @@ class OneBitOptions:
 
 
 @register("onebit", options=OneBitOptions,
-          help="OneBit: sign(W) and two value vectors from SVID (NMF or SVD); distill: true trains it")
+          help="OneBit: sign(W) and two value vectors from SVID (NMF or SVD); distill: true trains it",
+          data_free=True,
+          # evaluated, sized and stored packed (1-bit codes + the two vectors in the row's scale dtype)
+          finalize=lambda params, spec: pack(params, spec.scale_dtype),
+          training=Training(trainable=trainable_regex, optim=onebit_optim, loss=onebit_kd_loss, count=count_trainable))
 def _onebit_method(spec: QuantSpec, opts: OneBitOptions) -> transforms.Transform:
     if spec is None or spec.format != "onebit" or spec.bits != 1 or spec.group_size is not None:
         got = None if spec is None else f"bits={spec.bits}, format={spec.format!r}, group_size={spec.group_size}"
@@ -490,13 +492,8 @@ def onebit(opts: OneBitOptions = OneBitOptions()) -> transforms.Transform:
         del state
         out = {}
         for path, w in params.items():
-            if isinstance(w, (QuantizedTensor, QuantizedMatrix)):
-                raise ValueError(f"params[{path!r}]: already quantized ({type(w).__name__}); OneBit needs the "
-                                 "float matrix (resume a OneBit run from a OneBit checkpoint, or start from the "
-                                 "float model)")
-            if getattr(w, "ndim", 0) != 2:
-                raise ValueError(f"params[{path!r}]: OneBit replaces 2-D (out, in) matrices, got shape "
-                                 f"{getattr(w, 'shape', None)}; exclude it with partition()")
+            float_matrix(path, w, "OneBit", hint="resume a OneBit run from a OneBit checkpoint, or start from "
+                                                  "the float model")
             out[path] = init_weight(w, svid_method=opts.svid, latent_init=opts.latent_init, norm=opts.norm,
                                     nmf_max_iter=opts.nmf_max_iter, nmf_tol=opts.nmf_tol, name=f"params[{path!r}]")
         return out, {}

@@ -4,7 +4,8 @@ format: int zero-point / absmax, NF4, FP4, codebooks, sign), and ``fp``, the unq
 from __future__ import annotations
 
 from lowbit.core.mixed import quantize_mixed
-from lowbit.core.qtensor import QuantizedTensor, QuantSpec
+from lowbit.core.checks import float_matrix
+from lowbit.core.qtensor import QuantSpec
 from lowbit.core.quantizers import quantize
 from lowbit.core.transforms import Transform
 from lowbit.methods.registry import NoOptions, register
@@ -12,12 +13,13 @@ from lowbit.methods.registry import NoOptions, register
 __all__ = ["rtn"]
 
 
-@register("rtn", help="round-to-nearest (data-free) with the row's quant spec")
+@register("rtn", help="round-to-nearest (data-free) with the row's quant spec", data_free=True,
+          mixed=lambda spec, opts, widths: rtn(spec, widths=widths))
 def _rtn_method(spec: QuantSpec, opts: NoOptions) -> Transform:
     return rtn(spec)
 
 
-@register("fp", help="no quantization: the model as loaded (the reference row)", quantizes=False)
+@register("fp", help="no quantization: the model as loaded (the reference row)", quantizes=False, data_free=True)
 def _fp_method(spec, opts: NoOptions) -> None:
     return None
 
@@ -32,11 +34,7 @@ def rtn(spec: QuantSpec, *, widths: dict | None = None) -> Transform:
         del state
         out = {}
         for path, w in params.items():
-            if isinstance(w, QuantizedTensor):
-                raise ValueError(f"params[{path!r}]: already quantized; rtn needs a float matrix")
-            if getattr(w, "ndim", 0) != 2:
-                raise ValueError(f"params[{path!r}]: rtn quantizes 2-D (out, in) matrices, got shape "
-                                 f"{getattr(w, 'shape', None)}; exclude it with partition()")
+            float_matrix(path, w, "rtn")
             try:
                 out[path] = quantize_mixed(w, spec, widths[path]) if path in widths else quantize(w, spec)
             except ValueError as e:

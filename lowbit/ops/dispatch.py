@@ -20,16 +20,20 @@ another, never silently run with the stale path. ``$LOWBIT_KERNELS`` is read onc
 converted to the kernel layout on every call (an unpack + repack of the weight); convert once at
 load time with :func:`lowbit.ops.kernel_format.prepare` and pass the resulting ``KernelWeight``.
 
-A :class:`lowbit.train.lora.LoraWeight` (a base weight of any of these kinds plus a LoRA adapter)
-runs its base through the same dispatch (kernel or reference, unchanged) and adds the adapter term
-``scale * (dropout(x) @ a.T) @ b.T``, computed in the activation dtype (:func:`_lora_linear`).
+Every weight node (:mod:`lowbit.core.nodes`) has its matmul registered here,
+``register_matmul(type, fn)`` with ``fn(x, w) -> x @ W^T``, looked up by the weight's type (its class or
+the nearest registered base): the kinds of the ground floor below, and each method's own node where
+the method is defined (LLM.int8()'s ``Int8Weight``: :func:`lowbit.methods.llm_int8.int8_matmul`, an
+XLA int8 x int8 -> int32 matmul plus a masked float matmul for the outlier columns, in every kernel
+mode; OneBit's ``OneBitWeight``: its packed ``"onebit"`` QuantizedTensor through this dispatch, then
+its output LayerNorm). Here:
 
-A method's weight node (:class:`lowbit.core.qtensor.QuantizedMatrix`) computes itself
-(``w.matmul(x)``): LLM.int8()'s ``Int8Weight`` runs :func:`lowbit.methods.llm_int8.int8_matmul` in
-every kernel mode (an XLA int8 x int8 -> int32 matmul plus a masked float matmul for the outlier
-columns; no Pallas kernel); OneBit's ``OneBitWeight`` (:mod:`lowbit.methods.onebit`) runs its packed
-``"onebit"`` QuantizedTensor through this dispatch (the OneBit kernel or the reference path), then
-its output LayerNorm.
+* :class:`~lowbit.core.qtensor.QuantizedTensor`: a kernel when the mode and ``can_use`` allow, else
+  :func:`lowbit.core.quantizers.qlinear`; a ``KernelWeight``: a kernel, else the kernels' reference;
+* :class:`~lowbit.core.mixed.MixedWidthWeight`: the sum over its parts of ``linear`` on their columns;
+* :class:`~lowbit.core.lora.LoraWeight` (a base weight of any kind plus a LoRA adapter): its base
+  through the same dispatch (kernel or reference, unchanged) plus the adapter term
+  ``scale * (dropout(x) @ a.T) @ b.T``, computed in the activation dtype (:func:`_lora_linear`).
 """
 
 from __future__ import annotations
@@ -37,12 +41,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["linear", "set_kernel_mode", "get_kernel_mode", "kernel_mode", "KERNEL_MODES", "select_kernel"]
+from lowbit.core.lora import LoraWeight
+from lowbit.core.mixed import MixedWidthWeight
+from lowbit.core.qtensor import QuantizedTensor
+from lowbit.kernels.layout import KernelWeight
+
+__all__ = ["linear", "register_matmul", "set_kernel_mode", "get_kernel_mode", "kernel_mode", "KERNEL_MODES",
+           "select_kernel"]
 
 KERNEL_MODES = ("auto", "off", "interpret", "interpret_tpu")
 _ENV = "LOWBIT_KERNELS"
@@ -164,32 +174,51 @@ def _lora_linear(x, w):
     return y + d.astype(y.dtype)
 
 
-def _lora_type():
-    """:class:`lowbit.train.lora.LoraWeight` when that module is loaded, else None (no LoraWeight can
-    exist before it is imported; this keeps ``linear`` from importing the training library)."""
-    mod = sys.modules.get("lowbit.train.lora")
-    return None if mod is None else mod.LoraWeight
+def _mixed_linear(x, w):
+    """``x @ W^T`` for a MixedWidthWeight: ``linear`` of each part on the columns it holds, summed in float32."""
+    y = None
+    for b, part in zip(w.part_widths, w.parts):
+        yb = linear(jnp.take(x, w.columns(b), axis=-1), part).astype(jnp.float32)
+        y = yb if y is None else y + yb
+    return y.astype(x.dtype)
+
+
+_MATMULS: dict[type, Callable] = {}
+
+
+def register_matmul(cls: type, fn: Callable) -> None:
+    """``linear(x, w)`` computes ``fn(x, w)`` for every ``w`` of type ``cls`` (or of a subclass without a
+    matmul of its own): the matmul half of the weight-node protocol (:mod:`lowbit.core.nodes`)."""
+    if not isinstance(cls, type) or not callable(fn):
+        raise ValueError(f"register_matmul: expected a class and a function, got {cls!r}, {fn!r}")
+    _MATMULS[cls] = fn
+
+
+def _matmul_of(w) -> Callable | None:
+    for c in type(w).__mro__:
+        fn = _MATMULS.get(c)
+        if fn is not None:
+            return fn
+    return None
+
+
+register_matmul(QuantizedTensor, _quantized_linear)
+register_matmul(KernelWeight, _kernel_weight_linear)
+register_matmul(MixedWidthWeight, _mixed_linear)
+register_matmul(LoraWeight, _lora_linear)
 
 
 def linear(x, w, bias=None):
-    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)`` dense, QuantizedTensor,
-    KernelWeight, a method's QuantizedMatrix node (LLM.int8(), OneBit), or a LoraWeight over any of them (see the module docstring
-    for when the Pallas kernels run)."""
-    from lowbit.ops.kernel_format import KernelWeight
-    from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor  # local: qtensor imports numerics only
-
-    lora = _lora_type()
-    if lora is not None and isinstance(w, lora):
-        y = _lora_linear(x, w)
-    elif isinstance(w, QuantizedMatrix):   # a method's weight node: LLM.int8(), OneBit
-        y = w.matmul(x)
-    elif isinstance(w, QuantizedTensor):
-        y = _quantized_linear(x, w)
-    elif isinstance(w, KernelWeight):
-        y = _kernel_weight_linear(x, w)
+    """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)``: a dense array, or any weight node
+    with a registered matmul (QuantizedTensor, KernelWeight, MixedWidthWeight, LoraWeight over any of
+    them, a method's node: see the module docstring for when the Pallas kernels run)."""
+    fn = _matmul_of(w)
+    if fn is not None:
+        y = fn(x, w)
     else:
-        if w.ndim != 2:
-            raise ValueError(f"w: expected a 2-D (out, in) weight, got shape {w.shape}")
+        if getattr(w, "ndim", None) != 2:
+            raise ValueError(f"w: expected a 2-D (out, in) weight or a weight node with a registered matmul "
+                             f"(lowbit.ops.register_matmul), got {type(w).__name__} of shape {getattr(w, 'shape', None)}")
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"x: last axis {x.shape[-1]} does not match w in_features {w.shape[1]}")
         y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))

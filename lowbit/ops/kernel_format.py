@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from lowbit.kernels.layout import (KernelWeight, MAX_TABLE, N_ALIGN, SUPPORTED_BITS, DEFAULT_TILE_ROWS,
                                    pack_block, pack_planes)
+from lowbit.core.nodes import register_node
 from lowbit.core.pack import unpack
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.quantizers import scale_table
@@ -107,6 +108,28 @@ def _convert(q: QuantizedTensor, scale_dtype: str, tile_rows: int) -> KernelWeig
                         perm=None if q.perm is None else q.perm.astype(jnp.int32),
                         k=k, n=n, bits=bits, group_size=group_size, format=fmt, levels=levels,
                         zero_point=zero_point, tile_rows=tile_rows)
+
+
+_KW_ARRAYS = ("planes", "scales", "zeros", "col_scale", "perm")
+_KW_META = ("k", "n", "bits", "group_size", "format", "levels", "zero_point", "tile_rows")
+
+
+def _kernel_fields(w: KernelWeight) -> tuple[dict, dict]:
+    meta = {m: getattr(w, m) for m in _KW_META}
+    meta["levels"] = None if w.levels is None else list(w.levels)
+    return {f: getattr(w, f) for f in _KW_ARRAYS}, meta
+
+
+def _kernel_build(fields: dict, meta: dict) -> KernelWeight:
+    levels = meta["levels"]
+    return KernelWeight(**{f: fields.get(f) for f in _KW_ARRAYS}, k=int(meta["k"]), n=int(meta["n"]),
+                        bits=int(meta["bits"]), group_size=meta["group_size"], format=str(meta["format"]),
+                        levels=None if levels is None else tuple(float(v) for v in levels),
+                        zero_point=meta["zero_point"], tile_rows=int(meta["tile_rows"]))
+
+
+# the kernel layout is a weight node like the others: a checkpoint can hold a prepared model
+register_node("kernel", KernelWeight, fields=_kernel_fields, build=_kernel_build)
 
 
 def prepare(tree, **kw):

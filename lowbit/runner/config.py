@@ -39,90 +39,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
-import types
-import typing
 from typing import Any, Sequence
 
 import yaml
 
-from lowbit import methods as method_registry
+from lowbit.core.checks import is_int
+from lowbit.core.config import QuantCfg, config_hash, from_dict, to_dict
 from lowbit.data.corpora import SPLITS
+from lowbit.pipeline import CalibCfg, MethodCfg
 
-__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "FinetuneCfg", "DistillCfg", "ExperimentCfg", "load_config",
-           "config_hash", "to_dict", "from_dict"]
+__all__ = ["QuantCfg", "MethodCfg", "CalibCfg", "EvalCfg", "ExpectCfg", "TrainingCfg", "FinetuneCfg", "DistillCfg",
+           "ExperimentCfg", "load_config", "config_hash", "to_dict", "from_dict", "QUANT_HASH_DEFAULTS"]
 
-
-@dataclasses.dataclass(frozen=True)
-class QuantCfg:
-    """Arguments of :class:`lowbit.QuantSpec` (group_size null = per output channel). Partial last
-    groups are on by default here, as in the GPTQ reference code (SmolLM2's 576 = 4 x 128 + 64)."""
-    bits: int = 4
-    group_size: int | None = 128
-    partial_groups: bool = True
-    symmetric: bool = False
-    format: str = "int"
-    clip: bool = False
-    double_quant: bool = False
-    dq_map: str = "linear"        # "dynamic": bitsandbytes' double quantization (QLoRA)
-    scale_dtype: str = "float16"  # storage dtype of the scales (QLoRA / bitsandbytes: float32)
 
 #: QuantCfg fields added after results were published, left out of a row's config hash while they
 #: hold their default (so existing results stay up to date)
 QUANT_HASH_DEFAULTS = {"dq_map": "linear", "scale_dtype": "float16"}
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodCfg:
-    """One row of the table: a registered ``method`` (``fp``, ``rtn``, ``gptq``, ...) with its
-    ``options`` (an instance of the method's options dataclass; YAML key: the method's name) on
-    every linear whose path does not match ``skip`` (regex, default: embeddings and lm_head stay dense)."""
-    name: str
-    method: str = "rtn"
-    quant: QuantCfg = QuantCfg()
-    options: Any = None
-    skip: str = r"^(embed_tokens|lm_head)$"
-    finetune: bool = False   # then LoRA adapters are trained on the row's model (the experiment's ``finetune:``)
-    distill: bool = False    # then the row's OneBit model is trained by distillation (the experiment's ``distill:``)
-    recipe: str | None = None  # a mixed-precision recipe file (lowbit.alloc.recipe): per-linear specs, not ``quant``
-
-    def __post_init__(self):
-        m = method_registry.get(self.method)
-        if self.options is None:
-            object.__setattr__(self, "options", m.options())
-        elif not isinstance(self.options, m.options):
-            raise ValueError(f"methods.{self.name}.{self.method}: expected {m.options.__name__} options, "
-                             f"got {type(self.options).__name__}")
-        if self.distill and self.method != "onebit":
-            raise ValueError(f"methods.{self.name}.distill: distillation trains OneBit weights; the row's method is "
-                             f"{self.method!r} (use method: onebit)")
-        if self.recipe is not None and not (isinstance(self.recipe, str) and self.recipe):
-            raise ValueError(f"methods.{self.name}.recipe={self.recipe!r}: expected the path of a recipe file")
-        if self.distill and self.finetune:
-            raise ValueError(f"methods.{self.name}: distill and finetune are exclusive (one training per row)")
-
-    @property
-    def quantizes(self) -> bool:
-        return method_registry.get(self.method).quantizes
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibCfg:
-    """Calibration windows: ``nsamples`` random windows of ``seqlen`` tokens from ``data``'s
-    ``split`` (``source: corpus``) or sampled from the model itself (``source: self``)."""
-    data: str = "brown"
-    split: str = "calib"
-    nsamples: int = 128
-    seqlen: int = 2048
-    source: str = "corpus"
-    batch_size: int = 8
-    true_sequential: bool = True  # calibrate a block's linears group by group (else from one capture pass)
-    skip_first: int = 0      # leading positions per window left out of the statistics (attention sinks)
-    token_cap: float | None = None  # cap token input norms at this multiple of the median (massive activations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,88 +92,95 @@ class ExpectCfg:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneCfg:
-    """LoRA fine-tuning of the rows marked ``finetune: true`` (QLoRA when the row quantizes the
-    base first): adapters of ``rank``/``alpha``/``dropout`` on every linear matching ``targets``,
-    trained for ``steps`` optimizer steps of ``batch_size`` x ``accum`` windows of ``seqlen``
-    tokens from ``data``'s ``split`` (the evaluation split is never trained on). Defaults: the QLoRA
-    paper's (r 64, alpha 16, AdamW lr 2e-4 constant after 3% warmup, max grad norm 0.3, beta2 0.999)."""
+class TrainingCfg:
+    """What the training block of every training row kind (``finetune:``, ``distill:``) holds:
+    ``steps`` optimizer steps of ``batch_size`` x ``accum`` windows of ``seqlen`` tokens from ``data``'s
+    ``split`` (the evaluation split is never trained on) at learning rate ``lr``, computed in
+    ``compute_dtype``, checkpointed every ``save_every`` steps."""
     data: str = "austen"
     split: str = "calib"
     steps: int = 100
     batch_size: int = 4
     seqlen: int = 256
     accum: int = 1
+    lr: float = 2e-4
+    compute_dtype: str = "bfloat16"
+    save_every: int = 25
+
+    def train_cfg(self, optim, trainable: str, seed: int, **kw):
+        """The :class:`lowbit.train.TrainCfg` of a training row with this block."""
+        from lowbit.train import TrainCfg
+
+        return TrainCfg(steps=self.steps, batch_size=self.batch_size, seqlen=self.seqlen, accum=self.accum,
+                        optim=optim, compute_dtype=self.compute_dtype, trainable=trainable, seed=seed,
+                        save_every=self.save_every, **kw)
+
+    def _check(self, key: str, *, positive: tuple[str, ...] = (), reals: tuple[str, ...] = (),
+               nonneg: tuple[str, ...] = (), check_split: bool = True) -> None:
+        """The checks every training block shares (its own fields too: ``positive`` ints, finite
+        positive ``reals``, ``nonneg`` ints), a split the evaluation does not use, the compute dtype."""
+        positive = ("steps", "batch_size", "seqlen", "accum", "save_every") + positive
+        for name in positive + nonneg:
+            v, lo = getattr(self, name), (1 if name in positive else 0)
+            if not is_int(v) or v < lo:
+                raise ValueError(f"{key}.{name}={v!r}: expected {'a positive integer' if lo else 'an integer >= 0'}")
+        for name in ("lr",) + reals:
+            v = getattr(self, name)
+            if not (isinstance(v, float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{key}.{name}={v!r}: expected a finite positive number")
+        if check_split and (self.split not in SPLITS or self.split == "all"):
+            raise ValueError(f"{key}.split={self.split!r}: expected 'calib' or 'eval' (a split that the "
+                             "evaluation does not use)")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"{key}.compute_dtype={self.compute_dtype!r}: expected float32 or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneCfg(TrainingCfg):
+    """LoRA fine-tuning of the rows marked ``finetune: true`` (QLoRA when the row quantizes the
+    base first): adapters of ``rank``/``alpha``/``dropout`` on every linear matching ``targets``.
+    Defaults: the QLoRA paper's (r 64, alpha 16, AdamW lr 2e-4 constant after 3% warmup, max grad
+    norm 0.3, beta2 0.999)."""
     rank: int = 64
     alpha: float = 16.0
     dropout: float = 0.1      # the QLoRA paper's LoRA dropout for models up to 13B
     targets: str = r"^layers/\d+/.*_proj$"
-    lr: float = 2e-4
     warmup_ratio: float = 0.03
     clip_norm: float = 0.3
-    compute_dtype: str = "bfloat16"
-    save_every: int = 25
 
     def __post_init__(self):
-        _check_training("finetune", self, positive=("steps", "batch_size", "seqlen", "accum", "rank", "save_every"),
-                        reals=("alpha", "lr", "clip_norm"))
+        self._check("finetune", positive=("rank",), reals=("alpha", "clip_norm"))
         if not (0 <= self.dropout < 1 and 0 <= self.warmup_ratio < 1):
             raise ValueError(f"finetune.dropout={self.dropout!r} / warmup_ratio={self.warmup_ratio!r}: "
                              "expected fractions in [0, 1)")
 
 
-def _check_training(key: str, c, *, positive: tuple[str, ...], reals: tuple[str, ...], nonneg: tuple[str, ...] = (),
-                    check_split: bool = True) -> None:
-    """The checks every training block (``finetune:``, ``distill:``) shares: positive ints, finite
-    positive reals, ints >= 0, a split the evaluation does not use, the compute dtype."""
-    for name in positive + nonneg:
-        v, lo = getattr(c, name), (1 if name in positive else 0)
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{key}.{name}={v!r}: expected {'a positive integer' if lo else 'an integer >= 0'}")
-    for name in reals:
-        v = getattr(c, name)
-        if not (isinstance(v, float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{key}.{name}={v!r}: expected a finite positive number")
-    if check_split and (c.split not in SPLITS or c.split == "all"):
-        raise ValueError(f"{key}.split={c.split!r}: expected 'calib' or 'eval' (a split that the "
-                         "evaluation does not use)")
-    if c.compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"{key}.compute_dtype={c.compute_dtype!r}: expected float32 or bfloat16")
-
-
 @dataclasses.dataclass(frozen=True)
-class DistillCfg:
-    """Knowledge distillation of the rows marked ``distill: true`` (OneBit, :mod:`lowbit.methods.onebit`):
-    the float model is the teacher; ``steps`` optimizer steps of ``batch_size`` x ``accum`` windows
-    of ``seqlen`` tokens, on ``data``: ``self`` (``nsamples`` sequences sampled from the float model,
-    LLM-QAT's protocol as the reference's training data) or a corpus name (its ``split``).
-    Optimizer: the reference's (AdamW 0.9 / 0.98, weight decay 0.01, clip 1.0, ``warmup_steps`` then
-    cosine to 0) at ``lr``. ``eval_every``: every that many steps the perplexity of the model being
-    trained on the first ``eval_windows`` windows (of ``seqlen``) of the first eval dataset (the
-    perplexity-vs-steps curve; 0: none). ``save_model``: also write the packed distilled model (1-bit
-    codes + the two float16 vectors per linear) as a lowbit checkpoint in the row's ``model/``
+class DistillCfg(TrainingCfg):
+    """Knowledge distillation of the rows marked ``distill: true`` (the method's own training stage,
+    e.g. OneBit's, :mod:`lowbit.methods.onebit`): the float model is the teacher; ``data``: ``self``
+    (``nsamples`` sequences sampled from the float model, LLM-QAT's protocol as the reference's
+    training data) or a corpus name (its ``split``). Optimizer: the method's (OneBit: the
+    reference's AdamW 0.9 / 0.98, weight decay 0.01, clip 1.0, ``warmup_steps`` then cosine to 0) at
+    ``lr``. ``eval_every``: every that many steps the perplexity of the model being trained on the
+    first ``eval_windows`` windows (of ``seqlen``) of the first eval dataset (the perplexity-vs-steps
+    curve; 0: none). ``save_model``: also write the distilled model in its stored form (OneBit: the
+    1-bit codes + the two float16 vectors per linear) as a lowbit checkpoint in the row's ``model/``
     (it changes no number, so it is not part of the row's config hash)."""
     data: str = "self"
-    split: str = "calib"
-    nsamples: int = 64
-    steps: int = 100
-    batch_size: int = 4
-    seqlen: int = 256
-    accum: int = 1
     lr: float = 4e-4
-    warmup_steps: int = 10
     compute_dtype: str = "float32"
+    nsamples: int = 64
+    warmup_steps: int = 10
     eval_every: int = 0
     eval_windows: int = 4
-    save_every: int = 25
     save_model: bool = False
 
     def __post_init__(self):
         if not isinstance(self.save_model, bool):
             raise ValueError(f"distill.save_model={self.save_model!r}: expected a bool")
-        _check_training("distill", self, positive=("nsamples", "steps", "batch_size", "seqlen", "accum", "save_every",
-                                                   "eval_windows"),
-                        reals=("lr",), nonneg=("warmup_steps", "eval_every"), check_split=self.data != "self")
+        self._check("distill", positive=("nsamples", "eval_windows"), nonneg=("warmup_steps", "eval_every"),
+                    check_split=self.data != "self")
         if self.seqlen < 2:
             raise ValueError(f"distill.seqlen={self.seqlen}: expected >= 2")
 
@@ -317,97 +259,6 @@ def _check_name(key: str, name) -> None:
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"{key}={name!r}: expected a single file-name-safe path component "
                          f"(letters, digits, '.', '_', '-'; not starting with '.'), e.g. 'gptq_smollm2'")
-
-
-# ----------------------------------------------------------------------------- dict <-> dataclass
-
-
-def _convert(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        if isinstance(value, (str, int, float)) or value is None:
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return tuple(_convert(item, v, f"{where}.{i}") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ValueError(f"{where}={value!r}: expected {tp.__name__}")
-    return value
-
-
-def _method_from_dict(d: Any, where: str) -> MethodCfg:
-    """A table row: the options of method ``X`` live under key ``X`` (see the module docstring)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping, got {d!r}")
-    d = dict(d)
-    name = d.get("method", "rtn")
-    if name not in method_registry.METHODS:
-        raise ValueError(f"{where}.method={name!r}: expected one of {list(method_registry.METHODS)}")
-    m = method_registry.get(name)
-    opts = d.pop(name, None)
-    others = [k for k in d if k in method_registry.METHODS]
-    if others:
-        raise ValueError(f"{where}.{others[0]}: options of method {others[0]!r} on a {name!r} row")
-    row = from_dict(MethodCfg, {**d, "options": None}, where)
-    return dataclasses.replace(row, options=from_dict(m.options, opts or {}, f"{where}.{name}"))
-
-
-def from_dict(cls, d: Any, where: str = ""):
-    """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise naming their path."""
-    if isinstance(d, cls):
-        return d
-    if cls is MethodCfg and "options" not in (d or {}):
-        return _method_from_dict(d, where or "method")
-    if not isinstance(d, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ValueError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (expected one of {sorted(fields)})")
-    kw = {k: _convert(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in d.items()}
-    missing = [n for n, f in fields.items() if n not in kw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"{where + '.' if where else ''}{missing[0]}: required key is missing")
-    return cls(**kw)
-
-
-def _plain(x):
-    if isinstance(x, MethodCfg):
-        d = {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "options"}
-        opts = _plain(x.options)
-        if opts:
-            d[x.method] = opts
-        return d
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def to_dict(cfg) -> dict:
-    """Plain, JSON/YAML-able dict of a config dataclass or dict (tuples become lists; a method's
-    options under the key named after the method)."""
-    return json.loads(json.dumps(_plain(cfg)))
-
-
-def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- loading

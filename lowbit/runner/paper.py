@@ -33,6 +33,8 @@ import re
 import shutil
 import sys
 
+from lowbit import methods
+
 __all__ = ["render"]
 
 _BLOCK = re.compile(r"(<!-- lowbit:(\w+) ([\w.\-/]+) -->\n)(.*?)(<!-- /lowbit -->)", re.S)
@@ -129,7 +131,8 @@ def _base_name(run_cfg: dict) -> str:
     """A row's base weights in words: ``float32`` or e.g. ``nf4 g64 + DQ (dynamic)``."""
     m = (run_cfg.get("methods") or [{}])[0]
     q = m.get("quant") or {}
-    if m.get("method") == "fp" or not q:
+    method = methods.METHODS.get(m.get("method"))
+    if (method is not None and not method.quantizes) or not q:   # a row that keeps the float weights
         return "float32"
     fmt = q.get("format", "int")
     name = f"{fmt}{q.get('bits')}" if fmt == "int" else fmt
@@ -145,7 +148,7 @@ def _training(results: str, name: str, figures: str, report_dir: str) -> str:
     training loss (``train_loss.png``)."""
     import yaml
 
-    from lowbit.runner.records import train_curve
+    from lowbit.runner.summary import train_curve
 
     rows = []
     for mf in glob.glob(os.path.join(results, name, "*", "metrics.json")):

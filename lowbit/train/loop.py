@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit.core.checks import is_int
 from lowbit import dist
 from lowbit.faults import crash_point
 from lowbit.progress import Bar
@@ -86,10 +87,6 @@ RNG_PURPOSE = 1
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or the gradient norm) of a training step is NaN or infinite."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +137,11 @@ class TrainCfg:
         for name, lo in (("steps", 1), ("batch_size", 1), ("seqlen", 2), ("accum", 1), ("seed", 0),
                          ("save_every", 0), ("keep", 1), ("log_every", 1), ("eval_every", 0), ("eval_batches", 1)):
             v = getattr(self, name)
-            if not _is_int(v) or v < lo:
+            if not is_int(v) or v < lo:
                 problems.append(f"{name}={v!r}: expected an int >= {lo}")
         if not isinstance(self.optim, OptimCfg):
             problems.append(f"optim={self.optim!r}: expected an OptimCfg or a dict of its fields")
-        elif _is_int(self.steps) and self.steps >= 1 and self.optim.warmup_steps > self.steps:
+        elif is_int(self.steps) and self.steps >= 1 and self.optim.warmup_steps > self.steps:
             problems.append(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             problems.append(f"compute_dtype={self.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")

@@ -76,9 +76,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.core.qtensor import MatrixLike, QuantizedTensor
+from lowbit.core.lora import LoraWeight, strip_lora
+from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.transforms import path_str
 from lowbit.train.optim import OptimCfg
+from lowbit.core.checks import is_arraylike
 
 __all__ = ["LoraWeight", "add_lora", "lora_paths", "linear_paths", "trainable_regex", "with_dropout", "merge_lora",
            "strip_lora", "count_trainable", "lora_loss", "qlora_optim", "qlora_dropout", "save_lora_model",
@@ -97,65 +99,6 @@ QLORA_B2 = 0.999
 
 #: fold_in purpose of the dropout keys inside :func:`lora_loss` (the loss's own rng stays untouched)
 _DROPOUT_PURPOSE = 0x10A
-
-
-def _is_arraylike(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraWeight(MatrixLike):
-    """A linear weight ``(out, in)`` with a LoRA adapter: ``base + scale * b @ a`` (see the module
-    docstring). A pytree: children ``base``, ``a (rank, in)``, ``b (out, rank)``, ``dropout_key``
-    (None, or a typed key for one step); static ``scale`` (``alpha / rank``), ``rank``, ``dropout``.
-
-    Like a :class:`~lowbit.core.qtensor.QuantizedTensor` it has ``shape == (out, in)`` and no ``T``:
-    use :func:`lowbit.ops.linear`, or :func:`merge_lora` for a dense matrix.
-    """
-
-    base: Any
-    a: jax.Array
-    b: jax.Array
-    dropout_key: jax.Array | None = None
-    # static metadata
-    scale: float = 1.0
-    rank: int = 1
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        # As in QuantizedTensor: JAX rebuilds nodes from placeholders in tree_unflatten (None,
-        # object(), vmap specs); only check when the adapters are arrays.
-        if not (_is_arraylike(self.a) and _is_arraylike(self.b)):
-            return
-        if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.rank or self.b.shape[1] != self.rank:
-            raise ValueError(f"LoraWeight: a {tuple(self.a.shape)} / b {tuple(self.b.shape)} do not match rank "
-                             f"{self.rank} (expected a (rank, in), b (out, rank))")
-        base_shape = getattr(self.base, "shape", None)
-        if isinstance(base_shape, tuple) and len(base_shape) == 2 and base_shape != self.shape:
-            raise ValueError(f"LoraWeight: base shape {base_shape} != (out, in) {self.shape} of b @ a")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"LoraWeight: dropout={self.dropout!r}: expected a rate in [0, 1)")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.b.shape[-2]), int(self.a.shape[-1]))
-
-    @property
-    def dtype(self):
-        return getattr(self.base, "dtype", jnp.float32)
-
-    @property
-    def T(self):
-        raise TypeError("LoraWeight has no transpose; use lowbit.ops.linear, or merge_lora() for a dense matrix")
-
-    def __repr__(self):
-        key = " +dropout_key" if self.dropout_key is not None else ""
-        return (f"LoraWeight(shape={self.shape}, rank={self.rank}, scale={self.scale:g}, dropout={self.dropout:g}"
-                f"{key}, base={self.base if isinstance(self.base, QuantizedTensor) else type(self.base).__name__})")
-
-
-jax.tree_util.register_dataclass(LoraWeight, data_fields=["base", "a", "b", "dropout_key"],
-                                 meta_fields=["scale", "rank", "dropout"])
 
 
 def _is_node(x) -> bool:
@@ -324,7 +267,7 @@ def _dense_base(path: str, base, dtype=jnp.float32):
         from lowbit.core.quantizers import dequantize
 
         return dequantize(base, dtype)
-    if _is_arraylike(base) and getattr(base, "ndim", 0) == 2:
+    if is_arraylike(base) and getattr(base, "ndim", 0) == 2:
         return jnp.asarray(base).astype(dtype)
     raise ValueError(f"{path}: cannot merge into a base of type {type(base).__name__} (a dense array or a "
                      "QuantizedTensor is needed; merge before lowbit.ops.kernel_format.prepare)")
@@ -357,11 +300,6 @@ def merge_lora(params, dtype=jnp.float32):
         return (w + jnp.float32(v.scale) * delta).astype(dtype)
 
     return _map_nodes(params, merge)
-
-
-def strip_lora(params):
-    """``params`` with every :class:`LoraWeight` replaced by its base (the adapters dropped)."""
-    return _map_nodes(params, lambda p, v: v.base if _is_lora(v) else v)
 
 
 def count_trainable(params) -> int:

@@ -1,5 +1,5 @@
-"""Run records: versions, device, git state, peak memory, and atomic JSON writes, for every file
-lowbit writes about a run (``metrics.json``, ``lowbit eval --out``, checkpoint metadata)."""
+"""Run records: versions, device, git state, peak memory, and atomic text / JSON writes, for every
+file lowbit writes about a run (``metrics.json``, ``lowbit eval --out``, recipes, checkpoint metadata)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import resource
 import subprocess
 import sys
 
-__all__ = ["environment_info", "peak_rss_mb", "sha256_text", "write_json", "write_text", "layers_csv"]
+__all__ = ["environment_info", "peak_rss_mb", "proc_status_mib", "reset_peak_rss", "sha256_text", "write_json",
+           "write_text", "layers_csv"]
 
 
 def _git_info() -> dict:
@@ -105,14 +106,3 @@ def layers_csv(rows: list[dict]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
-
-
-def train_curve(row_dir: str) -> list[tuple[int, float]]:
-    """``(step, loss)`` of a row's ``train_metrics.csv`` (the training run's metrics.csv, read by
-    :func:`lowbit.train.read_metrics`); empty when the row did not train."""
-    path = os.path.join(row_dir, "train_metrics.csv")
-    if not os.path.isfile(path):
-        return []
-    from lowbit.train.loop import read_metrics
-
-    return [(r["step"], r["loss"]) for r in read_metrics(path)]
