@@ -89,25 +89,19 @@ def main(argv=None) -> int:
 
 
 def _plot(rows, seqlen: int, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lowbit.plots import figure
 
     layers = [r["layer"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for short in ("q", "down"):
-        ax[0].plot(layers, [r[f"{short} pos0 share"] for r in rows], marker="o", ms=3, label=f"{short}_proj input")
-        ax[1].semilogy(layers, [r[f"{short} max/median"] for r in rows], marker="o", ms=3, label=f"{short}_proj input")
-    ax[0].axhline(1 / seqlen, color="gray", ls=":", label="uniform (1/seqlen)")
-    ax[0].set(xlabel="layer", ylabel="share of Hessian trace", title="tokens at position 0")
-    ax[1].set(xlabel="layer", ylabel="max / median token norm", title="largest token vs typical")
-    for a in ax:
-        a.legend(fontsize=8)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(10, 3.6), ncols=2) as (fig, ax):
+        for short in ("q", "down"):
+            ax[0].plot(layers, [r[f"{short} pos0 share"] for r in rows], marker="o", ms=3, label=f"{short}_proj input")
+            ax[1].semilogy(layers, [r[f"{short} max/median"] for r in rows], marker="o", ms=3, label=f"{short}_proj input")
+        ax[0].axhline(1 / seqlen, color="gray", ls=":", label="uniform (1/seqlen)")
+        ax[0].set(xlabel="layer", ylabel="share of Hessian trace", title="tokens at position 0")
+        ax[1].set(xlabel="layer", ylabel="max / median token norm", title="largest token vs typical")
+        for a in ax:
+            a.legend(fontsize=8)
+            a.grid(alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -496,10 +496,7 @@ def write_outputs(rows, env, out: Path):
 
 
 def plot(rows, out: Path, env):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lowbit.plots import figure
 
     ok = [r for r in rows if not r.get("error")]
     layers = []
@@ -512,28 +509,26 @@ def plot(rows, out: Path, env):
                                   ("frac_ideal", "frac_ideal_vs_m.png", "t_ideal / t_q")):
         ncol = min(4, len(layers))
         nrow = -(-len(layers) // ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False, sharey=True)
-        for ax, layer in zip(axes.flat, layers):
-            sub = [r for r in ok if r["layer"] == layer]
-            labels = sorted({r["label"] for r in sub}, key=lambda s: (int(s.split("-w")[1].split("-")[0]), s))
-            for lab in labels:
-                pts = sorted((r["m"], r[metric]) for r in sub if r["label"] == lab)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=lab)
-            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-            ax.set_xscale("log", base=2)
-            r0 = sub[0]
-            ax.set_title(f"{layer} K={r0['k']} N={r0['n']}", fontsize=9)
-            ax.set_xlabel("M")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        for ax in axes[:, 0]:
-            ax.set_ylabel(ylabel)
-        for ax in list(axes.flat)[len(layers):]:
-            ax.axis("off")
-        fig.suptitle(f"{env['device']} jax {env['jax']} timer={env['timer']}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
+        with figure(str(out / fname), figsize=(4.2 * ncol, 3.4 * nrow), nrows=nrow, ncols=ncol, squeeze=False,
+                    sharey=True) as (fig, axes):
+            for ax, layer in zip(axes.flat, layers):
+                sub = [r for r in ok if r["layer"] == layer]
+                labels = sorted({r["label"] for r in sub}, key=lambda s: (int(s.split("-w")[1].split("-")[0]), s))
+                for lab in labels:
+                    pts = sorted((r["m"], r[metric]) for r in sub if r["label"] == lab)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=lab)
+                ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+                ax.set_xscale("log", base=2)
+                r0 = sub[0]
+                ax.set_title(f"{layer} K={r0['k']} N={r0['n']}", fontsize=9)
+                ax.set_xlabel("M")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6)
+            for ax in axes[:, 0]:
+                ax.set_ylabel(ylabel)
+            for ax in list(axes.flat)[len(layers):]:
+                ax.axis("off")
+            fig.suptitle(f"{env['device']} jax {env['jax']} timer={env['timer']}", fontsize=9)
 
 
 def print_table(rows):

@@ -121,28 +121,20 @@ def estimate(model: str, system: str, *, tokens: int, passes: float, mfu: float,
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from lowbit.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = [f"{r['model']}\n{r['system']}" for r in rows]
-    bottom = [0.0] * len(rows)
-    for key, name in (("forward_ms", "block forwards"), ("xtx_ms", "X^T X"), ("allreduce_ms", "Hessian all-reduce"),
-                      ("gptq_solves_ms", "GPTQ solves")):
-        vals = [r[key] / 1e3 for r in rows]
-        ax.bar(labels, vals, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("seconds per decoder layer (estimate)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Layer-sequential GPTQ calibration, 128 x 2048 tokens (estimate)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with figure(path, figsize=(7, 3.6)) as (fig, ax):
+        labels = [f"{r['model']}\n{r['system']}" for r in rows]
+        bottom = [0.0] * len(rows)
+        for key, name in (("forward_ms", "block forwards"), ("xtx_ms", "X^T X"), ("allreduce_ms", "Hessian all-reduce"),
+                          ("gptq_solves_ms", "GPTQ solves")):
+            vals = [r[key] / 1e3 for r in rows]
+            ax.bar(labels, vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("seconds per decoder layer (estimate)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title("Layer-sequential GPTQ calibration, 128 x 2048 tokens (estimate)")
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ __all__ = ["figure"]
 
 @contextlib.contextmanager
 def figure(path: str, *, figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, squeeze: bool = True,
-           dpi: int = 120, tight: bool = True, **save_kw):
+           sharey: bool = False, dpi: int = 120, tight: bool = True, **save_kw):
     """``with figure(path, figsize=...) as (fig, axes):`` draw on ``axes`` (one Axes, or an array of
     them as :meth:`matplotlib.figure.Figure.subplots` returns); on a clean exit the figure is laid out
     (``tight``) and written to ``path`` atomically as a PNG at ``dpi``; on an error nothing is written."""
@@ -27,7 +27,7 @@ def figure(path: str, *, figsize: tuple[float, float], nrows: int = 1, ncols: in
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=squeeze)
+    axes = fig.subplots(nrows, ncols, squeeze=squeeze, sharey=sharey)
     yield fig, axes
     if tight:
         fig.tight_layout()

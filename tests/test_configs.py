@@ -15,8 +15,26 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(os.path.dirname(__file__), ".
                  if not os.path.basename(p).startswith("_"))
 
 
-def test_configs_exist():
-    assert len(CONFIGS) >= 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_says_what_it_reproduces_and_checks_only_its_own_rows(path):
+    """A config opens with the table it reproduces and the command (big_vision style), has a smoke
+    variant, every row it expects a number of is one of its rows, and the README's report section
+    gives its command."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    head = []
+    for line in open(path):
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    text = "".join(head)
+    assert "Reproduces:" in text and f"configs/{name}.yaml" in text, f"{path}: no Reproduces / Run header"
+    assert "smoke" in (yaml.safe_load(open(path)).get("variants") or {}), f"{path}: no smoke variant"
+    cfg = load_config(path)
+    assert set(cfg.expect.rows or {}) <= {m.name for m in cfg.methods}
+    assert f"configs/{name}.yaml" in open(os.path.join(ROOT, "README.md")).read()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

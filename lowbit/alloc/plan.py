@@ -19,6 +19,7 @@ from lowbit.alloc import baselines, learned, problem
 from lowbit.alloc.recipe import Recipe, code_bits, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
+from lowbit.plots import figure
 
 __all__ = ["KINDS", "allocate_model", "gptq_candidates", "uniform_bytes", "plot_bits", "plot_history"]
 
@@ -173,11 +174,6 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
 def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
     """Heatmap of the bits per weight of each linear (rows: linear kind; columns: block index; 16 =
     dense; a width per column group: the mean width)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cells: dict[tuple[str, int], float] = {}
     for p, s in recipe.weights.items():
         m = re.match(r"^(?:.*/)?(\d+)/(.+)$", p)
@@ -188,43 +184,24 @@ def plot_bits(recipe: Recipe, path: str, title: str = "") -> None:
     grid = np.full((len(kinds), len(layers)), np.nan)
     for (k, i), b in cells.items():
         grid[kinds.index(k), layers.index(i)] = b
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 0.45 * len(kinds) + 1.5))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
-    ax.set_xticks(range(len(layers)), layers, fontsize=6)
-    ax.set_xlabel("block")
-    fig.colorbar(im, ax=ax, label="bits per weight (16 = dense)")
-    ax.set_title(title or "bits per linear", fontsize=9)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
-
-    os.replace(tmp, path)
+    with figure(path, figsize=(max(6, 0.3 * len(layers) + 2), 0.45 * len(kinds) + 1.5)) as (fig, ax):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        ax.set_xticks(range(len(layers)), layers, fontsize=6)
+        ax.set_xlabel("block")
+        fig.colorbar(im, ax=ax, label="bits per weight (16 = dense)")
+        ax.set_title(title or "bits per linear", fontsize=9)
 
 
 def plot_history(history: list[dict], path: str, title: str = "") -> None:
     """The learned allocation's run: cost, expected size / budget and the multiplier per step."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, label in zip(axes, ("cost", "rel_bytes", "lam"),
-                              ("task cost", "expected size / budget", "Lagrange multiplier")):
-        ax.plot(steps, [h[key] for h in history])
-        if key == "rel_bytes":
-            ax.axhline(1.0, ls="--", color="k", lw=0.8)
-        ax.set_xlabel("step")
-        ax.set_title(label, fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with figure(path, figsize=(12, 3.2), ncols=3, dpi=110) as (fig, axes):
+        for ax, key, label in zip(axes, ("cost", "rel_bytes", "lam"),
+                                  ("task cost", "expected size / budget", "Lagrange multiplier")):
+            ax.plot(steps, [h[key] for h in history])
+            if key == "rel_bytes":
+                ax.axhline(1.0, ls="--", color="k", lw=0.8)
+            ax.set_xlabel("step")
+            ax.set_title(label, fontsize=9)
+        fig.suptitle(title, fontsize=9)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-__all__ = ["NodeKind", "register_node", "kind_of", "is_node", "is_opaque", "get_kind", "kind_names"]
+__all__ = ["NodeKind", "register_node", "kind_of", "is_node", "is_opaque", "get_kind", "kind_names", "by_class"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,19 @@ def register_node(name: str, cls: type, *, fields: Callable | None = None, build
     return cls
 
 
+def by_class(table: dict, x):
+    """``table[c]`` for the first class ``c`` of ``type(x).__mro__`` in ``table`` (a node's own entry,
+    else its nearest registered base), or None."""
+    for c in type(x).__mro__:
+        v = table.get(c)
+        if v is not None:
+            return v
+    return None
+
+
 def kind_of(x) -> NodeKind | None:
     """The registered kind of ``x`` (by its class or the nearest registered base), or None."""
-    for c in type(x).__mro__:
-        k = _BY_CLASS.get(c)
-        if k is not None:
-            return k
-    return None
+    return by_class(_BY_CLASS, x)
 
 
 def is_node(x) -> bool:

@@ -289,6 +289,15 @@ def _group_params(w, spec: QuantSpec):
     return raw_scale, raw_zero, stored, zero, scales_leaf
 
 
+def svid_svd(w):
+    """OneBit's sign-value-independent decomposition by the leading singular pair of ``|w|``:
+    ``|w| ~ outer(a, b)`` with ``a = |u_1| sqrt(s_1)``, ``b = |v_1| sqrt(s_1)`` (float32; ``|w|`` is
+    non-negative, so its leading singular vectors are, up to one common sign). Traceable."""
+    u, s, vt = jnp.linalg.svd(jnp.abs(jnp.asarray(w, jnp.float32)), full_matrices=False)
+    r = jnp.sqrt(s[0])
+    return jnp.abs(u[:, 0]) * r, jnp.abs(vt[0]) * r
+
+
 @functools.partial(jax.jit, static_argnames="spec")
 def _quantize_impl(w, spec: QuantSpec) -> QuantizedTensor:
     rows, cols = w.shape
@@ -297,9 +306,7 @@ def _quantize_impl(w, spec: QuantSpec) -> QuantizedTensor:
                 per_tensor=spec.per_tensor)
     if spec.format == "onebit":
         # SVID: sign(W) and the rank-1 approximation |W| ~ a b^T from the leading singular pair.
-        u, s, vt = jnp.linalg.svd(jnp.abs(w), full_matrices=False)
-        a = jnp.abs(u[:, 0]) * jnp.sqrt(s[0])
-        b = jnp.abs(vt[0]) * jnp.sqrt(s[0])
+        a, b = svid_svd(w)
         codes = quantize_codes(w, None, None, spec)
         return QuantizedTensor(data=pack(codes, 1), scales=a[:, None].astype(spec.scale_dtype),
                                col_scale=b.astype(spec.scale_dtype), group_size=cols, **meta)

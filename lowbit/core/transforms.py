@@ -59,7 +59,7 @@ import jax
 from lowbit.core.nodes import is_opaque
 
 __all__ = ["Transform", "Context", "identity", "chain", "partition", "flatten", "unflatten", "get_path", "set_path",
-           "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics", "per_input"]
+           "quantize_params", "calibrate", "path_str", "needs_data", "merge_metrics", "per_input", "fold_inputs"]
 
 Params = Mapping[str, Any]
 Metrics = dict[str, dict[str, Any]]
@@ -150,6 +150,24 @@ def per_input(fn: Callable) -> Callable:
         return r
 
     return call
+
+
+def fold_inputs(stats: Mapping[str, Any], acts: Mapping[str, Any], batch_stat: Callable, fold: Callable,
+                in_features: Callable[[Any], int]) -> dict:
+    """The ``update`` of a method that keeps one statistic per linear: ``fold(stat, *batch_stat(x))``
+    for every path of ``stats`` whose inputs ``x`` are in ``acts`` (an input array shared by several
+    linears -- q/k/v, gate/up -- reduced once, :func:`per_input`); the others keep their statistic.
+    ``in_features(stat)`` is the width the inputs must have (an error names the path otherwise)."""
+    out = dict(stats)
+    reduce = per_input(batch_stat)
+    for path, stat in stats.items():
+        if path not in acts:
+            continue
+        x = acts[path]
+        if x.shape[-1] != in_features(stat):
+            raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features {in_features(stat)}")
+        out[path] = fold(stat, *reduce(x))
+    return out
 
 
 def get_path(tree: Mapping, path: str):

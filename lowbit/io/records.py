@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 __all__ = ["environment_info", "peak_rss_mb", "proc_status_mib", "reset_peak_rss", "sha256_text", "write_json",
-           "write_text", "layers_csv"]
+           "write_text", "write_bytes", "layers_csv"]
 
 
 def _git_info() -> dict:
@@ -77,19 +77,27 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same directory, then
-    ``os.replace``): a reader sees the old file or the new one, never a truncated mix."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (a temporary file in the same directory,
+    flushed to disk, then ``os.replace``): a reader sees the old file or the new one, never a
+    truncated mix, and a crash right after the return keeps the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """:func:`write_bytes` of ``text`` (UTF-8, newlines as they are)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, record: dict) -> None:

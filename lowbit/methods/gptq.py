@@ -96,17 +96,8 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
         return stats
 
     def update(stats, acts, context=None):
-        del context
-        out = dict(stats)
-        xtx = transforms.per_input(gram)   # q/k/v (and gate/up) share one input: one X^T X for all
-        for path, stat in stats.items():
-            if path not in acts:
-                continue
-            x = acts[path]
-            if x.shape[-1] != stat.H.shape[0]:
-                raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features {stat.H.shape[0]}")
-            out[path] = fold(stat, *xtx(x))
-        return out, acts
+        del context   # q/k/v (and gate/up) share one input: one X^T X for all
+        return transforms.fold_inputs(stats, acts, gram, fold, lambda stat: stat.H.shape[0]), acts
 
     def apply(params, stats):
         out, metrics = {}, {}

@@ -377,17 +377,8 @@ def llm_int8(threshold: float = DEFAULT_THRESHOLD) -> transforms.Transform:
 
     def update(stats, acts, context=None):
         del context
-        out = dict(stats)
-        batch_stats = transforms.per_input(lambda x: _batch_stats(x, jnp.float32(threshold)))
-        for path, stat in stats.items():
-            if path not in acts:
-                continue
-            x = acts[path]
-            if x.shape[-1] != stat.colmax.shape[0]:
-                raise ValueError(f"activations[{path!r}]: last axis {x.shape[-1]} != in_features "
-                                 f"{stat.colmax.shape[0]}")
-            out[path] = _fold(stat, *batch_stats(x))
-        return out, acts
+        return transforms.fold_inputs(stats, acts, lambda x: _batch_stats(x, jnp.float32(threshold)), _fold,
+                                      lambda stat: stat.colmax.shape[0]), acts
 
     def apply(params, stats):
         out, metrics = {}, {}

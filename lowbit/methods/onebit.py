@@ -97,7 +97,7 @@ from lowbit import ops
 from lowbit.core import transforms
 from lowbit.core.nodes import register_node
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
-from lowbit.core.quantizers import bits_per_param as _qt_bits_per_param, check_matrix
+from lowbit.core.quantizers import bits_per_param as _qt_bits_per_param, check_matrix, svid_svd as _svid_svd
 from lowbit.methods.registry import Training, register
 from lowbit.core.checks import float_matrix, is_arraylike
 
@@ -209,13 +209,7 @@ def _svid_nmf(w, max_iter: int, tol: float, seed: int = 0):
     return _nmf_loop(x, jnp.asarray(na), jnp.asarray(nb), jnp.int32(max_iter), jnp.float32(tol))
 
 
-@jax.jit
-def svid_svd(w):
-    """SVID by the leading singular pair of ``|w|``: ``a = |u_1| sqrt(s_1)``, ``b = |v_1| sqrt(s_1)``
-    (float32; ``|w|`` is non-negative, so its leading singular vectors are, up to one common sign)."""
-    u, s, vt = jnp.linalg.svd(jnp.abs(jnp.asarray(w, jnp.float32)), full_matrices=False)
-    r = jnp.sqrt(s[0])
-    return jnp.abs(u[:, 0]) * r, jnp.abs(vt[0]) * r
+svid_svd = jax.jit(_svid_svd)   # the format "onebit"'s own SVID (lowbit.core.quantizers), jitted
 
 
 def svid(w, method: str = "nmf", **kw):

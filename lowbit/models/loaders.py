@@ -17,29 +17,8 @@ paths -> a loader, hub downloads, fingerprints).
 * a hub id ``owner/name``, downloaded with ``huggingface_hub.snapshot_download`` when the hub is
   reachable (offline it fails at once with the list of offline options).
 
-lowbit model checkpoint convention (:func:`save_model` / :func:`load_model`): a
-:func:`lowbit.io.checkpoint.save` directory of the params tree (QuantizedTensors allowed) whose
-``extra.json`` holds::
-
-    {"lowbit_model": 1,
-     "model_config": dataclasses.asdict(cfg),      # LlamaConfig.from_dict() reads it back
-     "tokenizer": Tokenizer.to_json() string | a path (absolute, or relative to the checkpoint) | null,
-     ...}                                          # the caller's extra keys (recipe, source, metrics)
-
-GGUF specifics: tensor dims are listed in ggml order (fastest first) and are reversed to get numpy
-``(out, in)``; every tensor is dequantized to float32 with ``gguf.quants.dequantize``; llama.cpp's
-converter stores the q/k projection rows permuted for interleaved RoPE, so by default they are
-permuted back to HF order and the config uses half-split RoPE (``unpermute_qk=False`` keeps the
-stored order with ``rope_style="interleaved"``: the same model).
-
-Gemma-3 GGUF (``general.architecture == "gemma3"``, :func:`_load_gguf_gemma3`): llama.cpp's converter
-does *not* permute Gemma's q/k rows (checked against transformers on the real model), stores every
-RMSNorm weight as ``1 + w`` (the 1 is subtracted back: lowbit keeps the HF convention) and writes
-neither the sliding-window pattern nor the local RoPE base, which llama.cpp fixes for Gemma-3 (every
-6th layer global, local base 10000: used unless the file has ``gemma3.attention.sliding_window_pattern``
-/ ``gemma3.rope.freq_base_swa``). The tokenizer is SentencePiece BPE (``tokenizer.ggml.model ==
-"llama"``, :meth:`lowbit.data.tokenizer.Tokenizer.from_gguf_sentencepiece`). Model checkpoints of
-another family than Llama record it in ``extra.json`` as ``"model_family"``.
+The formats' specifics (GGUF's dimension order, the q/k row permutation, Gemma's ``1 + w`` norms;
+the lowbit checkpoint's ``extra.json`` convention) are written down in their modules.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from lowbit.core.lora import LoraWeight
 from lowbit.core.mixed import MixedWidthWeight
+from lowbit.core.nodes import by_class
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.kernels.layout import KernelWeight
 
@@ -194,14 +195,6 @@ def register_matmul(cls: type, fn: Callable) -> None:
     _MATMULS[cls] = fn
 
 
-def _matmul_of(w) -> Callable | None:
-    for c in type(w).__mro__:
-        fn = _MATMULS.get(c)
-        if fn is not None:
-            return fn
-    return None
-
-
 register_matmul(QuantizedTensor, _quantized_linear)
 register_matmul(KernelWeight, _kernel_weight_linear)
 register_matmul(MixedWidthWeight, _mixed_linear)
@@ -212,7 +205,7 @@ def linear(x, w, bias=None):
     """``y = x @ w.T (+ bias)`` for ``x (..., in)`` and ``w (out, in)``: a dense array, or any weight node
     with a registered matmul (QuantizedTensor, KernelWeight, MixedWidthWeight, LoraWeight over any of
     them, a method's node: see the module docstring for when the Pallas kernels run)."""
-    fn = _matmul_of(w)
+    fn = by_class(_MATMULS, w)
     if fn is not None:
         y = fn(x, w)
     else:

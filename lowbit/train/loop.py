@@ -64,6 +64,8 @@ import numpy as np
 from lowbit.core.checks import is_int
 from lowbit import dist
 from lowbit.faults import crash_point
+from lowbit.io.records import write_json, write_text
+from lowbit.plots import figure
 from lowbit.progress import Bar
 from lowbit.train.ckpt import TrainCheckpoints, tree_checksums
 from lowbit.train.data import TokenWindows
@@ -205,20 +207,6 @@ def step_memory(compiled) -> dict:
 
 # ----------------------------------------------------------------------------- files
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _fmt(v) -> str:
     if v is None:
         return ""
@@ -233,7 +221,7 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
     w.writerow(METRICS_COLUMNS)
     for r in rows:
         w.writerow([_fmt(r.get(c)) for c in METRICS_COLUMNS])
-    _write_atomic(path, buf.getvalue().encode())
+    write_text(path, buf.getvalue())
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -248,24 +236,16 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def _plot(path: str, rows: list[dict], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _write_atomic(path, buf.getvalue())
+    with figure(path, figsize=(6, 4), dpi=100, tight=False, bbox_inches="tight") as (fig, ax):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+        ev = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 # ----------------------------------------------------------------------------- config
@@ -397,10 +377,9 @@ def train(params, model_cfg, cfg: TrainCfg, run_dir: str, *, train_tokens, eval_
         # on a mesh (lowbit.dist.use_mesh) the state and frozen base are replicated and every
         # batch is split over the data axis: the step runs data-parallel, its loss mean all-reduced
         state, frozen = dist.replicate((state, frozen), dist.current_mesh())
-        _write_atomic(os.path.join(run_dir, "config.json"),
-                      (json.dumps({"config": config, "config_hash": config_hash, "resume_neutral":
-                                   {k: getattr(cfg, k) for k in RESUME_NEUTRAL}}, indent=2, default=str)
-                       + "\n").encode())
+        write_json(os.path.join(run_dir, "config.json"),
+                   {"config": config, "config_hash": config_hash,
+                    "resume_neutral": {k: getattr(cfg, k) for k in RESUME_NEUTRAL}})
 
         def evaluate(trainable) -> float:
             losses = [float(eval_fn(trainable, frozen, dist.place_batch(jnp.asarray(b)), consts)[0])
