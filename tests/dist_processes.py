@@ -36,7 +36,7 @@ def check_spread(me: int) -> None:
     def fn(w, H):
         if not isinstance(w, jax.core.Tracer):
             solved.append(w.shape)
-        return gptq._dispatch(w, H, spec, blocksize=16, damp=0.01, act_order=False, static_groups=False,
+        return gptq.solve(w, H, spec, blocksize=16, damp=0.01, act_order=False, static_groups=False,
                               zero_dead=False)
 
     got = dist.spread(fn, items)

@@ -312,7 +312,7 @@ def test_gptq_candidates_are_the_gptq_models_weights(tiny_experiment):
     """Candidate k of every unit is that unit of the model GPTQ-quantized at candidate k (16 bit:
     the weight itself); given to allocate they replace the round-to-nearest stacks."""
     from lowbit.alloc import Recipe
-    from lowbit.alloc.plan import gptq_candidates
+    from lowbit.alloc.plan import calibrated_candidates
     from lowbit.calib.driver import quantize_model
     from lowbit.core.quantizers import dequantize
     from lowbit.core.transforms import flatten
@@ -324,7 +324,7 @@ def test_gptq_candidates_are_the_gptq_models_weights(tiny_experiment):
     rng = np.random.default_rng(0)
     windows = rng.integers(0, cfg.vocab_size, (4, 16)).astype(np.int32)
     cands = problem.int_candidates((2, 4), 32) + [None]
-    cw = gptq_candidates(params, cfg, windows, cands, units, progress=False)
+    cw = calibrated_candidates(params, cfg, windows, cands, units, progress=False)
     q4, _ = quantize_model(params, cfg, Recipe({u: cands[1] for u in units}).transform(), windows,
                            true_sequential=False, progress=False)
     u = units[3]

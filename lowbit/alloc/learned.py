@@ -276,7 +276,7 @@ def allocate(params, cost_fn: Callable, candidates: Sequence[QuantSpec | None], 
     the steps. Returns an :class:`AllocResult` whose ``recipe`` (for ``method``) meets the budget.
     ``block``: units are blocks of that many input columns of each linear (module docstring).
     ``candidate_weights``: ``{unit: (K, out, in)}`` candidate weights instead of round to nearest
-    (e.g. GPTQ at each width: :func:`lowbit.alloc.plan.gptq_candidates`).
+    (e.g. GPTQ at each width: :func:`lowbit.alloc.plan.calibrated_candidates`).
 
     ``run_dir``: checkpoints (logits, Adam state, multiplier; every ``save_every`` steps and at the
     end, :class:`lowbit.train.ckpt.TrainCheckpoints`) and ``history.json``; calling again with the

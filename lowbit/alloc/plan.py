@@ -15,13 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
+from lowbit import methods
 from lowbit.alloc import baselines, learned, problem
 from lowbit.alloc.recipe import Recipe, code_bits, spec_bytes
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.transforms import flatten
 from lowbit.plots import figure
 
-__all__ = ["KINDS", "allocate_model", "gptq_candidates", "uniform_bytes", "plot_bits", "plot_history"]
+__all__ = ["KINDS", "ROUND_TO_NEAREST", "allocate_model", "candidate_methods", "calibrated_candidates", "uniform_bytes",
+           "plot_bits", "plot_history"]
 
 KINDS = ("learned", "hawq", "higgs")
 
@@ -33,13 +35,24 @@ def uniform_bytes(params, spec: QuantSpec, units: Sequence[str] | None = None) -
     return sum(spec_bytes(spec, tuple(flat[u].shape)) for u in units)
 
 
-def gptq_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec | None], units: Sequence[str], *,
-                    batch_size: int = 4, progress: bool = True) -> dict:
-    """``{unit: (K, out, in)}`` float32: every unit GPTQ-quantized at each candidate (the whole model
-    at one candidate per pass of the layer-sequential driver, all linears of a block from one capture,
-    on the same calibration ``windows``), dequantized; ``None`` (16 bit) keeps the weight. For a
-    column-block allocation these are uniform-width GPTQ weights: the final GPTQ at mixed widths
-    feeds each block's error on to blocks of other widths."""
+#: candidate weights rounded to nearest inside the relaxation (no calibration pass): ``--candidates rtn``
+ROUND_TO_NEAREST = "rtn"
+
+
+def candidate_methods() -> list[str]:
+    """What ``candidate_weights`` may name: :data:`ROUND_TO_NEAREST`, or a registered method that
+    calibrates (collects statistics) and takes a width per column group (its candidates at each
+    width, :func:`calibrated_candidates`)."""
+    return [ROUND_TO_NEAREST] + methods.with_names(lambda m: m.quantizes and not m.data_free and m.mixed is not None)
+
+
+def calibrated_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec | None], units: Sequence[str], *,
+                          method: str = "gptq", batch_size: int = 4, progress: bool = True) -> dict:
+    """``{unit: (K, out, in)}`` float32: every unit quantized by ``method`` (GPTQ by default) at each
+    candidate (the whole model at one candidate per pass of the layer-sequential driver, all linears of
+    a block from one capture, on the same calibration ``windows``), dequantized; ``None`` (16 bit)
+    keeps the weight. For a column-block allocation these are uniform-width weights: the final GPTQ
+    at mixed widths feeds each block's error on to blocks of other widths."""
     import jax.numpy as jnp
 
     from lowbit.calib.driver import quantize_model
@@ -51,7 +64,7 @@ def gptq_candidates(params, model_cfg, windows, candidates: Sequence[QuantSpec |
         if s is None:
             q = flat
         else:
-            t = baselines.uniform_recipe(params, s, units).transform()
+            t = baselines.uniform_recipe(params, s, units, method=method).transform()
             qp, _ = quantize_model(params, model_cfg, t, windows, batch_size=batch_size, true_sequential=False,
                                    progress=progress)
             q = flatten(qp)
@@ -118,7 +131,8 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     ``run_dir``: learned: checkpoints to resume an interrupted run from; hawq / higgs: the measured
     sensitivities, reused by a later call with another budget on the same windows; ``block`` (learned): units
     of that many input columns instead of whole linears; ``candidate_weights`` (learned): ``rtn``
-    (round to nearest) or ``gptq`` (:func:`gptq_candidates` on the same windows); ``samples``: hawq:
+    (round to nearest) or a calibrating method, e.g. ``gptq`` (:func:`calibrated_candidates` on the same
+    windows; :func:`candidate_methods`); ``samples``: hawq:
     Hutchinson probes (default 8), higgs: noise draws per unit (default 2)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -131,18 +145,19 @@ def allocate_model(params, model_cfg, windows, *, kind: str = "learned", candida
     cost_fn = learned.kl_cost(model_cfg, params) if cost == "kl" else learned.ce_cost(model_cfg)
     t0 = time.perf_counter()
     budget = dict(budget_bits=budget_bits, budget_bytes=budget_bytes)
-    if candidate_weights not in ("rtn", "gptq"):
-        raise ValueError(f"candidate_weights={candidate_weights!r}: expected 'rtn' or 'gptq'")
+    if candidate_weights not in candidate_methods():
+        raise ValueError(f"candidate_weights={candidate_weights!r}: expected one of {candidate_methods()}")
     if samples is not None and (kind == "learned" or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples={samples!r}: expected a positive int, for kind='hawq' (Hutchinson probes) "
                          "or 'higgs' (noise draws per unit)")
-    if candidate_weights == "gptq" and kind != "learned":
-        raise ValueError("candidate_weights='gptq': for kind='learned' (the baselines score round-to-nearest errors)")
+    if candidate_weights != ROUND_TO_NEAREST and kind != "learned":
+        raise ValueError(f"candidate_weights={candidate_weights!r}: for kind='learned' (the baselines score "
+                         "round-to-nearest errors)")
     if kind == "learned":
         cw = None
-        if candidate_weights == "gptq":
-            cw = gptq_candidates(params, model_cfg, windows, candidates, problem.linear_units(params),
-                                 batch_size=batch_size, progress=progress)
+        if candidate_weights != ROUND_TO_NEAREST:
+            cw = calibrated_candidates(params, model_cfg, windows, candidates, problem.linear_units(params),
+                                       method=candidate_weights, batch_size=batch_size, progress=progress)
         l_cost, l_batches = _cached_teacher(cost, cost_fn, batches, params, model_cfg, windows)
         res = learned.allocate(params, l_cost, candidates, l_batches, cfg=cfg, method=method, progress=progress,
                                run_dir=run_dir, block=block, candidate_weights=cw, **budget)

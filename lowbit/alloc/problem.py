@@ -38,7 +38,7 @@ def candidate_tables(params, units: Sequence[str], candidates: Sequence[QuantSpe
                      weights: dict | None = None):
     """``(qweights, bytes)``: per unit the stacked dequantized candidates ``(K, out, in)`` float32
     and the exact bytes table ``(U, K)``. The candidates are round to nearest (``None`` keeps the
-    weight) unless ``weights`` gives them: ``{unit: (K, out, in)}`` (e.g. :func:`lowbit.alloc.plan.gptq_candidates`)."""
+    weight) unless ``weights`` gives them: ``{unit: (K, out, in)}`` (e.g. :func:`lowbit.alloc.plan.calibrated_candidates`)."""
     from lowbit.core.quantizers import dequantize, quantize
 
     flat = flatten(params)

@@ -12,7 +12,7 @@ from lowbit.io.records import write_json
 
 
 def _allocate_args(p: argparse.ArgumentParser) -> None:
-    from lowbit.alloc.plan import KINDS
+    from lowbit.alloc.plan import KINDS, ROUND_TO_NEAREST, candidate_methods
 
     p.add_argument("--model", default="smollm2-135m", help="model to allocate bits for (as for eval)")
     p.add_argument("--kind", choices=KINDS, default="learned",
@@ -33,7 +33,7 @@ def _allocate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fill-batches", type=int, default=4, metavar="N",
                    help="learned: spend the bytes the discretization leaves unused on the upgrades the cost's gradient "
                         "(on N calibration batches) ranks best per byte; 0 leaves them unused")
-    p.add_argument("--candidates", choices=["rtn", "gptq"], default="rtn",
+    p.add_argument("--candidates", choices=candidate_methods(), default=ROUND_TO_NEAREST,
                    help="learned: candidate weights by round to nearest (default) or GPTQ at each width (one "
                         "calibration pass per width on the same windows)")
     p.add_argument("--block", type=positive_int, default=None, metavar="COLS",
