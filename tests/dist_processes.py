@@ -71,7 +71,7 @@ def check_checkpoint(me: int, directory: str) -> None:
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
         assert np.asarray(a).dtype == b.dtype and np.array_equal(np.asarray(a), b)
     manifest = json.load(open(os.path.join(path, "manifest.json")))["tree"]
-    data = manifest["__dict__"]["layer"]["__dict__"]["q_proj"]["fields"]["data"]
+    data = manifest["__dict__"]["layer"]["__dict__"]["q_proj"]["__dict__"]["data"]
     assert len(data["shards"]) == 2 and "sha256" not in data, data
     print(json.dumps({"process": me, "ok": "checkpoint"}), flush=True)
 

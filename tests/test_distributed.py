@@ -203,3 +203,39 @@ def test_an_unreachable_coordinator_ends_the_process_within_the_timeout(tiny_exp
     assert "[lowbit] joining the job at 127.0.0.1:" in se and "as process 1 of 2" in se, se[-2000:]
     assert "DEADLINE_EXCEEDED" in se, se[-2000:]
     assert not os.path.exists(tmp_path / "res")
+
+
+def _cli(*args, devices=1):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LOWBIT_CRASH_AT")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_eval_and_quantize_run_on_a_mesh_like_run(tiny_experiment, tmp_path):
+    """``lowbit eval`` / ``quantize`` take ``--mesh`` through the same setup as ``lowbit run``: on four
+    (fake) devices, data-parallel or with the linears split over ``model``, the perplexity and the RTN
+    checkpoint are one device's (RTN: the same arithmetic in any layout)."""
+    import json
+
+    import numpy as np
+
+    from lowbit.io import checkpoint
+
+    root, _ = tiny_experiment
+    model, corpus = str(root / "model"), str(root / "corpus.txt")
+    common = ["--data", corpus, "--seqlen", "32", "--max-windows", "4", "--batch-size", "4", "--no-progress"]
+    _cli("eval", "--model", model, *common, "--out", str(tmp_path / "one.json"))
+    _cli("eval", "--model", model, *common, "--mesh", "data=4", "--out", str(tmp_path / "four.json"), devices=4)
+    one, four = (json.load(open(tmp_path / f)) for f in ("one.json", "four.json"))
+    assert four["env"]["n_devices"] == 4 and abs(four["ppl"] / one["ppl"] - 1) < 1e-5, (one["ppl"], four["ppl"])
+    q = ["quantize", "--model", model, "--method", "rtn", "--bits", "4", "--group-size", "32", "--calib", corpus,
+         "--nsamples", "4", "--seqlen", "32", "--batch-size", "4", "--no-progress"]
+    _cli(*q, "--out", str(tmp_path / "q1"))
+    _cli(*q, "--mesh", "data=2,model=2", "--out", str(tmp_path / "q4"), devices=4)
+    a, b = checkpoint.restore(str(tmp_path / "q1")), checkpoint.restore(str(tmp_path / "q4"))
+    qa, qb = a["layers"][1]["mlp"]["down_proj"], b["layers"][1]["mlp"]["down_proj"]
+    np.testing.assert_array_equal(np.asarray(qa.data), np.asarray(qb.data))
+    np.testing.assert_array_equal(np.asarray(qa.scales), np.asarray(qb.scales))

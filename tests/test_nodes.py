@@ -43,7 +43,8 @@ def _samples():
 
 def test_every_registered_kind_has_a_matmul_and_round_trips(tmp_path):
     samples = _samples()
-    assert set(samples) == set(nodes.kind_names()), "a new weight-node kind needs a sample here"
+    builtin = {n for n in nodes.kind_names() if nodes.get_kind(n).cls.__module__.startswith("lowbit.")}
+    assert set(samples) == builtin, "a new built-in weight-node kind needs a sample here"
     x = jax.random.normal(jax.random.key(3), (3, 64))
     p = checkpoint.save(str(tmp_path / "ck"), samples)
     back = checkpoint.restore(p)
