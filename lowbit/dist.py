@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lowbit.core.checks import is_int
+
 __all__ = ["AXES", "parse_mesh", "make_mesh", "use_mesh", "current_mesh", "data_size", "data_sharding",
            "replicated", "shard_windows", "replicate", "place_batch", "shard_params", "data_parallel_hessian", "pad_windows",
            "initialize", "is_primary", "agree_min", "agree_any", "to_host", "spread"]
@@ -70,7 +72,7 @@ def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int] | None:
     out = {}
     for a in AXES:
         v = spec.get(a, 1)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not is_int(v) or v < 1:
             raise ValueError(f"mesh.{a}={v!r}: expected a positive int")
         out[a] = int(v)
     return out

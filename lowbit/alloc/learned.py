@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowbit.core.checks import is_int, is_real
 from lowbit.alloc.problem import (as_batch, candidate_tables, check_candidates, greedy_upgrades, knapsack, linear_units,
                                    resolve_budget)
 from lowbit.alloc.recipe import Recipe
@@ -90,13 +91,13 @@ class AllocCfg:
     fill_batches: int = 4
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+        if not is_int(self.steps) or self.steps < 1:
             raise ValueError(f"steps={self.steps!r}: expected a positive int")
         for k in ("lr", "tau_start", "tau_end", "dual_lr"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not is_real(v) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"{k}={v!r}: expected a finite number > 0")
-        if isinstance(self.fill_batches, bool) or not isinstance(self.fill_batches, int) or self.fill_batches < 0:
+        if not is_int(self.fill_batches) or self.fill_batches < 0:
             raise ValueError(f"fill_batches={self.fill_batches!r}: expected an int >= 0")
 
     def tau(self, step: int) -> float:
@@ -121,7 +122,7 @@ def _check_block(block, cands) -> int | None:
     group size that divides it, no 16-bit candidate."""
     if block is None:
         return None
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block <= 0:
+    if not is_int(block) or block <= 0:
         raise ValueError(f"block={block!r}: expected a positive int (input columns per unit) or None (whole matrices)")
     bad = [c for c in cands if c is None or c.format != "int" or c.group_size is None or c.per_tensor
            or c.double_quant]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit.core.checks import is_int, is_real
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.sizes import spec_bytes
 from lowbit.core.transforms import flatten
@@ -79,12 +80,12 @@ def resolve_budget(table: np.ndarray, n_params: int, budget_bits, budget_bytes) 
         raise ValueError("budget: give exactly one of budget_bits (mean bits per parameter) or budget_bytes")
     lo, hi = budget_range(table)
     if budget_bits is not None:
-        if isinstance(budget_bits, bool) or not isinstance(budget_bits, (int, float)) or not math.isfinite(budget_bits):
+        if not is_real(budget_bits) or not math.isfinite(budget_bits):
             raise ValueError(f"budget_bits={budget_bits!r}: expected a finite number")
         budget = int(math.floor(budget_bits * n_params / 8))
         what = f"budget_bits={budget_bits}"
     else:
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
+        if not is_int(budget_bytes):
             raise ValueError(f"budget_bytes={budget_bytes!r}: expected an int")
         budget, what = int(budget_bytes), f"budget_bytes={budget_bytes}"
     if not lo <= budget <= hi:

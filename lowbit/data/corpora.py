@@ -88,6 +88,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.core.checks import is_int
 from lowbit.io import assets
 
 __all__ = [
@@ -182,7 +183,7 @@ def calibration_windows(tokens, nsamples: int, seqlen: int,
     if n < seqlen + 1:
         raise ValueError(f"calibration needs at least seqlen + 1 = {seqlen + 1} tokens, "
                          f"got {n}: use a longer corpus or a smaller seqlen")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_int(seed):
         raise ValueError(f"seed={seed!r}: expected an int (calibration windows must be reproducible)")
     rng = np.random.default_rng(int(seed))
     starts = rng.integers(0, n - seqlen, size=nsamples, dtype=np.int64)
@@ -217,7 +218,7 @@ def _check_split(split: str) -> None:
 
 
 def _positive_int(what: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+    if not is_int(v) or v < 1:
         raise ValueError(f"{what}={v!r}: expected a positive integer")
     return int(v)
 

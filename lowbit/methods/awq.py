@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import ops
-from lowbit.core.checks import float_matrix
+from lowbit.core.checks import float_matrix, is_int
 from lowbit.core.qtensor import QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import fake_quant, grouped, resolve_group_size
 from lowbit.core.transforms import Context, Transform, chain, get_path, set_path, unflatten
@@ -120,7 +120,7 @@ class AWQOptions:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a bool")
         for name in ("n_grid", "clip_grid", "clip_tokens", "search_batch"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
         if not 0.0 <= float(self.clip_max_shrink) < 1.0:
             raise ValueError(f"clip_max_shrink={self.clip_max_shrink!r}: expected 0 <= value < 1")

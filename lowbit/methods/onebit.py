@@ -99,7 +99,7 @@ from lowbit.core.nodes import register_node
 from lowbit.core.qtensor import QuantizedMatrix, QuantizedTensor, QuantSpec
 from lowbit.core.quantizers import bits_per_param as _qt_bits_per_param, check_matrix, svid_svd as _svid_svd
 from lowbit.methods.registry import Training, register
-from lowbit.core.checks import float_matrix, is_arraylike
+from lowbit.core.checks import float_matrix, is_arraylike, is_int, is_real
 
 __all__ = ["OneBitWeight", "OneBitOptions", "sign_ste", "svid", "svid_nmf", "svid_svd", "init_weight",
            "pack", "round_vectors", "onebit_linear", "onebit_kd_loss", "onebit_optim", "trainable_regex",
@@ -458,11 +458,11 @@ class OneBitOptions:
         if not isinstance(self.norm, bool):
             raise ValueError(f"onebit.norm={self.norm!r}: expected a bool")
         li = self.latent_init
-        if isinstance(li, bool) or not isinstance(li, (int, float)) or not math.isfinite(li) or li <= 0:
+        if not is_real(li) or not math.isfinite(li) or li <= 0:
             raise ValueError(f"onebit.latent_init={li!r}: expected a finite number > 0")
-        if isinstance(self.nmf_max_iter, bool) or not isinstance(self.nmf_max_iter, int) or self.nmf_max_iter < 1:
+        if not is_int(self.nmf_max_iter) or self.nmf_max_iter < 1:
             raise ValueError(f"onebit.nmf_max_iter={self.nmf_max_iter!r}: expected a positive int")
-        if isinstance(self.nmf_tol, bool) or not isinstance(self.nmf_tol, (int, float)) or not self.nmf_tol >= 0:
+        if not is_real(self.nmf_tol) or not self.nmf_tol >= 0:
             raise ValueError(f"onebit.nmf_tol={self.nmf_tol!r}: expected a number >= 0")
 
 

@@ -220,7 +220,7 @@ class ExperimentCfg:
         for key, v in (("calib.nsamples", self.calib.nsamples), ("calib.seqlen", self.calib.seqlen),
                        ("eval.seqlen", self.eval.seqlen), ("calib.batch_size", self.calib.batch_size),
                        ("eval.batch_size", self.eval.batch_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not is_int(v) or v <= 0:
                 raise ValueError(f"{key}={v!r}: expected a positive integer")
         if not self.eval.data:
             raise ValueError("eval.data: expected at least one dataset")
@@ -245,7 +245,7 @@ class ExperimentCfg:
             if m.distill and (self.distill.data, self.distill.split) in {(d, self.eval.split) for d in self.eval.data}:
                 raise ValueError(f"methods.{m.name}: distill.data {self.distill.data}/{self.distill.split} is an "
                                  "evaluation split; distil on another split or on self-generated data (data: self)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r}: expected an integer")
 
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lowbit.core.checks import is_int
 from lowbit.core.transforms import path_str
 from lowbit.io.checkpoint import local_copy, process_local_options
 from lowbit.train.step import TrainState
@@ -156,7 +157,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str, keep: int = 3, quarantine: str | None = None):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        if not is_int(keep) or keep < 1:
             raise ValueError(f"keep={keep!r}: expected an int >= 1")
         self.directory = os.path.abspath(directory)
         self.quarantine = os.path.abspath(quarantine or f"{self.directory}-corrupt")

@@ -29,13 +29,14 @@ import hashlib
 
 import numpy as np
 
+from lowbit.core.checks import is_int
 from lowbit.data.corpora import SPLITS, corpus_text, eval_windows
 
 __all__ = ["TokenWindows", "corpus_tokens", "train_eval_tokens"]
 
 
 def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+    if not is_int(v) or v < 1:
         raise ValueError(f"{name}={v!r}: expected a positive int")
     return int(v)
 
@@ -55,7 +56,7 @@ class TokenWindows:
         if seqlen < 2:
             raise ValueError(f"seqlen={seqlen}: expected >= 2 (one token predicts the next)")
         self.batch_size = _positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed={seed!r}: expected an int >= 0")
         self.seed, self.seqlen = int(seed), seqlen
         toks = np.asarray(tokens)
@@ -91,7 +92,7 @@ class TokenWindows:
 
     def indices(self, step: int) -> np.ndarray:
         """Window indices ``(batch_size,)`` of micro-step ``step`` (>= 0)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step={step!r}: expected an int >= 0")
         pos = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
         epochs, within = pos // self.n_windows, pos % self.n_windows

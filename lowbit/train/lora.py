@@ -80,7 +80,7 @@ from lowbit.core.lora import LoraWeight, strip_lora
 from lowbit.core.qtensor import QuantizedTensor
 from lowbit.core.transforms import path_str
 from lowbit.train.optim import OptimCfg
-from lowbit.core.checks import is_arraylike
+from lowbit.core.checks import is_arraylike, is_int, is_real
 
 __all__ = ["LoraWeight", "add_lora", "lora_paths", "linear_paths", "trainable_regex", "with_dropout", "merge_lora",
            "strip_lora", "count_trainable", "lora_loss", "qlora_optim", "qlora_dropout", "save_lora_model",
@@ -207,11 +207,11 @@ def add_lora(params, *, rank: int = QLORA_RANK, alpha: float = QLORA_ALPHA, drop
     message lists the linear paths), when a selected layer already has an adapter, and when ``rank``
     exceeds a selected layer's ``min(in, out)`` (naming the layer).
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"rank={rank!r}: expected an int >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha={alpha!r}: expected a finite number > 0")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if not is_real(dropout) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r}: expected a rate in [0, 1)")
     if key is None:
         raise ValueError("key: pass a jax.random.key for the adapters' initialisation")
@@ -334,7 +334,7 @@ def qlora_optim(steps: int, *, lr: float = QLORA_LR) -> OptimCfg:
     """The QLoRA paper's optimizer for a run of ``steps`` optimizer steps: AdamW ``lr`` (2e-4 for
     7B / 13B, 1e-4 for 33B / 65B), linear warmup over ``ceil(0.03 * steps)`` steps (HF's
     ``warmup_ratio``), then constant; global-norm clipping at 0.3; ``b2 = 0.999``; no weight decay."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps={steps!r}: expected a positive int")
     return OptimCfg(lr=lr, warmup_steps=math.ceil(QLORA_WARMUP_RATIO * int(steps)), schedule="constant",
                     clip_norm=QLORA_MAX_GRAD_NORM, b1=0.9, b2=QLORA_B2, eps=1e-8, weight_decay=0.0)

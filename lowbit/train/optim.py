@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowbit.core.checks import is_int
+
 __all__ = ["OptimCfg", "SCHEDULES", "build_optimizer", "GradNormState", "record_grad_norm", "grad_norm_of",
            "global_norm"]
 
@@ -87,7 +89,7 @@ class OptimCfg:
         out = []
         if not _finite_number(self.lr) or self.lr <= 0:
             out.append(f"lr={self.lr!r}: expected a finite number > 0")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             out.append(f"warmup_steps={self.warmup_steps!r}: expected an int >= 0")
         if self.schedule not in SCHEDULES:
             out.append(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
@@ -107,7 +109,7 @@ class OptimCfg:
 
     def schedule_fn(self, steps: int) -> optax.Schedule:
         """The learning rate as a function of the optimizer step count ``0 .. steps - 1``."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ValueError(f"steps={steps!r}: expected a positive int")
         if self.warmup_steps > steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={steps}")
@@ -172,7 +174,7 @@ def build_optimizer(cfg: OptimCfg, steps: int, accum: int = 1) -> optax.Gradient
     of ``accum`` micro-batch gradients. Cached: equal arguments give the same object."""
     if not isinstance(cfg, OptimCfg):
         raise ValueError(f"cfg: expected an OptimCfg, got {type(cfg).__name__}")
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    if not is_int(accum) or accum < 1:
         raise ValueError(f"accum={accum!r}: expected an int >= 1")
     parts: list[Any] = [record_grad_norm()]
     if cfg.clip_norm is not None:
