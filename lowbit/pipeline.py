@@ -59,6 +59,7 @@ class MethodCfg:
     finetune: bool = False
     distill: bool = False
     recipe: str | None = None  # a mixed-precision recipe file (lowbit.alloc.recipe): per-linear specs, not ``quant``
+    seeds: tuple[int, ...] | None = None  # lowbit run: the seeds this row runs (default: the experiment's)
 
     def __post_init__(self):
         m = methods.get(self.method)
@@ -127,6 +128,10 @@ class CalibCfg:
     true_sequential: bool = True  # calibrate a block's linears group by group (else from one capture pass)
     skip_first: int = 0      # leading positions per window left out of the statistics (attention sinks)
     token_cap: float | None = None  # cap token input norms at this multiple of the median (massive activations)
+    #: a float-level perturbation of the calibration activations, for measuring float-order noise: with
+    #: k > 0, each entry of the embeddings that enter layer 0 moves by one ulp (up, down or not at all,
+    #: drawn from seed k); 0: none
+    perturb: int = 0
 
 
 def load(name_or_path: str = "smollm2-135m", *, dtype="float32"):
@@ -206,8 +211,8 @@ def quantize(params, model_cfg, row: MethodCfg, windows, calib: CalibCfg, *, sta
 
     qparams, rows = quantize_model(params, model_cfg, recipe, windows, batch_size=calib.batch_size,
                                    true_sequential=calib.true_sequential, skip_first=calib.skip_first,
-                                   token_cap=calib.token_cap, start_layer=start_layer, reference=reference,
-                                   on_layer=tagged, progress=progress)
+                                   token_cap=calib.token_cap, perturb=calib.perturb, start_layer=start_layer,
+                                   reference=reference, on_layer=tagged, progress=progress)
     for r in rows:
         r["method"] = row.method
     if not keep_latent:

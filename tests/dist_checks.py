@@ -47,14 +47,37 @@ def check_hessian():
     np.testing.assert_allclose(np.asarray(stat.H), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
-def _gptq_model(mesh, method="gptq"):
+def check_hessian_windows():
+    # GPTQ's hessian="windows": every window's X^T X alone, summed pairwise in one order: the same bits
+    # on one device, data=8 and a (4, 2) mesh (the batched sum differs in its last bits); and through
+    # the driver, the tiny model's GPTQ codes and scales on data=8 are one device's, bit for bit
+    from lowbit.core.qtensor import QuantizedTensor
+    from lowbit.core.transforms import flatten
+    from lowbit.methods.gptq_core import gram_windows
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 128, 96)).astype(np.float32))
+    one = np.asarray(gram_windows(x)[0])
+    for spec in ("data=8", "data=4,model=2", "data=2,model=4"):
+        with dist.use_mesh(dist.make_mesh(spec)):
+            got = np.asarray(gram_windows(dist.place_batch(x))[0])
+        assert np.array_equal(got, one), (spec, float(np.abs(got - one).max()))
+    _, q1, _ = _gptq_model(None, hessian="windows")
+    _, q8, _ = _gptq_model(dist.make_mesh("data=8"), hessian="windows")
+    for path, a in flatten(q1).items():
+        if isinstance(a, QuantizedTensor):
+            b = flatten(q8)[path]
+            assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), path
+            assert np.array_equal(np.asarray(a.scales), np.asarray(b.scales)), path
+
+
+def _gptq_model(mesh, method="gptq", **kw):
     from lowbit import QuantSpec
     from lowbit.calib.driver import default_recipe, quantize_model
     from lowbit.methods.awq import awq
     from lowbit.methods.gptq import gptq
 
     params = llama.init_params(jax.random.key(0), CFG)
-    recipe = default_recipe((gptq if method == "gptq" else awq)(QuantSpec(bits=3, group_size=32)))
+    recipe = default_recipe((gptq if method == "gptq" else awq)(QuantSpec(bits=3, group_size=32), **kw))
     with dist.use_mesh(mesh):
         p = dist.shard_params(params, mesh) if mesh is not None else params
         q, rows = quantize_model(p, CFG, recipe, _tokens(16), batch_size=8, progress=False)

@@ -17,7 +17,8 @@ def _run_checks(*names, devices=8, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", ["hessian", "gptq", "awq", "perplexity", "train_step", "model_axis", "mesh_errors"])
+@pytest.mark.parametrize("name", ["hessian", "hessian_windows", "gptq", "awq", "perplexity", "train_step", "model_axis",
+                                  "mesh_errors"])
 def test_on_eight_devices(name):
     r = _run_checks(name)
     assert r.returncode == 0 and f"ok {name}" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]

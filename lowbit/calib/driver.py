@@ -55,7 +55,7 @@ from lowbit.core.transforms import (Context, Transform, flatten, identity, needs
 from lowbit.models.protocol import FAMILIES, family_of
 from lowbit.progress import Bar
 
-__all__ = ["default_recipe", "quantize_model", "layer_inputs", "REPORT_ROWS"]
+__all__ = ["default_recipe", "quantize_model", "layer_inputs", "perturb_ulp", "REPORT_ROWS"]
 
 
 def default_recipe(method: Transform) -> Transform:
@@ -117,12 +117,23 @@ def _batched(fn, X, batch_size):
     return jnp.concatenate([fn(dist.place_batch(X[b:b + batch_size])) for b in range(0, X.shape[0], batch_size)])
 
 
-def layer_inputs(params, cfg, tokens, *, upto: int, batch_size: int = 8):
+def perturb_ulp(x, seed: int):
+    """``x`` with each entry moved by one ulp towards +inf, -inf or not at all (a third each, drawn
+    from ``seed``): a float-level perturbation, the size of a change of summation order."""
+    r = jax.random.randint(jax.random.key(seed), x.shape, -1, 2)
+    away = jnp.nextafter(x, jnp.where(r > 0, jnp.inf, -jnp.inf).astype(x.dtype))
+    return jnp.where(r == 0, x, away)
+
+
+def layer_inputs(params, cfg, tokens, *, upto: int, batch_size: int = 8, perturb: int = 0):
     """Hidden states entering layer ``upto`` for calibration ``tokens (n, T)`` (layers ``< upto``
-    as they are in ``params``, e.g. already quantized): used to start or resume the driver."""
+    as they are in ``params``, e.g. already quantized): used to start or resume the driver.
+    ``perturb``: :func:`perturb_ulp` of the embeddings with that seed (0: none)."""
     fam = family_of(cfg)
     emb = fam.embed_params(params)
     X = _batched(lambda t: fam.embed_jit(emb, t, cfg), jnp.asarray(tokens), batch_size)
+    if perturb:
+        X = perturb_ulp(X, perturb)
     for i in range(upto):
         X = _run_block(fam, fam.layers(params)[i], X, cfg, i, batch_size)
     return X
@@ -205,7 +216,7 @@ def _to_float(v):
 
 def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 8,
                    true_sequential: bool = True, skip_first: int = 0, token_cap: float | None = None,
-                   start_layer: int = 0, inputs=None, reference=None,
+                   perturb: int = 0, start_layer: int = 0, inputs=None, reference=None,
                    on_layer: Callable[[int, dict, list[dict]], Any] | None = None,
                    progress: bool = True) -> tuple[dict, list[dict]]:
     """Quantize ``params`` (a pytree of a registered model family) layer by layer with ``recipe``.
@@ -226,6 +237,8 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
         Keeps a few massive-activation tokens (attention sinks) from dominating ``X^T X`` while
         still counting them. On SmolLM2, act-order is what recovers GPTQ's 4-bit loss to RTN
         (paper/); neither this nor ``skip_first`` did in demo-scale trials.
+      perturb: measure float-order noise: the embeddings entering layer 0 moved by one ulp
+        (:func:`perturb_ulp`, with this seed; 0: no perturbation, the reference behaviour).
       start_layer, inputs: resume: layers ``< start_layer`` of ``params`` are taken as final and
         ``inputs`` are the hidden states entering ``start_layer`` (computed with
         :func:`layer_inputs` when ``None``: from ``params``, or from ``reference`` for a recipe whose
@@ -284,7 +297,8 @@ def quantize_model(params, cfg, recipe: Transform, tokens, *, batch_size: int = 
     if data_free:
         tokens = tokens[:batch_size]
     src = reference if float_inputs and reference is not None else params
-    X = inputs if inputs is not None else layer_inputs(src, cfg, tokens, upto=start_layer, batch_size=batch_size)
+    X = inputs if inputs is not None else layer_inputs(src, cfg, tokens, upto=start_layer, batch_size=batch_size,
+                                                       perturb=perturb)
     if data_free:
         X = X[:batch_size]
     if X.shape[:2] != tokens.shape:  # after the data-free cut, both hold the first batch

@@ -14,7 +14,7 @@ import resource
 import subprocess
 import sys
 
-__all__ = ["environment_info", "peak_rss_mb", "proc_status_mib", "reset_peak_rss", "sha256_text", "write_json",
+__all__ = ["environment_info", "cpu_info", "numerics_info", "peak_rss_mb", "proc_status_mib", "reset_peak_rss", "sha256_text", "write_json",
            "write_text", "write_bytes", "layers_csv"]
 
 
@@ -59,8 +59,42 @@ def peak_rss_mb() -> float:
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20
 
 
+#: CPU feature flags that change which float code XLA emits (and so the last bits of a result)
+_ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+              "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_info() -> dict:
+    """``{"cpu_model", "isa"}``: the CPU's model name and those of its feature flags that change the
+    float code XLA emits (Linux ``/proc/cpuinfo``; elsewhere what :mod:`platform` says)."""
+    model, flags = platform.processor() or None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "hardware") and model in (None, "", platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "isa": [f for f in _ISA_FLAGS if f in flags]}
+
+
+def numerics_info() -> dict:
+    """What changes numbers besides the code: ``XLA_FLAGS``, ``LOWBIT_KERNELS`` and the jax settings of
+    matmul precision and 64-bit mode."""
+    import jax
+
+    return {"xla_flags": os.environ.get("XLA_FLAGS") or None, "lowbit_kernels": os.environ.get("LOWBIT_KERNELS") or None,
+            "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+            "jax_enable_x64": bool(jax.config.jax_enable_x64)}
+
+
 def environment_info() -> dict:
-    """Versions, device and git state, for results records."""
+    """Versions, device (CPU model and ISA flags, or the accelerator kind), the settings that change
+    numerics, and git state, for results records."""
     import jax
     import jaxlib
 
@@ -70,7 +104,8 @@ def environment_info() -> dict:
     return {"lowbit": lowbit.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "device_kind": dev.device_kind, "platform_backend": dev.platform,
-            "n_devices": jax.device_count(), "cpu_count": os.cpu_count(), **_git_info()}
+            "n_devices": jax.device_count(), "cpu_count": os.cpu_count(), **cpu_info(), **numerics_info(),
+            **_git_info()}
 
 
 def sha256_text(text: str) -> str:

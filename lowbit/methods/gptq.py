@@ -20,9 +20,12 @@ from lowbit.core import transforms
 from lowbit.core.checks import float_matrix, is_int, is_real
 from lowbit.core.qtensor import QuantSpec
 from lowbit.core.quantizers import check_scales
-from lowbit.methods.gptq_core import (GPTQResult, HessianStat, fold, gram, hessian_update,  # noqa: F401
+from lowbit.methods.gptq_core import (GPTQResult, HessianStat, fold, gram, gram_windows, hessian_update,  # noqa: F401
                                       inverse_hessian_upper, quantize_weight, quantize_weight_mixed, solve)
 from lowbit.methods.registry import register
+
+#: how a batch's ``X^T X`` is summed (GPTQOptions.hessian)
+HESSIAN_SUMS = {"batch": gram, "windows": gram_windows}
 
 __all__ = ["GPTQOptions", "gptq", "GPTQResult", "HessianStat", "quantize_weight", "quantize_weight_mixed",
            "hessian_update", "inverse_hessian_upper"]
@@ -30,11 +33,19 @@ __all__ = ["GPTQOptions", "gptq", "GPTQResult", "HessianStat", "quantize_weight"
 
 @dataclasses.dataclass(frozen=True)
 class GPTQOptions:
-    """Options of the ``gptq`` method (the reference's defaults)."""
+    """Options of the ``gptq`` method (the reference's defaults). ``hessian``: how a batch's
+    ``X^T X`` is summed: ``batch`` (one contraction over the batch's token rows: the reference's,
+    fastest) or ``windows`` (window by window in a fixed pairwise order, :func:`~lowbit.methods.
+    gptq_core.gram_windows`: the same bits on any data-parallel mesh, for ``windows x cols^2`` float32
+    of memory per batch)."""
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
     blocksize: int = 128
+    hessian: str = "batch"
+
+    #: options added after results were published: left out of a row's config hash at these values
+    HASH_NEUTRAL = {"hessian": "batch"}
 
     def __post_init__(self):
         # Checked here so that a bad CLI flag or config value fails before any model is loaded.
@@ -46,6 +57,8 @@ class GPTQOptions:
         if not (is_real(self.damp) and math.isfinite(self.damp) and 0 < self.damp < 1):
             raise ValueError(f"damp={self.damp!r}: expected a finite fraction of mean(diag(H)) with "
                              f"0 < damp < 1 (typically 0.01)")
+        if self.hessian not in HESSIAN_SUMS:
+            raise ValueError(f"hessian={self.hessian!r}: expected one of {sorted(HESSIAN_SUMS)}")
         if not is_int(self.blocksize) or self.blocksize <= 0:
             raise ValueError(f"blocksize={self.blocksize!r}: expected a positive int (columns per lazy "
                              f"update block, typically 128)")
@@ -69,7 +82,8 @@ def _gptq_method(spec: QuantSpec, opts: GPTQOptions) -> transforms.Transform:
 
 
 def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
-         static_groups: bool = False, zero_dead: bool = False, widths: dict | None = None) -> transforms.Transform:
+         static_groups: bool = False, zero_dead: bool = False, widths: dict | None = None,
+         hessian: str = "batch") -> transforms.Transform:
     """GPTQ as a :class:`~lowbit.core.transforms.Transform`.
 
     ``init`` allocates a zero :class:`HessianStat` per 2-D weight, ``update`` folds in each weight's
@@ -80,7 +94,11 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
 
     ``widths`` (path -> one bit width per column group): those paths are quantized by
     :func:`quantize_weight_mixed` into :class:`~lowbit.core.mixed.MixedWidthWeight` nodes.
+    ``hessian``: ``batch`` or ``windows`` (:class:`GPTQOptions`).
     """
+    if hessian not in HESSIAN_SUMS:
+        raise ValueError(f"hessian={hessian!r}: expected one of {sorted(HESSIAN_SUMS)}")
+    xtx_of = HESSIAN_SUMS[hessian]
     kw = dict(blocksize=blocksize, damp=damp, act_order=act_order, static_groups=static_groups,
               zero_dead=zero_dead)
     widths = widths or {}
@@ -97,7 +115,7 @@ def gptq(spec: QuantSpec, *, blocksize: int = 128, damp: float = 0.01, act_order
 
     def update(stats, acts, context=None):
         del context   # q/k/v (and gate/up) share one input: one X^T X for all
-        return transforms.fold_inputs(stats, acts, gram, fold, lambda stat: stat.H.shape[0]), acts
+        return transforms.fold_inputs(stats, acts, xtx_of, fold, lambda stat: stat.H.shape[0]), acts
 
     def apply(params, stats):
         out, metrics = {}, {}

@@ -56,7 +56,7 @@ from lowbit.core.quantizers import (check_matrix, check_scales, compute_params, 
                                     pack_result, quantize_codes, resolve_group_size)
 
 __all__ = ["GPTQResult", "HessianStat", "quantize_weight", "quantize_weight_mixed", "hessian_update",
-           "inverse_hessian_upper", "gram", "fold", "solve"]
+           "inverse_hessian_upper", "gram", "gram_windows", "fold", "solve"]
 
 
 class GPTQResult(NamedTuple):
@@ -78,6 +78,28 @@ def gram(x):
     """``(x^T x, n)`` of inputs ``x (..., cols)`` in float32: one batch's share of the Hessian."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     return x.T @ x, jnp.float32(x.shape[0])
+
+
+@jax.jit
+def gram_windows(x):
+    """:func:`gram` summed window by window in one fixed order: ``x (windows, T, cols)`` (or one
+    ``(T, cols)`` window), every window's ``x_w^T x_w`` computed alone, then added pairwise
+    (``(w0 + w1) + (w2 + w3) ...``, zero windows padding to a power of two: exact). A batch split over
+    a mesh's ``data`` axis (contiguous blocks of windows per device, any power-of-two split) gives the
+    same bits as one device; the batched :func:`gram` does not (XLA sums each device's token rows, then
+    the devices). Costs ``windows x cols x cols`` float32 of memory per batch."""
+    x = x.astype(jnp.float32)
+    x = x[None] if x.ndim == 2 else x.reshape(-1, *x.shape[-2:])
+    b, t, d = x.shape
+    # the barrier keeps XLA from folding the pairwise sums back into one contraction over windows
+    parts = jax.lax.optimization_barrier(jnp.einsum("btd,bte->bde", x, x))
+    n = 1 << (b - 1).bit_length()
+    if n > b:
+        parts = jnp.concatenate([parts, jnp.zeros((n - b, d, d), parts.dtype)])
+    while parts.shape[0] > 1:
+        parts = parts.reshape(parts.shape[0] // 2, 2, d, d)
+        parts = parts[:, 0] + parts[:, 1]
+    return parts[0], jnp.float32(b * t)
 
 
 @jax.jit

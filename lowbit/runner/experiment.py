@@ -53,7 +53,7 @@ from lowbit.faults import crash_point
 from lowbit.io import checkpoint, remote
 from lowbit.io.records import environment_info, layers_csv, peak_rss_mb, write_text
 from lowbit.runner import lock
-from lowbit.runner.config import QUANT_HASH_DEFAULTS, ExperimentCfg, MethodCfg, config_hash, to_dict
+from lowbit.runner.config import HASH_NEUTRAL, ExperimentCfg, MethodCfg, Run, config_hash, expand, to_dict
 from lowbit.runner.log import log
 from lowbit.runner.plots import plot_layers
 from lowbit.runner.resume import (clean_stray_temps, load_partial, partial_dir, save_layer, train_dir,
@@ -76,13 +76,17 @@ def experiment_dir(cfg: ExperimentCfg, results_dir: str) -> str:
     return path
 
 
-def run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
-    """The config of one row (what its results depend on: not the other rows, not ``expect``)."""
+def run_config(cfg: ExperimentCfg, m: MethodCfg, seed: int | None = None) -> dict:
+    """The config of one run of row ``m`` (what its results depend on: not the other rows, not
+    ``expect``; ``seed``: the run's, default the config's)."""
     d = to_dict(cfg)
     row = to_dict(m)
-    for k, default in QUANT_HASH_DEFAULTS.items():
-        if row.get("quant", {}).get(k) == default:
-            del row["quant"][k]
+    neutral = {**HASH_NEUTRAL, m.method: getattr(type(m.options), "HASH_NEUTRAL", {})}
+    for section, defaults in neutral.items():
+        block = (row if section in ("quant", m.method) else d).get(section) or {}
+        for k, default in defaults.items():
+            if block.get(k) == default:
+                del block[k]
     for key in ("finetune", "distill"):  # rows that do not train depend on neither flag nor settings
         if not getattr(m, key):
             row.pop(key, None)
@@ -94,6 +98,10 @@ def run_config(cfg: ExperimentCfg, m: MethodCfg) -> dict:
     else:   # the row depends on the recipe's content, not on where the file is
         with open(m.recipe, "rb") as f:
             row["recipe"] = {"sha256": hashlib.sha256(f.read()).hexdigest()}
+    row.pop("seeds", None)   # a run has one seed: the experiment's ``seed`` below
+    d.pop("seeds", None)
+    if seed is not None:
+        d["seed"] = seed
     d["methods"] = [row]
     d.pop("expect", None)
     d.pop("mesh", None)   # where it runs changes no number (to float tolerance): a resume may change it
@@ -169,29 +177,28 @@ class _Inputs(NamedTuple):
     fingerprint: dict
     evals: dict
     bos_id: int | None
-    calib: Any
-    calib_record: dict | None
+    calib: dict            # seed -> (calibration windows, the record that reproduces them)
     train_tokens: Any
-    distill_tokens: Any
-    distill_record: dict | None
+    distill: dict          # seed -> (distillation tokens, their record)
     curve_tokens: Any
     timings: dict
 
 
-def _pending(cfg: ExperimentCfg, exp_dir: str, force: bool) -> list[tuple[MethodCfg, str]]:
-    """The rows to compute (not up to date, or ``force``), with their config hashes; in a multi-process
+def _pending(cfg: ExperimentCfg, exp_dir: str, force: bool) -> list[tuple[Run, str]]:
+    """The runs to compute (not up to date, or ``force``), with their config hashes; in a multi-process
     job every process runs the rows that any process still lacks."""
+    runs = expand(cfg)
     pending = []
-    for m in cfg.methods:
-        h = config_hash(run_config(cfg, m))
-        mf = os.path.join(exp_dir, m.name, "metrics.json")
+    for r in runs:
+        h = config_hash(run_config(cfg, r.row, r.seed))
+        mf = os.path.join(exp_dir, r.row.name, "metrics.json")
         if not force and up_to_date(mf, h):
-            log(f"{m.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
+            log(f"{r.row.name}: up to date in {os.path.dirname(mf)} (use --force to recompute)")
             continue
-        pending.append((m, h))
+        pending.append((r, h))
     if jax.process_count() > 1:
-        todo = dist.agree_any([any(m is p for p, _ in pending) for m in cfg.methods])
-        pending = [(m, config_hash(run_config(cfg, m))) for m, t in zip(cfg.methods, todo) if t]
+        todo = dist.agree_any([any(r is p for p, _ in pending) for r in runs])
+        pending = [(r, config_hash(run_config(cfg, r.row, r.seed))) for r, t in zip(runs, todo) if t]
     return pending
 
 
@@ -202,7 +209,7 @@ def _inputs(cfg: ExperimentCfg, pending: list, progress: bool) -> _Inputs:
     from lowbit import data
     from lowbit.models.loaders import model_fingerprint
 
-    quantizing = any(m.quantizes for m, _ in pending)
+    quantizing = any(r.row.quantizes for r, _ in pending)
     eval_texts = {d: data.corpus_text(d, cfg.eval.split) for d in cfg.eval.data}
     if quantizing and cfg.calib.source == "corpus":
         data.corpus_text(cfg.calib.data, cfg.calib.split)  # parsed and cached for calibration_data
@@ -236,33 +243,34 @@ def _inputs(cfg: ExperimentCfg, pending: list, progress: bool) -> _Inputs:
         log(f"eval data {d}/{cfg.eval.split}: {evals[d].shape[0]} windows of {cfg.eval.seqlen} tokens")
 
     t0 = time.perf_counter()
-    calib, calib_record = None, None
-    if quantizing:
-        calib, calib_record = pipeline.calibration_data(cfg.calib, params, model_cfg, tok, cfg.seed, progress=progress)
+    calib = {seed: pipeline.calibration_data(cfg.calib, params, model_cfg, tok, seed, progress=progress)
+             for seed in sorted({r.seed for r, _ in pending if r.row.quantizes})}
     timings["calib_data_s"] = time.perf_counter() - t0
     train_tokens = None
-    if any(m.finetune for m, _ in pending):
+    if any(r.row.finetune for r, _ in pending):
         train_tokens = tok.encode(data.corpus_text(cfg.finetune.data, cfg.finetune.split))
         log(f"fine-tuning data {cfg.finetune.data}/{cfg.finetune.split}: {len(train_tokens)} tokens")
-    distill_tokens = curve_tokens = distill_record = None
-    if any(m.distill for m, _ in pending):
+    distill, curve_tokens = {}, None
+    for seed in sorted({r.seed for r, _ in pending if r.row.distill}):
         t0 = time.perf_counter()
-        distill_tokens, distill_record = distill_data(cfg.distill, params, model_cfg, tok, cfg.seed, progress=progress)
-        distill_record["seconds"] = time.perf_counter() - t0
+        tokens, record = distill_data(cfg.distill, params, model_cfg, tok, seed, progress=progress)
+        record["seconds"] = time.perf_counter() - t0
+        distill[seed] = (tokens, record)
+        log(f"distillation data ({record['source']}, seed {seed}): {np.asarray(tokens).size} tokens "
+            f"in {record['seconds']:.0f} s")
+    if distill:
         stream = np.asarray(tok.encode(eval_texts[cfg.eval.data[0]]), np.int32)
         need = cfg.distill.eval_windows * cfg.distill.seqlen
         if cfg.distill.eval_every and len(stream) < need:
             raise ValueError(f"distill.eval_windows={cfg.distill.eval_windows}: {cfg.eval.data[0]}/{cfg.eval.split} "
                              f"has {len(stream)} tokens, fewer than {need}")
         curve_tokens = stream[:need]   # the perplexity-vs-steps windows
-        log(f"distillation data ({distill_record['source']}): {np.asarray(distill_tokens).size} tokens "
-            f"in {distill_record['seconds']:.0f} s")
-    return _Inputs(params, model_cfg, tok, fingerprint, evals, bos_id, calib, calib_record, train_tokens,
-                   distill_tokens, distill_record, curve_tokens, timings)
+    return _Inputs(params, model_cfg, tok, fingerprint, evals, bos_id, calib, train_tokens, distill, curve_tokens,
+                   timings)
 
 
-def _quantize_row(cfg: ExperimentCfg, inp: _Inputs, m: MethodCfg, h: str, recipe, *, exp_dir: str, pdir: str,
-                  force: bool, progress: bool, stop_after_layer: int | None, sync, local_stage: bool):
+def _quantize_row(cfg: ExperimentCfg, inp: _Inputs, m: MethodCfg, seed: int, recipe, *, pdir: str, force: bool,
+                  progress: bool, stop_after_layer: int | None, sync, local_stage: bool):
     """Row ``m`` quantized, resumed from its per-layer checkpoints in ``pdir`` (written by process 0
     only, read by every process: where another process cannot read them, every process restarts
     from the last layer all of them hold). Returns ``(params, report rows)``."""
@@ -291,7 +299,7 @@ def _quantize_row(cfg: ExperimentCfg, inp: _Inputs, m: MethodCfg, h: str, recipe
         if stop_after_layer is not None and i >= stop_after_layer:
             raise KeyboardInterrupt(f"stopped after layer {i} (stop_after_layer)")
 
-    qparams, new_rows = pipeline.quantize(start_params, inp.model_cfg, m, inp.calib, cfg.calib, start_layer=start,
+    qparams, new_rows = pipeline.quantize(start_params, inp.model_cfg, m, inp.calib[seed][0], cfg.calib, start_layer=start,
                                           on_layer=on_layer, progress=progress, recipe=recipe, reference=params,
                                           keep_latent=m.training is not None)
     return qparams, rows + new_rows
@@ -311,18 +319,19 @@ def _evaluate(cfg: ExperimentCfg, inp: _Inputs, m: MethodCfg, qparams, progress:
     return results
 
 
-def _commit_row(cfg: ExperimentCfg, inp: _Inputs, m: MethodCfg, h: str, exp_dir: str, metrics: dict, qparams,
+def _commit_row(cfg: ExperimentCfg, inp: _Inputs, run: Run, h: str, exp_dir: str, metrics: dict, qparams,
                 rows: list[dict], quantized: bool) -> None:
     """Write the row's directory atomically (config, metrics, calibration record, recipe and its
     heatmap, per-layer report and plot, training curve, the saved model)."""
+    m = run.row
     with checkpoint.atomic_directory(os.path.join(exp_dir, m.name)) as tmp:
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            yaml.safe_dump(run_config(cfg, m), f, sort_keys=False)
+            yaml.safe_dump(run_config(cfg, m, run.seed), f, sort_keys=False)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         if quantized:
             with open(os.path.join(tmp, "calib_windows.json"), "w") as f:
-                json.dump(inp.calib_record, f)
+                json.dump(inp.calib[run.seed][1], f)
         if m.recipe is not None:   # the row's allocation, as run, and its bits-per-linear heatmap
             from lowbit.alloc import load_recipe
             from lowbit.alloc.plan import plot_bits
@@ -356,27 +365,27 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
     # every check passed: only now does the results directory change
     write_text(os.path.join(exp_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    for m, h in pending:
-        log(f"=== {m.name} ({m.method}) ===")
+    for run, h in pending:
+        m = run.row
+        log(f"=== {m.name} ({m.method}" + (f", seed {run.seed}" if m.name != run.base else "") + ") ===")
         timings: dict[str, Any] = dict(inp.timings)
         rows: list[dict] = []
         recipe = pipeline.build_recipe(m, inp.params)
         t0 = time.perf_counter()
         qparams = inp.params
         if recipe is not None:
-            qparams, rows = _quantize_row(cfg, inp, m, h, recipe, exp_dir=exp_dir,
-                                          pdir=partial_dir(primary_exp_dir or exp_dir, m, h), force=force,
-                                          progress=progress, stop_after_layer=stop_after_layer, sync=sync,
+            qparams, rows = _quantize_row(cfg, inp, m, run.seed, recipe, pdir=partial_dir(primary_exp_dir or exp_dir, m, h),
+                                          force=force, progress=progress, stop_after_layer=stop_after_layer, sync=sync,
                                           local_stage=local_stage)
         timings["quantize_s"] = time.perf_counter() - t0
         train_record = None
         if m.training is not None:
             t0 = time.perf_counter()
-            tokens = inp.train_tokens if m.finetune else inp.distill_tokens
+            tokens = inp.train_tokens if m.finetune else inp.distill[run.seed][0]
             qparams, train_record = train_row(qparams, inp.params, inp.model_cfg, cfg, m, h, exp_dir, tokens,
-                                              inp.curve_tokens, progress)
+                                              inp.curve_tokens, progress, seed=run.seed)
             if m.distill:
-                train_record["data_record"] = inp.distill_record
+                train_record["data_record"] = inp.distill[run.seed][1]
             qparams = pipeline.finalize(m, qparams)   # evaluated (and sized) in the method's stored form
             timings[f"{m.training}_s"] = time.perf_counter() - t0
 
@@ -385,10 +394,10 @@ def _run_locked(cfg: ExperimentCfg, exp_dir: str, *, force: bool, progress: bool
         metrics = {"name": m.name, "method": m.method, "config_hash": h, **pipeline.report_fields(m),
                    "eval": results, "size": pipeline.model_size(qparams), "timings": timings,
                    "model": {"name": cfg.model, **{k: v for k, v in inp.fingerprint.items() if k != "files"}},
-                   "peak_rss_mb": peak_rss_mb(), "environment": env}
+                   "peak_rss_mb": peak_rss_mb(), "environment": env, "row": run.base, "seed": run.seed}
         if train_record is not None:
             metrics[m.training] = train_record
-        _commit_row(cfg, inp, m, h, exp_dir, metrics, qparams, rows, quantized=recipe is not None)
+        _commit_row(cfg, inp, run, h, exp_dir, metrics, qparams, rows, quantized=recipe is not None)
         if recipe is not None:
             shutil.rmtree(partial_dir(exp_dir, m, h), ignore_errors=True)
         if m.training is not None:

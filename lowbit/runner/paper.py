@@ -87,13 +87,18 @@ def _provenance(results: str, name: str, **_) -> str:
                    + ("+dirty" if r["environment"].get("git_dirty") else "") for r in runs})
     cfg_path = os.path.join(results, name, "config.yaml")
     lines = [f"- lowbit commit(s): {', '.join(shas)}; jax {env['jax']}, jaxlib {env['jaxlib']}, "
-             f"device {env['device_kind']} ({env['platform_backend']}, {env.get('cpu_count')} CPUs)"]
+             f"device {env['device_kind']} ({env['platform_backend']}, {env.get('cpu_count')} CPUs)"
+             + (f"; CPU {env['cpu_model']} ({' '.join(env.get('isa') or []) or 'no ISA flags read'})"
+                if env.get("cpu_model") else "")
+             + (f"; XLA_FLAGS {env['xla_flags']}" if env.get("xla_flags") else "")]
     if os.path.isfile(cfg_path):
         import yaml
 
         cfg = yaml.safe_load(open(cfg_path))
         c, e = cfg["calib"], cfg["eval"]
-        lines.append(f"- model `{cfg['model']}`, seed {cfg['seed']}; calibration: {c['nsamples']} x {c['seqlen']} "
+        seeds = sorted({r["seed"] for r in runs if "seed" in r}) if any("seed" in r for r in runs) else [cfg["seed"]]
+        lines.append(f"- model `{cfg['model']}`, {'seed' if len(seeds) == 1 else 'seeds'} "
+                     f"{', '.join(map(str, seeds))}; calibration: {c['nsamples']} x {c['seqlen']} "
                      f"tokens from `{c['data']}` ({c['split']}, source {c['source']}); evaluation: "
                      f"{', '.join(e['data'])} ({e['split']}), seqlen {e['seqlen']}"
                      + (f", first {e['max_windows']} windows" if e.get("max_windows") else ", all windows")

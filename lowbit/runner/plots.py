@@ -30,7 +30,8 @@ def plot_layers(rows: list[dict], path: str, title: str) -> None:
 def plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) -> None:
     """Perplexity against bits per parameter, one panel per dataset: the reference row (bits
     ``None``) as a dashed line, a recipe run at several sizes as a coloured curve, a recipe at one
-    size as a grey-scale point."""
+    size as a grey-scale point; rows run with several seeds at their mean, with the standard
+    deviation as an error bar."""
     with figure(path, figsize=(5.5 * len(datasets), 4), ncols=len(datasets), squeeze=False) as (fig, axes):
         for ax, ds in zip(axes[0], datasets):
             by_kind: dict[str, list] = {}  # one line per recipe: the row name without its "-w4g128" suffix
@@ -42,7 +43,8 @@ def plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) -
                 else:
                     m = re.match(r"(.+)-(w\d+(?:g\d+)?)$", r["name"])
                     kind, spec = (m.group(1), m.group(2)) if m else (r["name"], r["name"])
-                    by_kind.setdefault(kind, []).append((r["linear_bits_per_param"], r["ppl"][ds], spec))
+                    by_kind.setdefault(kind, []).append((r["linear_bits_per_param"], r["ppl"][ds], spec,
+                                                         r.get("ppl_std", {}).get(ds, 0.0)))
             labelled = set()
             # a recipe run at several sizes is a curve (solid, a colour of its own); a recipe at one size
             # only is a point (grey-scale marker shapes, so that the curves keep the colours)
@@ -53,8 +55,12 @@ def plot_summary(runs: list[dict], datasets: list[str], path: str, title: str) -
                 style = dict(marker="o") if kind in curves else dict(
                     marker="xs^vD<>ph*"[points.index(kind) % 10], ls="none",
                     color=str(0.1 + 0.5 * points.index(kind) / max(len(points), 1)))
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=kind, **style)
-                for x, y, spec in pts:
+                stds = [p[3] for p in pts]
+                if any(stds):   # rows run with several seeds: their mean +- the standard deviation
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=stds, capsize=3, label=kind, **style)
+                else:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=kind, **style)
+                for x, y, spec, _ in pts:
                     if spec not in labelled:  # the bit/group setting, once per x position
                         labelled.add(spec)
                         ax.annotate(spec, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")

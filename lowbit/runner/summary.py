@@ -15,6 +15,7 @@ import io
 import json
 import os
 
+import numpy as np
 import yaml
 
 from lowbit.faults import crash_point
@@ -63,6 +64,42 @@ def _protocol_diff(a: dict, b: dict) -> str:
     return ", ".join(diffs)
 
 
+def _rows_of(runs: list[dict]) -> list[dict]:
+    """The table's rows: a run as it is, and the runs of a row with several seeds (``row`` in their
+    metrics) as one entry of means, with ``n``, ``seeds``, ``runs`` and the per-dataset ``ppl_std``
+    (sample standard deviation) and ``ppl_runs``."""
+    out, groups = [], {}
+    for r in runs:
+        if "row" not in r:
+            out.append(r)
+            continue
+        if r["row"] not in groups:
+            groups[r["row"]] = []
+            out.append(groups[r["row"]])
+        groups[r["row"]].append(r)
+    rows = []
+    for item in out:
+        if isinstance(item, dict):
+            rows.append(item)
+            continue
+        item = sorted(item, key=lambda r: (r.get("seed") is None, r.get("seed")))
+        first, n = item[0], len(item)
+        mean = lambda xs: float(np.mean(xs))
+        common = [d for d in first["ppl"] if all(d in r["ppl"] for r in item)]
+        agg = {"name": first["row"], "method": first["method"], "bits": first["bits"], "group_size": first["group_size"],
+               "n": n, "seeds": [r.get("seed") for r in item], "runs": [r["name"] for r in item],
+               "linear_bits_per_param": mean([r["linear_bits_per_param"] for r in item]),
+               "size_mb": mean([r["size_mb"] for r in item]),
+               "quantize_s": mean([r["quantize_s"] or 0.0 for r in item]),
+               "ppl": {d: mean([r["ppl"][d] for r in item]) for d in common},
+               "ppl_std": {d: float(np.std([r["ppl"][d] for r in item], ddof=1)) if n > 1 else 0.0 for d in common},
+               "ppl_runs": {d: [r["ppl"][d] for r in item] for d in common},
+               "bpb": {d: mean([r["bpb"][d] for r in item]) for d in common if all(d in r["bpb"] for r in item)},
+               "ppl_curve": None, "ppl_curve_teacher": None}
+        rows.append(agg)
+    return rows
+
+
 def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
     """Rebuild ``summary.{json,csv,md}`` and ``ppl_vs_bits.png`` from the run directories present.
 
@@ -96,22 +133,29 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
                      "ppl": {d: v["ppl"] for d, v in m["eval"].items()},
                      "bpb": {d: v["bits_per_byte"] for d, v in m["eval"].items() if "bits_per_byte" in v},
                      "ppl_curve": (m.get("distill") or {}).get("ppl_curve"),
-                     "ppl_curve_teacher": (m.get("distill") or {}).get("ppl_curve_teacher")})
+                     "ppl_curve_teacher": (m.get("distill") or {}).get("ppl_curve_teacher"),
+                     **({"row": m["row"], "seed": m.get("seed")} if m.get("row", m["name"]) != m["name"] else {})})
+    seed_runs = runs
+    runs = _rows_of(runs)
     if cfg is not None:  # table order = config order
         order = {mm.name: i for i, mm in enumerate(cfg.methods)}
         runs.sort(key=lambda r: order.get(r["name"], len(order)))
     datasets = sorted({d for r in runs for d in r["ppl"]})
     fp = next((r for r in runs if r["bits"] is None), None)   # the first row that does not quantize
-    header = ["method", "bits", "group", "bits/param", "size MB"] + [f"ppl {d}" for d in datasets]
+    spread = any("n" in r for r in runs)
+    header = ["method"] + (["n"] if spread else []) + ["bits", "group", "bits/param", "size MB"]
+    header += [f"ppl {d}" for d in datasets]
     header += [f"Δ vs fp {d}" for d in datasets] if fp else []
     bpb_sets = [d for d in datasets if any(d in r["bpb"] for r in runs)]
     header += [f"bits/byte {d}" for d in bpb_sets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table = []
     for r in runs:
-        row = [r["name"], r["bits"] if r["bits"] is not None else "16", r["group_size"] or "-",
-               f"{r['linear_bits_per_param']:.3f}", f"{r['size_mb']:.1f}"]
-        row += [_fmt(r["ppl"].get(d)) for d in datasets]
+        row = [r["name"]] + ([r.get("n", 1)] if spread else [])
+        row += [r["bits"] if r["bits"] is not None else "16", r["group_size"] or "-",
+                f"{r['linear_bits_per_param']:.3f}", f"{r['size_mb']:.1f}"]
+        row += [_fmt(r["ppl"].get(d)) + (f" ± {_fmt(r['ppl_std'][d])}" if d in r.get("ppl_std", {}) else "")
+                for d in datasets]
         if fp:
             row += [_signed(r["ppl"][d] - fp["ppl"][d]) if d in r["ppl"] and d in fp["ppl"] else "-"
                     for d in datasets]
@@ -119,12 +163,17 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
         table.append(dict(zip(header, row)))
     md = "\n".join(lines) + "\n"
+    if spread:
+        md += ("\nA row run with several seeds (n) shows the mean over its runs ± their standard deviation "
+               "(sample, n - 1); its Δ and bits per byte are of the means.\n")
     if excluded:
         md += ("\nNot in this table (evaluated under another protocol than this config's; rerun them "
                "with this config to include them): "
                + "; ".join(f"{e['name']} ({e['why']})" for e in excluded) + ".\n")
         log(f"left out of the table (another evaluation protocol): {', '.join(e['name'] for e in excluded)}")
     summary = {"experiment": os.path.basename(exp_dir), "datasets": datasets, "runs": runs}
+    if spread:
+        summary["seed_runs"] = seed_runs
     if excluded:
         summary["excluded"] = excluded
     crash_point("run.summary")
@@ -138,11 +187,11 @@ def write_summary(exp_dir: str, cfg: ExperimentCfg | None = None) -> dict:
         write_text(os.path.join(exp_dir, "summary.csv"), buf.getvalue())
         plot_summary(runs, datasets, os.path.join(exp_dir, "ppl_vs_bits.png"), os.path.basename(exp_dir))
     # training rows (fine-tuning, distillation): their training curves side by side
-    curves = {r["name"]: train_curve(os.path.join(exp_dir, r["name"])) for r in runs}
+    curves = {r["name"]: train_curve(os.path.join(exp_dir, r["name"])) for r in seed_runs}
     if any(curves.values()):
         plot_training({k: v for k, v in curves.items() if v}, os.path.join(exp_dir, "train_loss.png"),
                        os.path.basename(exp_dir))
-    ppl_curves = {r["name"]: r for r in runs if r.get("ppl_curve")}
+    ppl_curves = {r["name"]: r for r in seed_runs if r.get("ppl_curve")}
     if ppl_curves:
         plot_ppl_steps(ppl_curves, os.path.join(exp_dir, "ppl_vs_steps.png"), os.path.basename(exp_dir))
     summary["markdown"] = md
@@ -156,15 +205,21 @@ def check_expectations(cfg: ExperimentCfg, summary: dict) -> list[dict]:
     rows = (cfg.expect.rows or {}) if cfg.variant is None else {}
     out = []
     by_name = {r["name"]: r for r in summary["runs"]}
-    for name, want in rows.items():
-        for ds, ppl in want.items():
-            got = by_name.get(name, {}).get("ppl", {}).get(ds)
+    for name in rows:
+        tol = cfg.expect.tolerance_of(name)
+        for ds, ppl in cfg.expect.expected(name).items():
+            r = by_name.get(name, {})
+            got = r.get("ppl", {}).get(ds)
             rel = None if got is None else got / ppl - 1
-            ok = rel is not None and abs(rel) <= cfg.expect.tolerance
-            out.append({"name": name, "data": ds, "expected": ppl, "got": got, "rel": rel, "ok": ok})
+            ok = rel is not None and abs(rel) <= tol
+            out.append({"name": name, "data": ds, "expected": ppl, "tolerance": tol, "got": got, "rel": rel, "ok": ok,
+                        **({"n": r["n"], "std": r["ppl_std"].get(ds)} if "n" in r else {})})
             status = "ok" if ok else "DEPARTS"
             got_s = "missing" if got is None else f"{got:.3f} ({rel:+.2%})"
-            log(f"expect {name} {ds}: {ppl:.3f} +-{cfg.expect.tolerance:.0%}, got {got_s}: {status}")
+            if got is not None and "n" in r:
+                got_s = f"mean {got:.3f} ± {r['ppl_std'].get(ds, 0.0):.3f} over {r['n']} seeds ({rel:+.2%})"
+            log(f"expect {name} {ds}: {ppl:.3f} +-{tol:.{0 if tol * 100 == round(tol * 100) else 1}%}, got {got_s}: "
+                f"{status}")
     if out and not all(e["ok"] for e in out):
         log(f"{sum(not e['ok'] for e in out)} of {len(out)} rows depart from the config's expectations")
     return out

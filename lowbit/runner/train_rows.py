@@ -42,8 +42,10 @@ class Stage(NamedTuple):
     what: str                      # for the log line
 
 
-def stage_of(cfg: ExperimentCfg, m: MethodCfg, model_cfg, n_layers: int) -> Stage:
-    """The stage of a training row ``m`` (``m.training`` is ``"finetune"`` or ``"distill"``)."""
+def stage_of(cfg: ExperimentCfg, m: MethodCfg, model_cfg, n_layers: int, seed: int | None = None) -> Stage:
+    """The stage of a training row ``m`` (``m.training`` is ``"finetune"`` or ``"distill"``), for the run
+    with ``seed`` (default: the config's)."""
+    seed = cfg.seed if seed is None else seed
     from lowbit.train import causal_lm_loss, lora
     from lowbit.train.optim import OptimCfg
 
@@ -51,7 +53,7 @@ def stage_of(cfg: ExperimentCfg, m: MethodCfg, model_cfg, n_layers: int) -> Stag
     compute_cfg = model_cfg.replace(dtype=tc.compute_dtype) if hasattr(model_cfg, "replace") else model_cfg
     if m.finetune:
         ft = cfg.finetune
-        key = jax.random.fold_in(jax.random.key(cfg.seed), PURPOSE_LORA_INIT)
+        key = jax.random.fold_in(jax.random.key(seed), PURPOSE_LORA_INIT)
         return Stage(ft, lambda p: lora.add_lora(p, rank=ft.rank, alpha=ft.alpha, dropout=ft.dropout,
                                                  targets=ft.targets, key=key),
                      lora.trainable_regex(),
@@ -80,22 +82,24 @@ def _record(res, tc: TrainingCfg) -> dict:
 
 
 def train_row(params, teacher, model_cfg, cfg: ExperimentCfg, m: MethodCfg, h: str, exp_dir: str, train_tokens,
-              curve_tokens=None, progress: bool = True) -> tuple[dict, dict]:
+              curve_tokens=None, progress: bool = True, *, seed: int | None = None) -> tuple[dict, dict]:
     """Train row ``m`` from ``params`` (the row's quantized model, in its training form) on
     ``train_tokens``; ``teacher``: the float model (distillation's teacher, and the curve's
     reference). With ``eval_every`` in the training block, the perplexity of the model being trained
     on ``curve_tokens`` every that many steps (step 0: the start point, in the method's stored form).
-    Returns the trained params (training form) and the record for ``metrics.json``."""
+    ``seed``: the run's (adapter initialisation and data order; default: the config's). Returns the
+    trained params (training form) and the record for ``metrics.json``."""
     from lowbit.eval.likelihood import perplexity
     from lowbit.models.protocol import family_of
     from lowbit.pipeline import finalize
     from lowbit.train import causal_lm_loss, train
 
-    stage = stage_of(cfg, m, model_cfg, len(family_of(model_cfg).layers(params)))
+    seed = cfg.seed if seed is None else seed
+    stage = stage_of(cfg, m, model_cfg, len(family_of(model_cfg).layers(params)), seed)
     tc = stage.block
     every = tc.eval_every if m.distill else 0
     extra = dict(eval_every=every, eval_batches=-(-tc.eval_windows // tc.batch_size)) if m.distill else {}
-    tcfg = tc.train_cfg(stage.optim, stage.trainable, cfg.seed, **extra)
+    tcfg = tc.train_cfg(stage.optim, stage.trainable, seed, **extra)
     start = stage.start(params)
     curve, teacher_ppl = None, None
     if every:   # the start point of the perplexity-vs-steps curve, and the teacher on the same windows
