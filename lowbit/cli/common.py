@@ -9,7 +9,7 @@ import dataclasses
 from typing import Callable
 
 __all__ = ["Command", "COMMANDS", "register", "positive_int", "calibration_args", "checkpoint_out_args", "device_args",
-           "devices", "method_option_flags", "method_options"]
+           "join", "devices", "method_option_flags", "method_options"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,8 @@ def device_args(p: argparse.ArgumentParser) -> None:
     """``--mesh`` / ``--distributed`` and the multi-process flags, the same on every command."""
     g = p.add_argument_group("devices and processes (lowbit.dist)")
     g.add_argument("--mesh", default=None, metavar="AXIS=N[,AXIS=N]",
-                   help="device mesh, e.g. data=8 or data=4,model=2 (default: the config's mesh, else every device "
-                        "on data)")
+                   help="device mesh, e.g. data=8 or data=4,model=2 (default: every device on data; for run, the "
+                        "config's mesh first)")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process job (jax.distributed.initialize): auto-detected on TPU VMs / SLURM, "
                         "or given by --coordinator, --num-processes, --process-id")

@@ -29,8 +29,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lowbit.runner.config import load_config
     from lowbit.runner.experiment import experiment_dir, run_experiment
 
-    if (args.coordinator or args.num_processes or args.process_id is not None) and not args.distributed:
-        raise ValueError("--coordinator / --num-processes / --process-id: only with --distributed")
     cfg = load_config(args.config, variant=args.variant, overrides=args.overrides)
     if args.mesh is not None:   # recorded in the run's config; run_experiment makes the mesh
         cfg = dataclasses.replace(cfg, mesh=dist.parse_mesh(args.mesh))
